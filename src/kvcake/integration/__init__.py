@@ -1,0 +1,1 @@
+"""The integration layer: the only code that knows transformers."""

@@ -1,0 +1,145 @@
+"""An attention function that wraps the model's own backend (eager, sdpa, flash-attention).
+
+Registered in transformers' ``AttentionInterface`` under ``kvcake_<backend>`` the first time a compression starts
+(never at import), with the backend's own mask builder, so transformers prepares exactly the mask it would for the
+backend. The wrapper sees post-RoPE queries and the layer's cached keys, so it can
+
+* during prefill: run the backend unchanged (prefill outputs are exact), then score the layer from its window
+  attention and let the cache evict (cascade);
+* afterwards: build the layer's own mask from the original positions of the entries it kept, because layers now
+  have different lengths and transformers' mask is built for the logical sequence.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvcake.integration.cache import KVCakeCache
+from kvcake.methods.scoring import decode_scores, window_attention
+
+PREFIX = "kvcake_"
+
+#: id(attention module) -> the Compression attached to it (filled only while a ``with`` block is active).
+ACTIVE: dict[int, object] = {}
+
+
+def base_function(name: str, module: torch.nn.Module) -> Callable:
+    """The model's own attention function for backend ``name``."""
+    if name == "eager":
+        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if own is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as own
+        return own
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def registered_name(base: str) -> str:
+    """Register (once) the kvcake wrapper for backend ``base`` and return its name."""
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_wrapper(base))
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS and base in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _make_wrapper(base: str) -> Callable:
+    def kvcake_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        compression = ACTIVE.get(id(module))
+        cache = getattr(compression, "active_cache", None)
+        own = base_function(base, module)
+        layer_idx = getattr(module, "layer_idx", None)
+        if (
+            not isinstance(cache, KVCakeCache)
+            or layer_idx not in cache._slot
+            or kwargs.get("sliding_window") is not None
+        ):
+            return own(module, query, key, value, attention_mask, *args, **kwargs)
+        layer = cache.layers[layer_idx]
+        q_len = query.shape[2]
+        scaling = kwargs.get("scaling", getattr(module, "scaling", query.shape[-1] ** -0.5))
+        softcap = kwargs.get("softcap")
+        if layer.seen == q_len and layer.positions is None and layer.valid_counts is None:
+            out = own(module, query, key, value, attention_mask, *args, **kwargs)
+            _score_prefill(cache, layer_idx, query, key, attention_mask, scaling, softcap)
+            return out
+        return _attend_compressed(cache, layer_idx, base, own, (scaling, softcap), module, query, key, value,
+                                  attention_mask, *args, **kwargs)
+
+    kvcake_attention.__name__ = f"kvcake_{base}_attention"
+    return kvcake_attention
+
+
+def _key_valid(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """Non-padding columns ``(B, S)`` of a prefill mask (the last query sees every real key), or None."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        valid = attention_mask.bool()
+    else:
+        last = attention_mask[:, 0, -1, :length]
+        valid = last if last.dtype == torch.bool else last == 0
+    return None if bool(valid.all()) else valid
+
+
+def _score_prefill(cache: KVCakeCache, layer_idx: int, query, key, attention_mask, scaling, softcap) -> None:
+    seq = key.shape[2]
+    key_valid = _key_valid(attention_mask, seq)
+    if cache.prompt_tokens is None:
+        cache.start_prefill(key_valid, seq, key.shape[0])
+    window = min(cache.method.window, seq)
+    attn = window_attention(query[:, :, -window:], key, scaling, key_valid, softcap)
+    preference, indicator = cache.method.layer_scores(attn, key.shape[1])
+    if key_valid is not None:
+        indicator = indicator.masked_fill(~key_valid[:, None, : seq - window].to(indicator.device), float("-inf"))
+    cache.add_layer_scores(layer_idx, preference, indicator, key_valid)
+
+
+def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, key, value, attention_mask,
+                       *args, **kwargs):
+    scaling, softcap = score_args
+    layer = cache.layers[layer_idx]
+    q_len = query.shape[2]
+    method = cache.method
+    evict = method.decode_eviction and cache.prefill_kept is not None
+    targets = None
+    if evict:
+        targets = [row[cache._slot[layer_idx]] for row in cache.decode_targets(layer.seen)]
+        evict = any(v > t for v, t in zip(layer.valid_counts, targets))
+    if layer.positions is None and not evict:
+        # Untouched layer: transformers' own mask is right for it.
+        return own(module, query, key, value, attention_mask, *args, **kwargs)
+
+    allowed = layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L)
+    out = _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs)
+    if evict:
+        scores = decode_scores(query, key, scaling, allowed, method.kernel, softcap)
+        scores = scores.masked_fill(~allowed[:, :, -1], float("-inf"))
+        window = min(method.window, scores.shape[-1])
+        scores[..., scores.shape[-1] - window:] = float("inf")
+        layer.keep([min(v, t) for v, t in zip(layer.valid_counts, targets)], scores)
+    return out
+
+
+def _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs):
+    """Call the backend with a per-layer bool mask ``(B, Hkv, q, L)``."""
+    q_heads, kv_heads = query.shape[1], key.shape[1]
+    q_len = query.shape[2]
+    if q_len == 1 and bool(allowed.all()):
+        mask = None  # every stored entry is visible to the single query: no mask needed by any backend
+    else:
+        mask = allowed.repeat_interleave(q_heads // kv_heads, dim=1) if kv_heads > 1 else allowed
+        if base == "eager":
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        elif base != "sdpa":
+            # Flash-attention takes no per-head mask: fall back to sdpa for this call (documented).
+            own = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return own(module, query, key, value, mask, *args, **kwargs)

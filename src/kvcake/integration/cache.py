@@ -1,0 +1,322 @@
+"""A transformers cache whose full-attention layers can hold different numbers of tokens.
+
+Each compressed layer stores keys and values per KV head, ``(batch, kv_heads, length, head_dim)``, and beside them
+the original position of every kept entry, ``(batch, kv_heads, length)``. The logical sequence length (what
+``generate`` and the mask builders see) is kept apart from each layer's physical length, so positions and RoPE stay
+right after eviction. Rows of a batch may keep different numbers of tokens; the shorter rows are padded with
+"filler" slots (position -1) that are masked out and counted honestly in the memory figures.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from kvcake.integration.report import Report
+from kvcake.methods.scoring import NonFiniteAttentionError
+
+FILLER = -1  # position of a slot that only pads a row to the layer's physical length
+
+
+class CompressedLayer(DynamicLayer):
+    """One full-attention layer's cache with eviction support.
+
+    Attributes
+    ----------
+    positions : Tensor ``(B, Hkv, L)`` int64 or None
+        Original position of every stored entry; None while the layer is untouched (entry i is at position i).
+    seen : int
+        Logical number of tokens appended so far.
+    valid_counts : list[int] or None
+        Per row, how many stored entries are real tokens of that row (host-side, no device sync).
+    scores : Tensor ``(B, Hkv, L)`` or None
+        Prefill eviction indicator, kept aligned with the entries during the cascade (+inf window, -inf padding).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.positions: torch.Tensor | None = None
+        self.seen = 0
+        self.valid_counts: list[int] | None = None
+        self.scores: torch.Tensor | None = None
+
+    # -- transformers' layer interface ------------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        new = key_states.shape[-2]
+        if self.positions is not None:
+            batch, heads = key_states.shape[:2]
+            fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device)
+            self.positions = torch.cat([self.positions, fresh.expand(batch, heads, new)], dim=-1)
+        if self.valid_counts is not None:
+            self.valid_counts = [v + new for v in self.valid_counts]
+        self.seen += new
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions, self.seen, self.valid_counts, self.scores = None, 0, None, None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.positions is not None:
+            raise NotImplementedError("cropping a compressed KV cache (assisted decoding) is not supported by kvcake")
+        super().crop(tokens_to_remove)
+        self.seen = self.keys.shape[-2] if self.is_initialized else 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        if self.valid_counts is not None:
+            self.valid_counts = [v for v in self.valid_counts for _ in range(repeats)]
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        if self.positions is not None:
+            self.positions = self.positions[rows.to(self.positions.device)]
+        if self.valid_counts is not None:
+            self.valid_counts = [self.valid_counts[i] for i in rows.tolist()]
+
+    # -- kvcake ------------------------------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Physical number of stored entries per head."""
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def position_table(self) -> torch.Tensor:
+        """Positions of the stored entries, materialised if the layer is untouched."""
+        if self.positions is not None:
+            return self.positions
+        batch, heads, length = self.keys.shape[:3]
+        return torch.arange(length, device=self.keys.device).expand(batch, heads, length)
+
+    def keep(self, keep_counts: list[int], scores: torch.Tensor) -> None:
+        """Keep, per row and KV head, the ``keep_counts[row]`` highest-scored entries.
+
+        Ties are broken by the earlier position (stable sort), so repeated evictions with the same scores are nested:
+        keeping the top k of the top k' (k <= k') equals keeping the top k at once. The kept entries stay in position
+        order; rows that keep fewer than the longest row are padded in front with filler slots (position -1).
+        """
+        length = self.length
+        if length == 0 or min(keep_counts) >= length:
+            return
+        k_max = min(max(keep_counts), length)
+        device = self.keys.device
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k_max]
+        positions = self.position_table().gather(-1, order)
+        counts = torch.tensor(keep_counts, device=device).view(-1, 1, 1)
+        kept = torch.arange(k_max, device=device).view(1, 1, -1) < counts
+        positions = torch.where(kept, positions, torch.full_like(positions, FILLER))
+        positions, perm = torch.sort(positions, dim=-1, stable=True)
+        index = order.gather(-1, perm)
+        gather = index.unsqueeze(-1)
+        self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+        if self.scores is not None:
+            self.scores = self.scores.gather(-1, index).masked_fill(positions == FILLER, float("-inf"))
+        self.positions = positions
+        self.valid_counts = [min(c, v) for c, v in zip(keep_counts, self.valid_counts)]
+
+    def layer_mask(self, attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
+        """Bool mask ``(B, Hkv, q_len, L)`` for the current queries over the stored entries.
+
+        Built from each entry's original position: causal by position, fillers excluded, and the padding columns of
+        transformers' own (logical-length) mask taken at the kept positions.
+        """
+        positions = self.position_table()
+        q_pos = torch.arange(self.seen - q_len, self.seen, device=positions.device)
+        pos = positions.unsqueeze(2)  # (B, H, 1, L)
+        allowed = (pos >= 0) & (pos <= q_pos.view(1, 1, -1, 1))
+        logical = _logical_allowed(attention_mask, q_len, self.seen)
+        if logical is not None:
+            logical = logical.to(positions.device)
+            batch, heads, length = positions.shape
+            index = pos.clamp_min(0).expand(batch, heads, q_len, length)
+            allowed &= logical.unsqueeze(1).expand(batch, heads, q_len, logical.shape[-1]).gather(-1, index)
+        return allowed
+
+
+def _logical_allowed(attention_mask: torch.Tensor | None, q_len: int, logical_len: int) -> torch.Tensor | None:
+    """Transformers' mask as bool ``(B, q_len, logical_len)`` (True = may attend), or None when there is none."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:  # flash-attention style: (B, logical_len) padding mask
+        mask = attention_mask.bool()[:, None, :].expand(-1, q_len, -1)
+    elif attention_mask.dim() == 4:
+        mask = attention_mask[:, 0]
+        mask = mask if mask.dtype == torch.bool else mask == 0
+    else:
+        raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
+    if mask.shape[-1] != logical_len:
+        raise ValueError(
+            f"attention mask covers {mask.shape[-1]} positions but the sequence has {logical_len}; kvcake needs the "
+            "mask of the full logical sequence"
+        )
+    return mask[:, -q_len:]
+
+
+class KVCakeCache(DynamicCache):
+    """Dynamic cache whose full-attention layers are compressed by a kvcake method.
+
+    Sliding-window layers (Gemma-2/3, Mistral with a window) keep transformers' own bounded cache and are left out of
+    the allocation. Create it through :func:`kvcake.compress` or :meth:`Compression.new_cache`.
+    """
+
+    def __init__(self, config, method):
+        super().__init__(config=config)
+        for i, layer in enumerate(self.layers):
+            if type(layer) is DynamicLayer:
+                self.layers[i] = CompressedLayer()
+        self.method = method
+        self.compressible = [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
+        self._slot = {layer_idx: n for n, layer_idx in enumerate(self.compressible)}
+        # Per-request state, filled during prefill.
+        self.prompt_tokens: list[int] | None = None  # real tokens per row
+        self.prefill_length = 0  # padded prompt length
+        self.totals: list[int] = []  # evictable budget per row
+        self.preferences: list[list[float]] = []  # per row, per compressible layer seen so far
+        self.budgets: list[list[int]] = []  # per row, per compressible layer: evictable tokens allowed now
+        self.prefill_kept: list[list[int]] | None = None
+        self.peak_kv_bytes = 0
+        self._decode_targets: tuple[int, list[list[int]]] | None = None
+        self._full_entry_bytes: dict[int, int] = {}
+
+    # -- memory accounting -------------------------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held now, all layers."""
+        total = 0
+        for layer in self.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None:
+                total += layer.keys.numel() * layer.keys.element_size()
+                total += layer.values.numel() * layer.values.element_size()
+        return total
+
+    def metadata_bytes(self) -> int:
+        """Bytes of kvcake's own bookkeeping (kept positions)."""
+        return sum(
+            layer.positions.numel() * layer.positions.element_size()
+            for layer in self.layers
+            if isinstance(layer, CompressedLayer) and layer.positions is not None
+        )
+
+    def kv_bytes_full(self) -> int:
+        """What the same cache would hold without eviction."""
+        total = 0
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedLayer) and layer.is_initialized:
+                batch, heads, _, k_dim = layer.keys.shape
+                v_dim = layer.values.shape[-1]
+                total += batch * heads * layer.seen * (k_dim * layer.keys.element_size() + v_dim * layer.values.element_size())
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        return total
+
+    def _track_peak(self) -> None:
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.prefill_kept is None:  # peak is a prefill figure
+            self._track_peak()
+        return out
+
+    # -- prefill -----------------------------------------------------------------------------------------------------
+    def start_prefill(self, key_valid: torch.Tensor | None, prefill_length: int, batch: int) -> None:
+        """Record the prompt: real tokens per row and the budget each row gets."""
+        if key_valid is None:
+            self.prompt_tokens = [prefill_length] * batch
+        else:
+            self.prompt_tokens = [int(n) for n in key_valid.sum(-1).tolist()]
+        if min(self.prompt_tokens) == 0:
+            raise ValueError("empty prompt: a row has no tokens to attend to")
+        self.prefill_length = prefill_length
+        n_layers = len(self.compressible)
+        self.totals = [self.method.total_budget(n, n_layers) for n in self.prompt_tokens]
+        self.preferences = [[] for _ in range(batch)]
+        self.budgets = [[] for _ in range(batch)]
+
+    def caps(self) -> list[int]:
+        """Per row, the most evictable tokens a layer can keep (its real tokens outside the window)."""
+        return [max(0, n - self.method.window) for n in self.prompt_tokens]
+
+    def add_layer_scores(self, layer_idx: int, preference: torch.Tensor, indicator: torch.Tensor,
+                         key_valid: torch.Tensor | None) -> None:
+        """Store a prefilled layer's preference and scores, then evict (cascade) or wait (one-shot)."""
+        layer = self.layers[layer_idx]
+        prefs = preference.tolist()
+        for row, p in enumerate(prefs):
+            if p != p or p in (float("inf"), float("-inf")):
+                raise NonFiniteAttentionError(f"layer {layer_idx}: preference is {p} for row {row}")
+            self.preferences[row].append(p)
+        batch, heads, past = indicator.shape
+        scores = torch.cat([indicator, indicator.new_full((batch, heads, layer.length - past), float("inf"))], dim=-1)
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid.to(scores.device)[:, None, :], float("-inf"))
+        layer.scores = scores
+        layer.valid_counts = list(self.prompt_tokens)
+        last = self._slot[layer_idx] == len(self.compressible) - 1
+        if self.method.cascade or last:
+            self._rebalance()
+        if last:
+            self.finish_prefill()
+
+    def _rebalance(self) -> None:
+        """Re-split the budget over the layers seen so far and evict each down to its share."""
+        caps = self.caps()
+        seen = len(self.preferences[0])
+        self.budgets = [self.method.allocate(p, total, cap) for p, total, cap in zip(self.preferences, self.totals, caps)]
+        for slot in range(seen):
+            layer = self.layers[self.compressible[slot]]
+            shares = [b[slot] for b in self.budgets]
+            if all(share >= cap for share, cap in zip(shares, caps)):
+                continue  # the layer keeps every real token: leave it untouched (bit-identical to a full cache)
+            keep = [share + min(self.method.window, n) for share, n in zip(shares, self.prompt_tokens)]
+            layer.keep(keep, layer.scores)
+        self._track_peak()
+
+    def finish_prefill(self) -> None:
+        for idx in self.compressible:
+            self.layers[idx].scores = None
+        self.prefill_kept = [
+            [self.layers[idx].valid_counts[row] for idx in self.compressible] for row in range(len(self.prompt_tokens))
+        ]
+
+    # -- decoding ------------------------------------------------------------------------------------------------------
+    def decode_targets(self, logical_len: int) -> list[list[int]]:
+        """Per row and compressible layer, the entries a layer may hold at this step (budget plus window).
+
+        The budget is re-split with the caps grown by the generated tokens: a layer that was capped by a short
+        prompt may fill up to its preference share, and nothing is evicted until the whole budget is used.
+        """
+        if self._decode_targets is not None and self._decode_targets[0] == logical_len:
+            return self._decode_targets[1]
+        grown = logical_len - self.prefill_length
+        window = self.method.window
+        targets = []
+        for prefs, total, n in zip(self.preferences, self.totals, self.prompt_tokens):
+            shares = self.method.allocate(prefs, total, max(0, n + grown - window))
+            targets.append([s + min(window, n + grown) for s in shares])
+        self._decode_targets = (logical_len, targets)
+        return targets
+
+    # -- reading what happened -----------------------------------------------------------------------------------------
+    def report(self) -> Report:
+        return Report.from_cache(self)

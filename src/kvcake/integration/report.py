@@ -1,0 +1,122 @@
+"""What a compression did: budgets, kept lengths and memory, as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvcake.integration.cache import KVCakeCache
+
+
+@dataclass
+class Report:
+    """Per-request record of a kvcake compression.
+
+    Lists indexed ``[row][layer]`` follow the order of ``layers`` (the compressed full-attention layers).
+
+    Attributes
+    ----------
+    method : dict
+        The method's name and parameters.
+    layers : list[int]
+        Indices of the compressed layers (sliding-window layers are left to transformers).
+    prompt_tokens : list[int]
+        Real (non-padding) prompt tokens per row.
+    total_budget : list[int]
+        Evictable tokens per row over all compressed layers (window excluded), as requested.
+    preferences : list[list[float]]
+        Layer preference P_l per row.
+    budgets : list[list[int]]
+        Tokens each layer was allowed after prefill (its share plus the window), per row.
+    kept_after_prefill : list[list[int]]
+        Real tokens each layer held when prefill ended, per row (equals ``budgets`` unless a layer had fewer tokens).
+    kept_now : list[list[int]]
+        Real tokens each layer holds now, per row.
+    layer_lengths : list[int]
+        Physical entries per head stored per layer now (rows padded to the longest with masked filler slots).
+    kv_bytes : int
+        Key and value bytes held now, all layers.
+    kv_bytes_full : int
+        Key and value bytes a cache without eviction would hold now.
+    peak_kv_bytes : int
+        Highest key and value bytes held at any moment of prefill.
+    peak_bound_bytes : int
+        SPEC bound on that peak for the cascade: B_total + (L-1) * S_w tokens of earlier layers plus one full layer.
+    metadata_bytes : int
+        kvcake's own bookkeeping (kept positions), not included in ``kv_bytes``.
+    """
+
+    method: dict[str, Any]
+    layers: list[int]
+    prompt_tokens: list[int]
+    total_budget: list[int]
+    preferences: list[list[float]]
+    budgets: list[list[int]]
+    kept_after_prefill: list[list[int]]
+    kept_now: list[list[int]]
+    layer_lengths: list[int]
+    kv_bytes: int
+    kv_bytes_full: int
+    peak_kv_bytes: int
+    peak_bound_bytes: int
+    metadata_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_cache(cls, cache: KVCakeCache) -> Report:
+        method = cache.method
+        params = {f.name: getattr(method, f.name) for f in fields(method)}
+        layers = [cache.layers[i] for i in cache.compressible]
+        rows = len(cache.prompt_tokens or [])
+        window = method.window
+        budgets = [[share + min(window, n) for share in shares] for shares, n in zip(cache.budgets, cache.prompt_tokens or [])]
+        entry_bytes = max(
+            (layer.keys.shape[1] * (layer.keys.shape[-1] * layer.keys.element_size()
+                                    + layer.values.shape[-1] * layer.values.element_size())
+             for layer in layers if layer.is_initialized),
+            default=0,
+        )
+        other = cache.kv_bytes() - sum(layer.nbytes() for layer in layers)
+        bound = 0
+        if rows:
+            worst = max(cache.totals) + (len(layers) - 1) * window
+            bound = rows * entry_bytes * (worst + cache.prefill_length) + other
+        return cls(
+            method={"name": method.name, **params},
+            layers=list(cache.compressible),
+            prompt_tokens=list(cache.prompt_tokens or []),
+            total_budget=list(cache.totals),
+            preferences=[list(p) for p in cache.preferences],
+            budgets=budgets,
+            kept_after_prefill=[list(r) for r in (cache.prefill_kept or [])],
+            kept_now=[[layer.valid_counts[row] if layer.valid_counts else layer.length for layer in layers]
+                      for row in range(rows)],
+            layer_lengths=[layer.length for layer in layers],
+            kv_bytes=cache.kv_bytes(),
+            kv_bytes_full=cache.kv_bytes_full(),
+            peak_kv_bytes=cache.peak_kv_bytes,
+            peak_bound_bytes=bound,
+            metadata_bytes=cache.metadata_bytes(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self, row: int = 0) -> str:
+        """A few human-readable lines about one row."""
+        if not self.prompt_tokens:
+            return "no prefill recorded"
+        kept = self.kept_after_prefill[row] if self.kept_after_prefill else []
+        mib = 1 / 2**20
+        lines = [
+            f"method: {self.method['name']} "
+            + ", ".join(f"{k}={v}" for k, v in self.method.items() if k != "name" and v is not None),
+            f"prompt tokens: {self.prompt_tokens[row]}; compressed layers: {len(self.layers)}",
+            f"kept per layer after prefill: min {min(kept, default=0)}, max {max(kept, default=0)}, "
+            f"total {sum(kept)} of {self.prompt_tokens[row] * len(self.layers)}",
+            f"KV memory now: {self.kv_bytes * mib:.2f} MiB vs {self.kv_bytes_full * mib:.2f} MiB full "
+            f"({100 * self.kv_bytes / max(self.kv_bytes_full, 1):.1f}%)",
+            f"peak KV memory during prefill: {self.peak_kv_bytes * mib:.2f} MiB",
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Attaching a method to a model for the duration of a ``with`` block.
+
+>>> with kvcake.compress(model, kvcake.CAKE(budget=256)) as press:
+...     out = model.generate(**inputs, max_new_tokens=32)
+>>> press.report.kept_after_prefill
+
+While the block is active, the model's attention modules dispatch to the kvcake wrapper of their own backend and
+every forward that starts a new sequence gets a fresh :class:`KVCakeCache` (the one ``generate`` creates is swapped
+for it by a forward pre-hook). Nothing is stored on the model beyond the block: on exit the backend name and the
+hook are restored, so requests never leak into one another.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import Cache
+
+from kvcake.integration import attention
+from kvcake.integration.cache import KVCakeCache
+from kvcake.integration.report import Report
+
+SUPPORTED_BACKENDS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+class UnsupportedModelError(TypeError):
+    """The model has no attention layers kvcake knows how to compress."""
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Self-attention modules of a decoder: they carry ``layer_idx`` and query/output projections."""
+    found = []
+    for module in model.modules():
+        if not isinstance(getattr(module, "layer_idx", None), int) or not hasattr(module, "config"):
+            continue
+        if hasattr(module, "o_proj") and (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")):
+            found.append(module)
+    return found
+
+
+class Compression:
+    """A method attached to a model; use as a context manager (see :func:`kvcake.compress`)."""
+
+    def __init__(self, model: torch.nn.Module, method):
+        self.model = model
+        self.method = method
+        self.active_cache: KVCakeCache | None = None
+        self.last_cache: KVCakeCache | None = None
+        self._report: Report | None = None
+        self._saved: list[tuple[object, str]] = []
+        self._hook = None
+        self._modules: list[torch.nn.Module] = []
+
+    # -- attach / detach ---------------------------------------------------------------------------------------------
+    def __enter__(self) -> Compression:
+        modules = attention_modules(self.model)
+        if not modules:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: no standard attention layers found (kvcake needs decoder attention "
+                "modules with a layer_idx and q/o projections, as in Llama, Mistral, Qwen, Gemma and Phi-3 models)"
+            )
+        if any(id(m) in attention.ACTIVE for m in modules):
+            raise RuntimeError("a kvcake compression is already active on this model; nest none")
+        configs = {id(m.config): m.config for m in modules}
+        for config in configs.values():
+            base = config._attn_implementation or "eager"
+            if base not in SUPPORTED_BACKENDS:
+                raise ValueError(
+                    f"attention backend {base!r} is not supported by kvcake; use one of {', '.join(SUPPORTED_BACKENDS)}"
+                )
+        for config in configs.values():
+            base = config._attn_implementation or "eager"
+            self._saved.append((config, config._attn_implementation))
+            config._attn_implementation = attention.registered_name(base)
+        self._modules = modules
+        for m in modules:
+            attention.ACTIVE[id(m)] = self
+        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for config, name in reversed(self._saved):
+            config._attn_implementation = name
+        self._saved.clear()
+        for m in self._modules:
+            attention.ACTIVE.pop(id(m), None)
+        self._modules = []
+        if self.last_cache is not None and self.last_cache.prompt_tokens is not None:
+            self._report = self.last_cache.report()
+        self.active_cache = None
+        self.last_cache = None
+
+    # -- caches ------------------------------------------------------------------------------------------------------
+    def new_cache(self) -> KVCakeCache:
+        """A fresh compressed cache for this model and method (pass it as the model's cache yourself if you like)."""
+        config = self.model.config
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)
+        return KVCakeCache(config=config, method=self.method)
+
+    def _cache_kwarg(self) -> str:
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def _before_forward(self, module, args, kwargs):
+        names = [n for n in ("cache", "past_key_values") if kwargs.get(n) is not None]
+        cache = kwargs[names[0]] if names else None
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is not None and inputs.shape[1] == 0:
+            raise ValueError("empty prompt: there are no tokens to prefill")
+        if isinstance(cache, KVCakeCache):
+            self._use(cache)
+        elif kwargs.get("use_cache") is False:
+            self.active_cache = None
+        elif cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0):
+            fresh = self.new_cache()
+            kwargs[names[0] if names else self._cache_kwarg()] = fresh
+            self._use(fresh)
+        else:
+            self.active_cache = None  # a filled cache of another kind: leave it alone
+        return args, kwargs
+
+    def _use(self, cache: KVCakeCache) -> None:
+        self.active_cache = cache
+        self.last_cache = cache
+
+    # -- results -----------------------------------------------------------------------------------------------------
+    @property
+    def report(self) -> Report:
+        """What the latest request did (per-layer budgets, kept lengths, memory now, peak and full)."""
+        if self.last_cache is not None and self.last_cache.prompt_tokens is not None:
+            return self.last_cache.report()
+        if self._report is None:
+            raise RuntimeError("no request has been prefilled under this compression yet")
+        return self._report
+
+
+def compress(model: torch.nn.Module, method) -> Compression:
+    """Attach ``method`` to ``model`` for a ``with`` block; ``generate``/forward calls inside it are compressed."""
+    return Compression(model, method)
