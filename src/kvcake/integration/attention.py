@@ -88,6 +88,7 @@ def _key_valid(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor
     return None if bool(valid.all()) else valid
 
 
+@torch.no_grad()
 def _score_prefill(cache: KVCakeCache, layer_idx: int, query, key, attention_mask, scaling, softcap) -> None:
     seq = key.shape[2]
     key_valid = _key_valid(attention_mask, seq)
@@ -119,11 +120,12 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
     allowed = layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L)
     out = _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs)
     if evict:
-        scores = decode_scores(query, key, scaling, allowed, method.kernel, softcap)
-        scores = scores.masked_fill(~allowed[:, :, -1], float("-inf"))
-        window = min(method.window, scores.shape[-1])
-        scores[..., scores.shape[-1] - window:] = float("inf")
-        layer.keep([min(v, t) for v, t in zip(layer.valid_counts, targets)], scores)
+        with torch.no_grad():
+            scores = decode_scores(query, key, scaling, allowed, method.kernel, softcap)
+            scores = scores.masked_fill(~allowed[:, :, -1], float("-inf"))
+            window = min(method.window, scores.shape[-1])
+            scores[..., scores.shape[-1] - window:] = float("inf")
+            layer.keep([min(v, t) for v, t in zip(layer.valid_counts, targets)], scores)
     return out
 
 

@@ -130,6 +130,11 @@ class Compression:
         self.active_cache = cache
         self.last_cache = cache
 
+    @property
+    def cache(self) -> KVCakeCache | None:
+        """The cache of the latest request (None outside the ``with`` block: it is released on exit)."""
+        return self.last_cache
+
     # -- results -----------------------------------------------------------------------------------------------------
     @property
     def report(self) -> Report:

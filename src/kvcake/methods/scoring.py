@@ -118,7 +118,7 @@ def cake_statistics(attn: torch.Tensor, kv_heads: int, gamma: float, kernel: int
     window, seq = attn.shape[2], attn.shape[3]
     past = attn[..., : seq - window]  # window rows, keys before the window
     entropy = -torch.xlogy(past, past).sum(dim=(1, 2, 3)).double()
-    if window > 1:
+    if window > 1 and past.shape[-1] > 0:
         row_var = past.var(dim=2, unbiased=True)  # (B, Hq, S - W)
     else:
         row_var = torch.zeros_like(past[:, :, 0])

@@ -1,0 +1,25 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(impl: str = "sdpa", layers: int = 4, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A tiny random Llama with GQA (4 query heads, 2 KV heads), float32, eval mode."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **overrides,
+    )
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=["eager", "sdpa"])
+def backend(request) -> str:
+    return request.param
+
+
+def prompt(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=g)

@@ -1,0 +1,340 @@
+"""The CAKE engine on a tiny random Llama: exactness, kept = top-scored, decode equivalence, memory, bad input."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+import kvcake
+from conftest import prompt, tiny_llama
+from reference import brute_force_allocation, cake_reference, plain_attention
+
+WINDOW = 8
+
+
+def cake(**kw):
+    kw.setdefault("window", WINDOW)
+    return kvcake.CAKE(**kw)
+
+
+def prefill(model, ids, method, attention_mask=None):
+    """Run one compressed prefill; return (logits, cache, report)."""
+    with kvcake.compress(model, method) as press:
+        out = model(ids, attention_mask=attention_mask)
+        cache = press.cache
+        report = press.report
+    return out.logits, cache, report
+
+
+def kept_positions(cache, layer_idx):
+    layer = cache.layers[layer_idx]
+    return layer.position_table().clone()
+
+
+# -- prefill exactness -----------------------------------------------------------------------------------------------
+
+def test_prefill_output_and_first_token_equal_full_cache(backend):
+    model = tiny_llama(backend)
+    ids = prompt(120)
+    full = model(ids).logits
+    logits, _, report = prefill(model, ids, cake(budget=24))
+    assert torch.equal(logits, full)
+    assert sum(report.kept_after_prefill[0]) == 24 * 4
+    with kvcake.compress(model, cake(budget=24)):
+        first = model.generate(ids, max_new_tokens=1, do_sample=False)
+    assert torch.equal(first, model.generate(ids, max_new_tokens=1, do_sample=False))
+
+
+@pytest.mark.parametrize("decode_eviction", [True, False])
+def test_budget_covering_the_prompt_generates_identically(backend, decode_eviction):
+    model = tiny_llama(backend)
+    ids = prompt(60)
+    full = model.generate(ids, max_new_tokens=12, do_sample=False)
+    with kvcake.compress(model, cake(budget=72, decode_eviction=decode_eviction)) as press:
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, full)
+    assert press.report.kept_after_prefill == [[60] * 4]
+    with kvcake.compress(model, cake(ratio=1.0, decode_eviction=False)):
+        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), full)
+
+
+def test_window_longer_than_prompt_changes_nothing(backend):
+    model = tiny_llama(backend)
+    ids = prompt(20)
+    full = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with kvcake.compress(model, kvcake.CAKE(budget=32, window=32, decode_eviction=False)) as press:
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, full)
+    assert press.report.kept_after_prefill == [[20] * 4]
+
+
+# -- what is kept --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tau", [(1.0, 1.0), (1.6, 0.6)])
+def test_kept_positions_are_the_top_scored(tau):
+    model = tiny_llama("eager")
+    ids = prompt(150)
+    method = cake(budget=30, tau1=tau[0], tau2=tau[1])
+    out = model(ids, output_attentions=True)
+    _, cache, report = prefill(model, ids, method)
+
+    prefs, indicators = [], []
+    for attn in out.attentions:
+        p, ind = cake_reference(attn[:, :, -WINDOW:, :], kv_heads=2, gamma=method.gamma, kernel=method.kernel,
+                                tau1=method.tau1, tau2=method.tau2)
+        prefs.append(p[0])
+        indicators.append(ind[0])
+    seq = ids.shape[1]
+    budgets = brute_force_allocation(prefs, (30 - WINDOW) * 4, seq - WINDOW)
+    assert [b + WINDOW for b in budgets] == report.budgets[0] == report.kept_after_prefill[0]
+    assert sum(report.kept_after_prefill[0]) == 30 * 4
+
+    for layer_idx, (budget, ind) in enumerate(zip(budgets, indicators)):
+        positions = kept_positions(cache, layer_idx)[0]  # (Hkv, kept)
+        for head in range(2):
+            kept = positions[head].tolist()
+            assert kept == sorted(kept)
+            assert kept[-WINDOW:] == list(range(seq - WINDOW, seq)), "the window is always kept"
+            chosen = torch.tensor(kept[:-WINDOW])
+            assert len(chosen) == budget
+            evicted = torch.tensor(sorted(set(range(seq - WINDOW)) - set(kept)))
+            if len(chosen) and len(evicted):
+                scale = ind[head].abs().max()
+                assert ind[head][chosen].min() >= ind[head][evicted].max() - 1e-5 * scale
+
+
+def test_cascade_and_one_shot_give_identical_caches(backend):
+    model = tiny_llama(backend, layers=6)
+    ids = prompt(200)
+    _, cascade, rc = prefill(model, ids, cake(budget=40, cascade=True))
+    _, oneshot, ro = prefill(model, ids, cake(budget=40, cascade=False))
+    assert rc.budgets == ro.budgets
+    for i in range(6):
+        assert torch.equal(kept_positions(cascade, i), kept_positions(oneshot, i))
+        assert torch.equal(cascade.layers[i].keys, oneshot.layers[i].keys)
+        assert torch.equal(cascade.layers[i].values, oneshot.layers[i].values)
+    # Memory: the cascade stays within the SPEC bound; one-shot holds the whole cache at its peak.
+    assert rc.peak_kv_bytes <= rc.peak_bound_bytes
+    assert ro.peak_kv_bytes == ro.kv_bytes_full
+    assert rc.peak_kv_bytes < ro.peak_kv_bytes
+    per_token = 2 * 2 * 16 * 4  # kv heads * (k + v) * head_dim * float32
+    assert rc.kv_bytes == sum(rc.kept_after_prefill[0]) * per_token
+    assert rc.kv_bytes_full == 200 * 6 * per_token
+
+
+def test_ratio_budget():
+    model = tiny_llama("sdpa")
+    ids = prompt(100)
+    _, _, report = prefill(model, ids, cake(ratio=0.25))
+    assert sum(report.kept_after_prefill[0]) == 25 * 4
+    assert report.total_budget == [(25 - WINDOW) * 4]
+
+
+# -- decoding against plain attention over the kept entries ----------------------------------------------------------
+
+REFERENCE_KV: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    old_k, old_v = REFERENCE_KV[module.layer_idx]
+    keys, values = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
+    REFERENCE_KV[module.layer_idx] = (keys, values)
+    return plain_attention(query, keys, values, scaling), None
+
+
+AttentionInterface.register("kvcake_test_reference", _reference_attention)
+
+
+def _reference_logits(model, token, position, kv):
+    REFERENCE_KV.clear()
+    REFERENCE_KV.update(kv)
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "kvcake_test_reference"
+    try:
+        out = model(token, position_ids=torch.tensor([[position]]), use_cache=False).logits
+    finally:
+        model.config._attn_implementation = saved
+    return out[:, -1], dict(REFERENCE_KV)
+
+
+def _row_entries(cache, row, first_real):
+    """Per layer, keys/values of one row's real kept entries ``(1, Hkv, n, D)`` (fillers and padding dropped)."""
+    kv = {}
+    for i, layer in enumerate(cache.layers):
+        pos = layer.position_table()[row]
+        keep = pos >= first_real
+        n = int(keep[0].sum())
+        assert bool((keep.sum(-1) == n).all())
+        idx = keep.nonzero()[:, 1].view(pos.shape[0], n)
+        gather = idx[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1])
+        kv[i] = (layer.keys[row:row + 1].gather(2, gather), layer.values[row:row + 1].gather(2, gather))
+    return kv
+
+
+def test_decoding_equals_plain_attention_over_kept_entries(backend):
+    model = tiny_llama(backend)
+    ids = prompt(130)
+    method = cake(budget=28, decode_eviction=False)
+    with kvcake.compress(model, method) as press:
+        cache = press.new_cache()
+        logits = model(ids, cache=cache).logits[:, -1]
+        reference = _row_entries(cache, 0, 0)
+        for step in range(6):
+            token = logits.argmax(-1, keepdim=True)
+            position = ids.shape[1] + step
+            logits = model(token, cache=cache, position_ids=torch.tensor([[position]])).logits[:, -1]
+            expected, reference = _reference_logits(model, token, position, reference)
+            torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+    assert all(length == b + 6 for length, b in zip(press.report.layer_lengths, press.report.budgets[0]))
+
+
+def test_padded_batch_decoding_equals_each_row_alone(backend):
+    model = tiny_llama(backend)
+    ids = prompt(110, batch=2, seed=3)
+    pads = [0, 37]
+    mask = torch.ones_like(ids)
+    mask[1, : pads[1]] = 0
+    method = cake(budget=26, decode_eviction=False)
+    with kvcake.compress(model, method) as press:
+        cache = press.new_cache()
+        logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+        report = press.report
+        references = [_row_entries(cache, row, pads[row]) for row in range(2)]
+        for step in range(5):
+            token = logits.argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+            positions = (mask.sum(-1, keepdim=True) - 1)
+            logits = model(token, attention_mask=mask, cache=cache, position_ids=positions).logits[:, -1]
+            for row in range(2):
+                expected, references[row] = _reference_logits(
+                    model, token[row:row + 1], int(positions[row]), references[row])
+                torch.testing.assert_close(logits[row:row + 1], expected, atol=2e-5, rtol=1e-4)
+    # Each row kept exactly its own budget; padding never counts as content.
+    assert report.prompt_tokens == [110, 73]
+    assert [sum(r) for r in report.kept_after_prefill] == [26 * 4, 26 * 4]
+
+
+def test_padded_batch_generation_matches_rows_alone(backend):
+    model = tiny_llama(backend)
+    ids = prompt(90, batch=2, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :25] = 0
+    with kvcake.compress(model, cake(budget=24)) as press:
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        alone0 = model.generate(ids[:1, 25:], max_new_tokens=10, do_sample=False)
+        alone1 = model.generate(ids[1:], max_new_tokens=10, do_sample=False)
+    assert torch.equal(batch[0, 90:], alone0[0, 65:])
+    assert torch.equal(batch[1, 90:], alone1[0, 90:])
+    report = press.report  # the last request (row 1 alone) is held at its budget while generating
+    assert report.kept_now == report.budgets and sum(report.budgets[0]) == 24 * 4
+
+
+# -- decode-time eviction ----------------------------------------------------------------------------------------------
+
+def test_decode_eviction_holds_budget_and_drops_the_lowest_scored():
+    model = tiny_llama("eager")
+    ids = prompt(100)
+    method = cake(budget=20)
+    with kvcake.compress(model, method) as press:
+        cache = press.new_cache()
+        out = model(ids, cache=cache)
+        budgets = press.report.budgets[0]
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for step in range(12):
+            before = [kept_positions(cache, i) for i in range(4)]
+            out = model(token, cache=cache, position_ids=torch.tensor([[100 + step]]), output_attentions=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            for i in range(4):
+                after = kept_positions(cache, i)
+                assert after.shape[-1] == budgets[i]
+                probs = out.attentions[i][0, :, -1].double()  # (Hq, L+1) over the entries before eviction
+                n = probs.shape[-1]
+                pooled = torch.stack([probs[:, max(0, j - 2): j + 3].sum(-1) / 5 for j in range(n)], dim=-1)
+                score = pooled.view(2, 2, n).mean(1)
+                for head in range(2):
+                    old = before[i][0, head].tolist() + [100 + step]
+                    removed = sorted(set(old) - set(after[0, head].tolist()))
+                    assert len(removed) == 1
+                    candidates = score[head, : n - WINDOW]
+                    assert candidates[old.index(removed[0])] <= candidates.min() + 1e-9
+    assert press.report.kept_now == [budgets]
+
+
+def test_decode_eviction_keeps_memory_constant_over_a_long_generation():
+    model = tiny_llama("sdpa", layers=2)
+    ids = prompt(64)
+    with kvcake.compress(model, cake(budget=16)) as press:
+        model.generate(ids, max_new_tokens=200, min_new_tokens=200, do_sample=False)
+        report = press.report
+    assert report.kept_now == [report.budgets[0]]
+    assert report.kv_bytes == sum(report.budgets[0]) * 2 * 2 * 16 * 4
+
+
+# -- lifecycle and bad input ----------------------------------------------------------------------------------------
+
+def test_requests_do_not_leak_into_each_other():
+    model = tiny_llama("sdpa")
+    a, b = prompt(80, seed=7), prompt(95, seed=8)
+    with kvcake.compress(model, cake(budget=20)) as press:
+        first_b = model.generate(b, max_new_tokens=6, do_sample=False)
+    with kvcake.compress(model, cake(budget=20)) as press:
+        model.generate(a, max_new_tokens=6, do_sample=False)
+        again_b = model.generate(b, max_new_tokens=6, do_sample=False)
+        assert press.report.prompt_tokens == [95]
+    assert torch.equal(first_b, again_b)
+    assert model.config._attn_implementation == "sdpa"
+    assert not model._forward_pre_hooks
+
+
+def test_empty_prompt_is_an_error():
+    model = tiny_llama("sdpa")
+    with kvcake.compress(model, cake(budget=20)), pytest.raises(ValueError, match="empty prompt"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_non_finite_attention_is_an_error_not_an_empty_cache():
+    model = tiny_llama("sdpa")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("inf")
+    with kvcake.compress(model, cake(budget=20)), pytest.raises(kvcake.NonFiniteAttentionError):
+        model(prompt(50))
+
+
+def test_unsupported_architecture_names_the_model_class():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(kvcake.UnsupportedModelError, match="GPT2LMHeadModel"):
+        with kvcake.compress(model, cake(budget=20)):
+            pass
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 0}, "positive"), ({"budget": -5}, "positive"), ({"ratio": 0.0}, r"\(0, 1\]"),
+    ({"ratio": 1.5}, r"\(0, 1\]"), ({"ratio": float("nan")}, r"\(0, 1\]"), ({}, "exactly one"),
+    ({"budget": 10, "ratio": 0.5}, "exactly one"), ({"budget": 4}, "window"), ({"budget": 64, "kernel": 4}, "odd"),
+    ({"budget": 64, "tau1": 0}, "tau1"), ({"budget": 64, "gamma": -1}, "gamma"),
+])
+def test_bad_parameters(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        kvcake.CAKE(**{"window": WINDOW, **kwargs})
+
+
+def test_presets():
+    m = kvcake.CAKE.from_preset("meta-llama/Llama-3.1-8B-Instruct", budget=1024)
+    assert (m.tau1, m.tau2) == (1.6, 0.4)
+    assert kvcake.CAKE.from_preset("Qwen2.5-7B-Instruct", budget=100).tau1 == 0.4
+    with pytest.raises(KeyError, match="no published tau"):
+        kvcake.tau_preset("gpt-9", 128)
+
+
+def test_accelerate_device_map_keeps_layers_on_their_device():
+    from accelerate import dispatch_model
+
+    model = dispatch_model(tiny_llama("sdpa"), device_map={"": "cpu"})
+    ids = prompt(70)
+    full = model.generate(ids, max_new_tokens=5, do_sample=False)
+    with kvcake.compress(model, cake(budget=80)) as press:
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        for layer in press.cache.layers:
+            assert layer.keys.device == layer.values.device == torch.device("cpu")
+    assert torch.equal(out, full)
