@@ -1,0 +1,132 @@
+"""The ``kvcake`` command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="CAKE KV-cache eviction for Hugging Face models: generate, compare, measure.")
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code=2)
+
+
+def sample_text() -> str:
+    return resources.files("kvcake").joinpath("data/sample.txt").read_text(encoding="utf-8")
+
+
+@app.command()
+def sample() -> None:
+    """Print the bundled sample text (a short story with facts to ask about)."""
+    sys.stdout.write(sample_text())
+
+
+@app.command()
+def methods() -> None:
+    """List the methods and their parameters."""
+    from kvcake.methods.registry import METHODS
+
+    table = Table("method", "parameters (defaults)")
+    for name, cls in METHODS.items():
+        if cls is None:
+            table.add_row(name, "no eviction (reference)")
+            continue
+        params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls) if f.name not in ("budget", "ratio"))
+        table.add_row(name, f"--budget TOKENS | --ratio R; {params}")
+    out.print(table)
+
+
+@app.command()
+def generate(
+    input: str = typer.Option(..., "--input", "-i", help="Context file, or - for standard input."),
+    question: str = typer.Option(..., "--question", "-q", help="Question about the context."),
+    method: str = typer.Option("cake", "--method", "-m", help="Method name (see `kvcake methods`)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Tokens kept per layer, window included."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of the prompt's KV cache to keep, (0, 1]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local model folder; default: embedded SmolLM2-135M."),
+    window: Optional[int] = typer.Option(None, help="Observation window S_w (default 32)."),
+    kernel: Optional[int] = typer.Option(None, help="Pooling kernel (default 5)."),
+    gamma: Optional[float] = typer.Option(None, help="Variance weight of CAKE's indicator (default 200)."),
+    tau1: Optional[float] = typer.Option(None, help="CAKE temperature for entropy (default 1)."),
+    tau2: Optional[float] = typer.Option(None, help="CAKE temperature for variance (default 1)."),
+    preset: Optional[str] = typer.Option(None, help="Use the authors' published tau for this model name."),
+    one_shot: bool = typer.Option(False, "--one-shot", help="Allocate once after prefill instead of cascading."),
+    prefill_only: bool = typer.Option(False, "--prefill-only", help="No decode-time eviction (the cache grows)."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
+    attn: str = typer.Option("sdpa", help="Attention backend: sdpa, eager or flash_attention_2."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Answer a question about a long context with a compressed KV cache, and report the memory it kept."""
+    from kvcake import models
+    from kvcake.methods.cake import tau_preset
+    from kvcake.methods.registry import build
+    from kvcake.pipeline import answer
+
+    if method.lower() != "full" and (budget is None) == (ratio is None):
+        _fail("give exactly one of --budget TOKENS or --ratio R")
+    try:
+        if input == "-":
+            context = sys.stdin.read()
+        else:
+            context = Path(input).read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot read --input {input!r}: {exc.strerror or exc}")
+    if preset is not None:
+        try:
+            tau1, tau2 = tau_preset(preset, budget or 128)
+        except KeyError as exc:
+            _fail(str(exc.args[0]))
+    try:
+        chosen = build(method, budget=budget, ratio=ratio, window=window, kernel=kernel, gamma=gamma, tau1=tau1,
+                       tau2=tau2, cascade=False if one_shot else None, decode_eviction=False if prefill_only else None)
+    except (ValueError, TypeError) as exc:
+        _fail(str(exc))
+    try:
+        with err.status("loading the model…"):
+            lm, tokenizer = models.load(model, attn_implementation=attn)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    try:
+        with err.status("prefilling and generating…"):
+            result = answer(lm, tokenizer, context, question, chosen, max_new_tokens=max_new_tokens)
+    except ValueError as exc:
+        _fail(str(exc))
+    if as_json:
+        payload = result.to_dict()
+        payload["model"] = model or models.DEFAULT_MODEL
+        sys.stdout.write(json.dumps(payload) + "\n")
+        return
+    out.print(f"[bold]answer:[/bold] {result.answer}")
+    _print_report(result)
+
+
+def _print_report(result) -> None:
+    mib = 1 / 2**20
+    out.print(f"method: {result.method.get('name')}   prompt tokens: {result.prompt_tokens}   "
+              f"generated: {result.generated_tokens}   time: {result.seconds:.1f} s")
+    budgets = result.layer_budgets
+    out.print("tokens kept per layer after prefill: " + " ".join(str(b) for b in budgets))
+    share = 100 * result.kv_bytes / max(result.kv_bytes_full, 1)
+    out.print(f"KV memory after generation: {result.kv_bytes * mib:.2f} MiB of {result.kv_bytes_full * mib:.2f} MiB "
+              f"full ({share:.1f}%); peak during prefill {result.peak_kv_bytes * mib:.2f} MiB")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,83 @@
+"""Answer a question about a long context with a compressed KV cache (the ``kvcake generate`` job)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvcake.integration.session import compress
+
+
+@dataclass
+class Answer:
+    """The generated text and what it cost."""
+
+    answer: str
+    prompt_tokens: int
+    generated_tokens: int
+    layer_budgets: list[int]
+    kv_bytes: int
+    kv_bytes_full: int
+    peak_kv_bytes: int
+    seconds: float
+    method: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def build_prompt(tokenizer, context: str, question: str) -> torch.Tensor:
+    """Token ids ``(1, S)``: context then question, through the chat template when the tokenizer has one."""
+    if not context.strip():
+        raise ValueError("empty context: give a non-empty text with --input")
+    if not question.strip():
+        raise ValueError("empty question")
+    content = f"{context.strip()}\n\nAnswer the question about the text above.\nQuestion: {question.strip()}"
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(content + "\nAnswer:", return_tensors="pt")["input_ids"]
+    return ids
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total
+
+
+@torch.no_grad()
+def answer(model, tokenizer, context: str, question: str, method, max_new_tokens: int = 64) -> Answer:
+    """Greedy answer to ``question`` about ``context``; ``method`` None means the full cache."""
+    ids = build_prompt(tokenizer, context, question).to(model.device)
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
+                    pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+    start = time.perf_counter()
+    if method is None:
+        out = model.generate(ids, **settings)
+        cache = out["cache"] if "cache" in out else out.get("past_key_values")
+        full = _cache_bytes(cache)
+        n_layers = len(getattr(cache, "layers", []))
+        summary = dict(layer_budgets=[ids.shape[1]] * n_layers, kv_bytes=full, kv_bytes_full=full, peak_kv_bytes=full,
+                       method={"name": "full"}, report=None)
+    else:
+        with compress(model, method) as press:
+            out = model.generate(ids, **settings)
+            report = press.report
+        summary = dict(layer_budgets=report.kept_after_prefill[0], kv_bytes=report.kv_bytes,
+                       kv_bytes_full=report.kv_bytes_full, peak_kv_bytes=report.peak_kv_bytes,
+                       method=report.method, report=report.to_dict())
+    seconds = time.perf_counter() - start
+    new = out.sequences[0, ids.shape[1]:]
+    text = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return Answer(answer=text, prompt_tokens=ids.shape[1], generated_tokens=int(new.numel()), seconds=seconds,
+                  **summary)
