@@ -338,3 +338,18 @@ def test_accelerate_device_map_keeps_layers_on_their_device():
         for layer in press.cache.layers:
             assert layer.keys.device == layer.values.device == torch.device("cpu")
     assert torch.equal(out, full)
+
+
+def test_a_reset_cache_serves_a_new_request_like_a_fresh_one():
+    model = tiny_llama("sdpa")
+    a, b = prompt(90, seed=11), prompt(70, seed=12)
+    with kvcake.compress(model, cake(budget=20)) as press:
+        fresh = press.new_cache()
+        expected = model(b, cache=fresh).logits
+        cache = press.new_cache()
+        model(a, cache=cache)
+        cache.reset()
+        assert torch.equal(model(b, cache=cache).logits, expected)
+        assert cache.prompt_tokens == [70]
+        for i in range(4):
+            assert torch.equal(kept_positions(cache, i), kept_positions(fresh, i))

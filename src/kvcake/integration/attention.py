@@ -102,7 +102,7 @@ def _score_prefill(cache: KVCakeCache, layer_idx: int, query, key, attention_mas
     cache.add_layer_scores(layer_idx, preference, indicator, key_valid)
 
 
-def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, key, value, attention_mask,
+def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, key, value, attention_mask, /,
                        *args, **kwargs):
     scaling, softcap = score_args
     layer = cache.layers[layer_idx]
@@ -129,7 +129,7 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
     return out
 
 
-def _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs):
+def _run_masked(base, own, module, query, key, value, allowed, /, *args, **kwargs):
     """Call the backend with a per-layer bool mask ``(B, Hkv, q, L)``."""
     q_heads, kv_heads = query.shape[1], key.shape[1]
     q_len = query.shape[2]

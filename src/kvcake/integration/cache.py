@@ -56,11 +56,18 @@ class CompressedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
+        # transformers >= 5.x passes the query length (int); older 5.x releases pass ``cache_position`` (a tensor
+        # of the new tokens' positions), whose length is the query length.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.seen + query_length, 0
 
     def reset(self) -> None:
         super().reset()
+        # Drop the tensors (older transformers only zero them in place, keeping their length): update regrows them.
+        self.keys = self.values = None
+        self.is_initialized = False
         self.positions, self.seen, self.valid_counts, self.scores = None, 0, None, None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -198,6 +205,13 @@ class KVCakeCache(DynamicCache):
         self.peak_kv_bytes = 0
         self._decode_targets: tuple[int, list[list[int]]] | None = None
         self._full_entry_bytes: dict[int, int] = {}
+
+    def reset(self) -> None:
+        """Empty every layer and forget the request (prompt, budgets, scores), ready for a new prefill."""
+        super().reset()
+        self.prompt_tokens, self.prefill_length, self.prefill_kept = None, 0, None
+        self.totals, self.preferences, self.budgets = [], [], []
+        self.peak_kv_bytes, self._decode_targets = 0, None
 
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:

@@ -51,6 +51,7 @@ class Compression:
         self._saved: list[tuple[object, str]] = []
         self._hook = None
         self._modules: list[torch.nn.Module] = []
+        self._cache_name: str | None = None
 
     # -- attach / detach ---------------------------------------------------------------------------------------------
     def __enter__(self) -> Compression:
@@ -103,10 +104,23 @@ class Compression:
         return KVCakeCache(config=config, method=self.method)
 
     def _cache_kwarg(self) -> str:
-        params = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        """The name the model's forward takes its cache under (``cache`` since transformers 5.3ish, before
+        ``past_key_values``), read once per model."""
+        if self._cache_name is None:
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_name = "cache" if "cache" in params else "past_key_values"
+        return self._cache_name
 
     def _before_forward(self, module, args, kwargs):
+        # The cache keyword is ``cache`` in newer transformers and ``past_key_values`` before: accept either from the
+        # caller and hand it to the model under the name its forward takes (an unknown one would be ignored by the
+        # model and sent on to the attention functions in ``**kwargs``).
+        own_name = self._cache_kwarg()
+        for alias in ("cache", "past_key_values"):
+            if alias != own_name and alias in kwargs:
+                value = kwargs.pop(alias)
+                if kwargs.get(own_name) is None:
+                    kwargs[own_name] = value
         names = [n for n in ("cache", "past_key_values") if kwargs.get(n) is not None]
         cache = kwargs[names[0]] if names else None
         inputs = kwargs.get("input_ids", args[0] if args else None)
