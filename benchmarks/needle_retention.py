@@ -1,6 +1,6 @@
 """Single-needle retrieval of the embedded model under CAKE at several cache ratios.
 
-    python benchmarks/needle_retention.py --tokens 2000 --depths 10 --ratios 1.0 0.5 0.25 0.1
+    python benchmarks/needle_retention.py --tokens 2000 --depths 10 --ratios 0.5 0.25 0.1 [--prefill-only]
 
 Prints one line per (ratio, depth) and the retrieval rate per ratio ("full" = no eviction).
 """
@@ -25,12 +25,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--depths", type=int, default=10)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--prefill-only", action="store_true", help="no decode-time eviction")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = models.load(args.model)
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
-    settings = [("full", None)] + [(f"cake@{r:g}", kvcake.CAKE(ratio=r)) for r in args.ratios]
+    settings = [("full", None)] + [(f"cake@{r:g}", kvcake.CAKE(ratio=r, decode_eviction=not args.prefill_only))
+                                   for r in args.ratios]
     results = {}
     for name, method in settings:
         hits = 0

@@ -45,11 +45,13 @@ def test_generate_json_reports_budgets_and_memory(tiny_folder, tmp_path):
     assert payload["report"]["method"]["name"] == "cake"
 
 
-def test_generate_from_stdin_prints_answer_and_report(tiny_folder):
+def test_generate_from_stdin_prints_answer_report_and_plot(tiny_folder, tmp_path):
+    picture = tmp_path / "layers.png"
     result = run("generate", "--model", str(tiny_folder), "--input", "-", "--question", "Who kept the light?",
-                 "--ratio", "0.5", "--max-new-tokens", "3", input=sample_text())
+                 "--ratio", "0.5", "--max-new-tokens", "3", "--plot", str(picture), input=sample_text())
     assert result.exit_code == 0, result.output
     assert "answer:" in result.stdout and "tokens kept per layer" in result.stdout and "MiB" in result.stdout
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_full_method_needs_no_budget(tiny_folder):

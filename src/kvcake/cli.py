@@ -68,6 +68,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
     attn: str = typer.Option("sdpa", help="Attention backend: sdpa, eager or flash_attention_2."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a bar chart of tokens kept per layer (PNG)."),
 ) -> None:
     """Answer a question about a long context with a compressed KV cache, and report the memory it kept."""
     from kvcake import models
@@ -104,6 +105,12 @@ def generate(
             result = answer(lm, tokenizer, context, question, chosen, max_new_tokens=max_new_tokens)
     except ValueError as exc:
         _fail(str(exc))
+    if plot is not None:
+        from kvcake.plots import plot_layer_budgets
+
+        title = f"{result.method.get('name')} on {model or models.DEFAULT_MODEL}"
+        plot_layer_budgets(result.layer_budgets, result.prompt_tokens, plot, title=title)
+        err.print(f"per-layer plot written to {plot}")
     if as_json:
         payload = result.to_dict()
         payload["model"] = model or models.DEFAULT_MODEL

@@ -1,0 +1,27 @@
+"""Pictures of what a compression did (matplotlib, imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_layer_budgets(kept: list[int], prompt_tokens: int, path: str | Path, title: str = "") -> Path:
+    """Bar chart of tokens kept per layer after prefill against the prompt length; written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(kept) + 2), 3.2))
+    ax.bar(range(len(kept)), kept, color="#c0504d", label="kept after prefill")
+    ax.axhline(prompt_tokens, color="gray", linestyle="--", linewidth=1, label=f"prompt ({prompt_tokens} tokens)")
+    ax.axhline(sum(kept) / max(len(kept), 1), color="black", linewidth=1, label="mean kept per layer")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("tokens")
+    ax.set_title(title or "tokens kept per layer")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
