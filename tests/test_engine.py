@@ -353,3 +353,16 @@ def test_a_reset_cache_serves_a_new_request_like_a_fresh_one():
         assert cache.prompt_tokens == [70]
         for i in range(4):
             assert torch.equal(kept_positions(cache, i), kept_positions(fresh, i))
+
+
+def test_beam_search_runs_on_the_compressed_cache_and_matches_full_when_covering():
+    model = tiny_llama("sdpa")
+    ids = prompt(60)
+    full = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    with kvcake.compress(model, cake(budget=80)):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False), full)
+    with kvcake.compress(model, cake(budget=24)) as press:
+        out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+        report = press.report
+    assert out.shape == (1, 66)
+    assert report.kept_now == report.budgets  # each beam held at its budget while decoding

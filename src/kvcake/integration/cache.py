@@ -213,6 +213,23 @@ class KVCakeCache(DynamicCache):
         self.totals, self.preferences, self.budgets = [], [], []
         self.peak_kv_bytes, self._decode_targets = 0, None
 
+    def _reorder_rows(self, rows: list[int]) -> None:
+        """Keep the per-row request state in step with the rows of the tensors (beam search, batch selection)."""
+        if self.prompt_tokens is None:
+            return
+        pick = lambda values: [values[i] for i in rows] if values else values  # noqa: E731
+        self.prompt_tokens, self.totals = pick(self.prompt_tokens), pick(self.totals)
+        self.preferences, self.budgets, self.prefill_kept = pick(self.preferences), pick(self.budgets), pick(self.prefill_kept)
+        self._decode_targets = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._reorder_rows(beam_idx.tolist())
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._reorder_rows(torch.as_tensor(indices).tolist())
+
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now, all layers."""
