@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kvcake.methods import CAKE
-from kvcake.methods.scoring import NonFiniteAttentionError, cake_statistics, window_attention
+from kvcake.methods.scoring import NonFiniteAttentionError, window_attention, window_statistics
+from kvcake.methods.view import LayerView
 from reference import cake_reference
 
 
@@ -29,9 +30,13 @@ def test_window_attention_matches_dense_causal_softmax():
 
 def test_statistics_match_the_reference():
     q, k = _qk()
-    attn = window_attention(q, k, scaling=0.25)
     method = CAKE(budget=16, window=8, tau1=1.6, tau2=0.6)
-    prefs, indicator = method.layer_scores(attn, kv_heads=2)
+    full_q = torch.cat([torch.randn(2, 4, 32, 16), q], dim=2)
+    view = LayerView(query=full_q, keys=k, scaling=0.25, key_valid=None, softcap=None, layer=0, num_layers=1)
+    attn = view.window_attention(8)
+    torch.testing.assert_close(attn, window_attention(q, k, scaling=0.25))
+    prefs = method.allocator.preference(view, 8)
+    indicator = method.scorer.prefill(view, 8)[..., : 40 - 8]
     ref_prefs, ref_indicator = cake_reference(attn, 2, method.gamma, method.kernel, method.tau1, method.tau2)
     torch.testing.assert_close(prefs, torch.tensor(ref_prefs, dtype=torch.float64), rtol=1e-5, atol=0)
     torch.testing.assert_close(indicator.double(), ref_indicator, rtol=1e-4, atol=1e-7)
@@ -43,11 +48,11 @@ def test_padded_row_scores_like_the_row_alone():
     k_padded = torch.cat([torch.randn(1, 2, pad, 16), k], dim=2)
     valid = torch.ones(1, 40 + pad, dtype=torch.bool)
     valid[:, :pad] = False
-    alone = cake_statistics(window_attention(q, k, 0.25), 2, 200.0, 5)
-    padded = cake_statistics(window_attention(q, k_padded, 0.25, key_valid=valid), 2, 200.0, 5)
+    alone = window_statistics(window_attention(q, k, 0.25))
+    padded = window_statistics(window_attention(q, k_padded, 0.25, key_valid=valid))
     torch.testing.assert_close(padded.entropy, alone.entropy)
     torch.testing.assert_close(padded.variance, alone.variance)
-    torch.testing.assert_close(padded.indicator[..., pad:], alone.indicator)
+    torch.testing.assert_close(padded.indicator(200.0, 5, 2)[..., pad:], alone.indicator(200.0, 5, 2))
 
 
 def test_non_finite_logits_raise():

@@ -11,9 +11,16 @@ Two lines around ``generate``::
 from kvcake.integration.cache import KVCakeCache
 from kvcake.integration.report import Report
 from kvcake.integration.session import Compression, UnsupportedModelError, compress
-from kvcake.methods import CAKE, TAU_PRESETS, NonFiniteAttentionError, allocate, tau_preset
+from kvcake.methods import (
+    CAKE, H2O, TAU_PRESETS, TOVA, AdaKV, CakeScores, H2OScores, Method, NonFiniteAttentionError, Preference, Pyramid,
+    PyramidKV, SnapKV, SnapKVScores, StreamingLLM, StreamingScores, TOVAScores, Uniform, allocate, tau_preset,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["CAKE", "Compression", "KVCakeCache", "NonFiniteAttentionError", "Report", "TAU_PRESETS",
-           "UnsupportedModelError", "allocate", "compress", "tau_preset"]
+__all__ = [
+    "CAKE", "H2O", "TAU_PRESETS", "TOVA", "AdaKV", "CakeScores", "Compression", "H2OScores", "KVCakeCache", "Method",
+    "NonFiniteAttentionError", "Preference", "Pyramid", "PyramidKV", "Report", "SnapKV", "SnapKVScores",
+    "StreamingLLM", "StreamingScores", "TOVAScores", "Uniform", "UnsupportedModelError", "allocate", "compress",
+    "tau_preset",
+]

@@ -36,16 +36,16 @@ def sample() -> None:
 
 @app.command()
 def methods() -> None:
-    """List the methods and their parameters."""
-    from kvcake.methods.registry import METHODS
+    """List the methods and their parameters (defaults are each paper's)."""
+    from kvcake.methods.registry import METHODS, parameters
 
-    table = Table("method", "parameters (defaults)")
-    for name, cls in METHODS.items():
-        if cls is None:
-            table.add_row(name, "no eviction (reference)")
-            continue
-        params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls) if f.name not in ("budget", "ratio"))
-        table.add_row(name, f"--budget TOKENS | --ratio R; {params}")
+    table = Table("method", "what it is", "parameters (defaults)")
+    for name, entry in METHODS.items():
+        params = ", ".join(f"{f.name}={f.default}" for f in parameters(name))
+        if name.startswith("ada-"):
+            params += ", alpha=0.2"
+        budget = "--budget TOKENS | --ratio R; " if entry.cls is not None else ""
+        table.add_row(name, entry.about, budget + params)
     out.print(table)
 
 
@@ -63,8 +63,14 @@ def generate(
     tau1: Optional[float] = typer.Option(None, help="CAKE temperature for entropy (default 1)."),
     tau2: Optional[float] = typer.Option(None, help="CAKE temperature for variance (default 1)."),
     preset: Optional[str] = typer.Option(None, help="Use the authors' published tau for this model name."),
+    sinks: Optional[int] = typer.Option(None, help="StreamingLLM: attention sinks kept (default 4)."),
+    beta: Optional[float] = typer.Option(None, help="PyramidKV: top-to-mean budget ratio 1/beta (default 20)."),
+    pooling: Optional[str] = typer.Option(None, help="SnapKV/PyramidKV pooling: max or avg (default max)."),
+    alpha: Optional[float] = typer.Option(None, help="Ada-KV: per-head floor as a share of the budget (default 0.2)."),
     one_shot: bool = typer.Option(False, "--one-shot", help="Allocate once after prefill instead of cascading."),
-    prefill_only: bool = typer.Option(False, "--prefill-only", help="No decode-time eviction (the cache grows)."),
+    decode: Optional[bool] = typer.Option(None, "--decode-eviction/--prefill-only",
+                                          help="Hold the budget while generating, or evict at prefill only "
+                                               "(default: the method's own)."),
     max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
     attn: str = typer.Option("sdpa", help="Attention backend: sdpa, eager or flash_attention_2."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
@@ -92,7 +98,8 @@ def generate(
             _fail(str(exc.args[0]))
     try:
         chosen = build(method, budget=budget, ratio=ratio, window=window, kernel=kernel, gamma=gamma, tau1=tau1,
-                       tau2=tau2, cascade=False if one_shot else None, decode_eviction=False if prefill_only else None)
+                       tau2=tau2, sinks=sinks, beta=beta, pooling=pooling, alpha=alpha,
+                       cascade=False if one_shot else None, decode_eviction=decode)
     except (ValueError, TypeError) as exc:
         _fail(str(exc))
     try:

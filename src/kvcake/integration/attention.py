@@ -21,7 +21,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcake.integration.cache import KVCakeCache
-from kvcake.methods.scoring import decode_scores, window_attention
+from kvcake.methods.scorers import DecodeView
+from kvcake.methods.view import LayerView
 
 PREFIX = "kvcake_"
 
@@ -94,12 +95,12 @@ def _score_prefill(cache: KVCakeCache, layer_idx: int, query, key, attention_mas
     key_valid = _key_valid(attention_mask, seq)
     if cache.prompt_tokens is None:
         cache.start_prefill(key_valid, seq, key.shape[0])
-    window = min(cache.method.window, seq)
-    attn = window_attention(query[:, :, -window:], key, scaling, key_valid, softcap)
-    preference, indicator = cache.method.layer_scores(attn, key.shape[1])
-    if key_valid is not None:
-        indicator = indicator.masked_fill(~key_valid[:, None, : seq - window].to(indicator.device), float("-inf"))
-    cache.add_layer_scores(layer_idx, preference, indicator, key_valid)
+    method = cache.method
+    view = LayerView(query=query, keys=key, scaling=scaling, key_valid=key_valid, softcap=softcap,
+                     layer=cache._slot[layer_idx], num_layers=len(cache.compressible))
+    preference = method.allocator.preference(view, method.window)
+    scores = method.scorer.prefill(view, method.window)
+    cache.add_layer_scores(layer_idx, preference, scores, key_valid)
 
 
 def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, key, value, attention_mask, /,
@@ -108,24 +109,31 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
     layer = cache.layers[layer_idx]
     q_len = query.shape[2]
     method = cache.method
-    evict = method.decode_eviction and cache.prefill_kept is not None
-    targets = None
-    if evict:
+    decoding = method.decode_eviction and cache.prefill_kept is not None
+    evict, targets = False, None
+    if decoding:
         targets = [row[cache._slot[layer_idx]] for row in cache.decode_targets(layer.seen)]
         evict = any(v > t for v, t in zip(layer.valid_counts, targets))
-    if layer.positions is None and not evict:
+    track = decoding and method.scorer.keeps_scores  # H2O accumulates at every step, evicting or not
+    if layer.positions is None and not (evict or track):
         # Untouched layer: transformers' own mask is right for it.
         return own(module, query, key, value, attention_mask, *args, **kwargs)
 
     allowed = layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L)
-    out = _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs)
-    if evict:
+    if layer.positions is None:
+        out = own(module, query, key, value, attention_mask, *args, **kwargs)
+    else:
+        out = _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs)
+    if evict or track:
         with torch.no_grad():
-            scores = decode_scores(query, key, scaling, allowed, method.kernel, softcap)
-            scores = scores.masked_fill(~allowed[:, :, -1], float("-inf"))
-            window = min(method.window, scores.shape[-1])
-            scores[..., scores.shape[-1] - window:] = float("inf")
-            layer.keep([min(v, t) for v, t in zip(layer.valid_counts, targets)], scores)
+            ctx = DecodeView(query=query, keys=key, scaling=scaling, softcap=softcap, allowed=allowed,
+                             positions=layer.position_table(), stored=layer.scores)
+            scores = method.scorer.decode(ctx)
+            if track:
+                layer.scores = scores
+            if evict:
+                ranked = layer.ranking(scores.masked_fill(~allowed[:, :, -1], float("-inf")), method.window)
+                layer.keep([min(v, t) for v, t in zip(layer.valid_counts, targets)], ranked)
     return out
 
 

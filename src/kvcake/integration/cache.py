@@ -13,6 +13,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvcake.integration.report import Report
+from kvcake.methods.allocation import head_counts
 from kvcake.methods.scoring import NonFiniteAttentionError
 
 FILLER = -1  # position of a slot that only pads a row to the layer's physical length
@@ -50,6 +51,9 @@ class CompressedLayer(DynamicLayer):
             self.positions = torch.cat([self.positions, fresh.expand(batch, heads, new)], dim=-1)
         if self.valid_counts is not None:
             self.valid_counts = [v + new for v in self.valid_counts]
+        if self.scores is not None:  # scorers that keep scores (H2O): new entries start at 0
+            batch, heads = key_states.shape[:2]
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=-1)
         self.seen += new
         return keys, values
 
@@ -115,22 +119,25 @@ class CompressedLayer(DynamicLayer):
         batch, heads, length = self.keys.shape[:3]
         return torch.arange(length, device=self.keys.device).expand(batch, heads, length)
 
-    def keep(self, keep_counts: list[int], scores: torch.Tensor) -> None:
-        """Keep, per row and KV head, the ``keep_counts[row]`` highest-scored entries.
+    def keep(self, keep_counts: list[int] | torch.Tensor, scores: torch.Tensor) -> None:
+        """Keep, per row (or per row and KV head), the ``keep_counts`` highest-ranked entries.
 
-        Ties are broken by the earlier position (stable sort), so repeated evictions with the same scores are nested:
-        keeping the top k of the top k' (k <= k') equals keeping the top k at once. The kept entries stay in position
-        order; rows that keep fewer than the longest row are padded in front with filler slots (position -1).
+        ``keep_counts`` is a list with one count per row, or a tensor ``(B, Hkv)`` (head-wise allocation). Ties are
+        broken by the earlier position (stable sort), so repeated evictions with the same scores are nested: keeping
+        the top k of the top k' (k <= k') equals keeping the top k at once. Kept entries stay in position order;
+        heads or rows that keep fewer than the longest are padded in front with filler slots (position -1).
         """
         length = self.length
-        if length == 0 or min(keep_counts) >= length:
-            return
-        k_max = min(max(keep_counts), length)
         device = self.keys.device
+        counts = torch.as_tensor(keep_counts, device=device)
+        if counts.dim() == 1:
+            counts = counts[:, None].expand(-1, self.keys.shape[1])
+        if length == 0 or int(counts.min()) >= length:
+            return
+        k_max = min(int(counts.max()), length)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k_max]
         positions = self.position_table().gather(-1, order)
-        counts = torch.tensor(keep_counts, device=device).view(-1, 1, 1)
-        kept = torch.arange(k_max, device=device).view(1, 1, -1) < counts
+        kept = torch.arange(k_max, device=device).view(1, 1, -1) < counts[..., None]
         positions = torch.where(kept, positions, torch.full_like(positions, FILLER))
         positions, perm = torch.sort(positions, dim=-1, stable=True)
         index = order.gather(-1, perm)
@@ -140,7 +147,14 @@ class CompressedLayer(DynamicLayer):
         if self.scores is not None:
             self.scores = self.scores.gather(-1, index).masked_fill(positions == FILLER, float("-inf"))
         self.positions = positions
-        self.valid_counts = [min(c, v) for c, v in zip(keep_counts, self.valid_counts)]
+        kept_per_row = counts.clamp_max(length).sum(-1) // counts.shape[1]
+        self.valid_counts = [min(int(c), v) for c, v in zip(kept_per_row.tolist(), self.valid_counts)]
+
+    def ranking(self, scores: torch.Tensor, window: int) -> torch.Tensor:
+        """``scores`` with the last ``window`` stored entries protected (+inf): what eviction sorts by."""
+        ranked = scores.clone()
+        ranked[..., max(0, ranked.shape[-1] - window):] = float("inf")
+        return ranked
 
     def layer_mask(self, attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
         """Bool mask ``(B, Hkv, q_len, L)`` for the current queries over the stored entries.
@@ -288,17 +302,15 @@ class KVCakeCache(DynamicCache):
         """Per row, the most evictable tokens a layer can keep (its real tokens outside the window)."""
         return [max(0, n - self.method.window) for n in self.prompt_tokens]
 
-    def add_layer_scores(self, layer_idx: int, preference: torch.Tensor, indicator: torch.Tensor,
+    def add_layer_scores(self, layer_idx: int, preference: torch.Tensor | None, scores: torch.Tensor,
                          key_valid: torch.Tensor | None) -> None:
-        """Store a prefilled layer's preference and scores, then evict (cascade) or wait (one-shot)."""
+        """Store a prefilled layer's preference and raw scores ``(B, Hkv, S)``, then evict (cascade) or wait."""
         layer = self.layers[layer_idx]
-        prefs = preference.tolist()
+        prefs = [1.0] * len(self.prompt_tokens) if preference is None else preference.tolist()
         for row, p in enumerate(prefs):
             if p != p or p in (float("inf"), float("-inf")):
                 raise NonFiniteAttentionError(f"layer {layer_idx}: preference is {p} for row {row}")
             self.preferences[row].append(p)
-        batch, heads, past = indicator.shape
-        scores = torch.cat([indicator, indicator.new_full((batch, heads, layer.length - past), float("inf"))], dim=-1)
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid.to(scores.device)[:, None, :], float("-inf"))
         layer.scores = scores
@@ -309,23 +321,39 @@ class KVCakeCache(DynamicCache):
         if last:
             self.finish_prefill()
 
+    def split(self, preferences: list[float], total: int, cap: int) -> list[int]:
+        """The allocator's split of ``total`` over the layers seen so far (capped, exact)."""
+        return self.method.allocator.split(preferences, total, cap, len(self.compressible))
+
     def _rebalance(self) -> None:
         """Re-split the budget over the layers seen so far and evict each down to its share."""
         caps = self.caps()
         seen = len(self.preferences[0])
-        self.budgets = [self.method.allocate(p, total, cap) for p, total, cap in zip(self.preferences, self.totals, caps)]
+        window = self.method.window
+        self.budgets = [self.split(p, total, cap) for p, total, cap in zip(self.preferences, self.totals, caps)]
         for slot in range(seen):
             layer = self.layers[self.compressible[slot]]
             shares = [b[slot] for b in self.budgets]
             if all(share >= cap for share, cap in zip(shares, caps)):
                 continue  # the layer keeps every real token: leave it untouched (bit-identical to a full cache)
-            keep = [share + min(self.method.window, n) for share, n in zip(shares, self.prompt_tokens)]
-            layer.keep(keep, layer.scores)
+            ranked = layer.ranking(layer.scores, window)
+            protected = [min(window, n) for n in self.prompt_tokens]
+            if self.method.head_alpha is None:
+                layer.keep([share + p for share, p in zip(shares, protected)], ranked)
+                continue
+            evictable = ranked[..., : max(0, ranked.shape[-1] - window)]
+            counts = torch.stack([
+                head_counts(evictable[row], share, self.method.head_alpha) + protected[row]
+                for row, share in enumerate(shares)
+            ])
+            layer.keep(counts, ranked)
         self._track_peak()
 
     def finish_prefill(self) -> None:
+        keep_scores = self.method.decode_eviction and self.method.scorer.keeps_scores
         for idx in self.compressible:
-            self.layers[idx].scores = None
+            if not keep_scores:
+                self.layers[idx].scores = None
         self.prefill_kept = [
             [self.layers[idx].valid_counts[row] for idx in self.compressible] for row in range(len(self.prompt_tokens))
         ]
@@ -335,7 +363,7 @@ class KVCakeCache(DynamicCache):
         """Per row and compressible layer, the entries a layer may hold at this step (budget plus window).
 
         The budget is re-split with the caps grown by the generated tokens: a layer that was capped by a short
-        prompt may fill up to its preference share, and nothing is evicted until the whole budget is used.
+        prompt may fill up to its share, and nothing is evicted until the whole budget is used.
         """
         if self._decode_targets is not None and self._decode_targets[0] == logical_len:
             return self._decode_targets[1]
@@ -343,7 +371,7 @@ class KVCakeCache(DynamicCache):
         window = self.method.window
         targets = []
         for prefs, total, n in zip(self.preferences, self.totals, self.prompt_tokens):
-            shares = self.method.allocate(prefs, total, max(0, n + grown - window))
+            shares = self.split(prefs, total, max(0, n + grown - window))
             targets.append([s + min(window, n + grown) for s in shares])
         self._decode_targets = (logical_len, targets)
         return targets

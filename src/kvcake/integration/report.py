@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,7 +66,6 @@ class Report:
     @classmethod
     def from_cache(cls, cache: KVCakeCache) -> Report:
         method = cache.method
-        params = {f.name: getattr(method, f.name) for f in fields(method)}
         layers = [cache.layers[i] for i in cache.compressible]
         rows = len(cache.prompt_tokens or [])
         window = method.window
@@ -83,7 +82,7 @@ class Report:
             worst = max(cache.totals) + (len(layers) - 1) * window
             bound = rows * entry_bytes * (worst + cache.prefill_length) + other
         return cls(
-            method={"name": method.name, **params},
+            method=method.parameters(),
             layers=list(cache.compressible),
             prompt_tokens=list(cache.prompt_tokens or []),
             total_budget=list(cache.totals),
@@ -111,7 +110,8 @@ class Report:
         mib = 1 / 2**20
         lines = [
             f"method: {self.method['name']} "
-            + ", ".join(f"{k}={v}" for k, v in self.method.items() if k != "name" and v is not None),
+            + ", ".join(f"{k}={v}" for k, v in self.method.items()
+                        if k not in ("name", "scorer", "allocator") and v is not None),
             f"prompt tokens: {self.prompt_tokens[row]}; compressed layers: {len(self.layers)}",
             f"kept per layer after prefill: min {min(kept, default=0)}, max {max(kept, default=0)}, "
             f"total {sum(kept)} of {self.prompt_tokens[row] * len(self.layers)}",

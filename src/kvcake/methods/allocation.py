@@ -100,3 +100,27 @@ def _water_fill(prefs: Sequence[float], total: int, caps: Sequence[int]) -> list
 def uniform(num_layers: int, total: int, caps: Sequence[int] | int) -> list[int]:
     """Equal split (the paper's "uniform" ablation), exact and capped: allocation with equal preferences."""
     return allocate([1.0] * num_layers, total, caps)
+
+
+def head_counts(scores, budget: int, alpha: float):
+    """Ada-KV's split of a layer's budget over its KV heads (Feng et al., 2024, arXiv 2407.11550).
+
+    ``scores`` ``(Hkv, N)`` ranks each head's evictable entries (-inf for entries that must not be kept). Every head
+    first gets its ``floor(alpha * budget)`` best entries; the remaining ``budget * Hkv`` minus those go to the best
+    remaining scores of any head (ties: lower head, then earlier rank). Returns the count per head, a tensor ``(Hkv,)``.
+    Counts are nested in ``budget``: a smaller budget never keeps an entry a larger one drops.
+    """
+    import torch
+
+    heads, n = scores.shape
+    floor = min(int(alpha * budget), n)
+    ordered = torch.sort(scores, dim=-1, descending=True, stable=True).values
+    finite = torch.isfinite(ordered) | (ordered == float("inf"))
+    counts = finite[:, :floor].sum(-1)
+    rest = budget * heads - int(counts.sum())
+    residual = ordered[:, floor:].reshape(-1)
+    usable = min(rest, int(torch.isfinite(residual).sum() + (residual == float("inf")).sum()))
+    if usable > 0:
+        picked = torch.sort(residual, descending=True, stable=True).indices[:usable]
+        counts = counts + torch.bincount(picked // max(n - floor, 1), minlength=heads)
+    return counts

@@ -1,19 +1,17 @@
-"""CAKE as a configuration: the scorer, the allocator and the options, validated.
+"""CAKE: Cascading and Adaptive KV cache Eviction (Qin et al., ICLR 2025, arXiv 2503.12491).
 
-Reference: Qin et al., "CAKE: Cascading and Adaptive KV Cache Eviction with Layer Preferences", ICLR 2025
-(arXiv 2503.12491). Defaults are the paper's: observation window S_w = 32, pooling kernel 5, gamma = 200,
-tau1 = tau2 = 1 unless a published preset applies.
+Defaults are the paper's: observation window S_w = 32, pooling kernel 5, gamma = 200, tau1 = tau2 = 1 unless a
+published preset applies, cascading prefill, and decode-time budget maintenance.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import torch
-
-from kvcake.methods.allocation import allocate
-from kvcake.methods.scoring import cake_statistics, layer_preference
+from kvcake.methods.allocators import Preference
+from kvcake.methods.method import Method
+from kvcake.methods.scorers import CakeScores
 
 #: The authors' published temperatures (tau1, tau2) per model at 128 and 1024 tokens per layer.
 TAU_PRESETS: dict[str, dict[int, tuple[float, float]]] = {
@@ -40,94 +38,44 @@ def tau_preset(model: str, budget: int) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class CAKE:
+class CAKE(Method):
     """Cascading and Adaptive KV cache Eviction.
+
+    Layer budgets follow the preference P = H^(1/tau1) * V^(1/tau2) of each layer's window attention (spatial
+    dispersion H, temporal shift V); tokens are kept by mean + gamma * var of the window attention, average-pooled
+    (kernel) and GQA-averaged; the split is redone after every layer during prefill (the cascade). See
+    :class:`kvcake.methods.method.Method` for budget, ratio, window, cascade, decode_eviction and composition.
 
     Parameters
     ----------
-    budget : int, optional
-        Cache size per layer in tokens, window included (the paper's "cache size"). The global evictable budget is
-        ``(budget - window) * num_layers``, split across layers by preference.
-    ratio : float, optional
-        Alternative to ``budget``: keep this fraction of each prompt's KV cache, in (0, 1].
-    window : int
-        Observation window S_w: the last ``window`` prompt tokens are always kept and their queries score the rest.
     kernel : int
-        Average-pooling kernel along keys (odd).
+        Average-pooling kernel along keys (odd), default 5.
     gamma : float
-        Weight of the variance term in the indicator mean + gamma * var.
+        Weight of the variance in the indicator, default 200.
     tau1, tau2 : float
-        Temperatures of the layer preference P = H^(1/tau1) * V^(1/tau2).
-    cascade : bool
-        True: cascading memory management during prefill (default; memory never exceeds the budget plus one layer).
-        False: one-shot allocation after the last layer (same final cache, full-cache peak).
-    decode_eviction : bool
-        True: keep each layer at its budget while generating, dropping the lowest-scored non-window token per step
-        (the authors' decoding). False: evict during prefill only; the cache grows while generating.
+        Temperatures of the layer preference, default 1.
     """
 
-    budget: int | None = None
-    ratio: float | None = None
-    window: int = 32
+    decode_eviction: bool = True
     kernel: int = 5
     gamma: float = 200.0
     tau1: float = 1.0
     tau2: float = 1.0
-    cascade: bool = True
-    decode_eviction: bool = True
 
     name = "cake"
 
     def __post_init__(self) -> None:
-        if (self.budget is None) == (self.ratio is None):
-            raise ValueError("give exactly one of budget (tokens per layer) or ratio (fraction of the prompt)")
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, int):
-                raise TypeError(f"budget must be an integer number of tokens per layer, got {self.budget!r}")
-            if self.budget <= 0:
-                raise ValueError(f"budget must be a positive number of tokens per layer, got {self.budget}")
-            if self.budget < self.window:
-                raise ValueError(
-                    f"budget ({self.budget} tokens per layer) is smaller than the observation window ({self.window}); "
-                    "the window is always kept, so the budget must be at least the window"
-                )
-        if self.ratio is not None and not 0 < self.ratio <= 1:  # also rejects NaN
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive integer, got {self.window!r}")
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be a positive odd integer, got {self.kernel!r}")
-        if not math.isfinite(self.gamma) or self.gamma < 0:
-            raise ValueError(f"gamma must be finite and non-negative, got {self.gamma}")
-        for name in ("tau1", "tau2"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be finite and positive, got {value}")
+        CakeScores(self.gamma, self.kernel), Preference(self.tau1, self.tau2)  # validate even when overridden
+        super().__post_init__()
+
+    def default_scorer(self):
+        return CakeScores(gamma=self.gamma, kernel=self.kernel)
+
+    def default_allocator(self):
+        return Preference(tau1=self.tau1, tau2=self.tau2)
 
     @classmethod
     def from_preset(cls, model: str, budget: int, **kwargs) -> CAKE:
         """CAKE with the authors' published temperatures for ``model`` (see :data:`TAU_PRESETS`)."""
         tau1, tau2 = tau_preset(model, budget)
         return cls(budget=budget, tau1=tau1, tau2=tau2, **kwargs)
-
-    def with_options(self, **changes) -> CAKE:
-        """A copy with some fields changed (validated again)."""
-        return replace(self, **changes)
-
-    # -- budget ----------------------------------------------------------------------------------------------------
-    def total_budget(self, prompt_tokens: int, num_layers: int) -> int:
-        """Evictable tokens for a prompt of ``prompt_tokens`` real tokens over ``num_layers`` layers (window excluded)."""
-        if self.budget is not None:
-            return (self.budget - self.window) * num_layers
-        kept = round(self.ratio * prompt_tokens * num_layers)
-        return max(0, kept - self.window * num_layers)
-
-    # -- scoring and allocation -----------------------------------------------------------------------------------
-    def layer_scores(self, attn: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer preference ``(B,)`` float64 and indicator ``(B, Hkv, S - W)`` from window attention."""
-        stats = cake_statistics(attn, kv_heads, self.gamma, self.kernel)
-        return layer_preference(stats.entropy, stats.variance, self.tau1, self.tau2), stats.indicator
-
-    def allocate(self, preferences: list[float], total: int, cap: int) -> list[int]:
-        """Per-layer evictable budgets (see :func:`kvcake.methods.allocation.allocate`)."""
-        return allocate(preferences, total, cap)

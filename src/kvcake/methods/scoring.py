@@ -100,17 +100,22 @@ class WindowStatistics:
         Spatial dispersion H = -sum W log W over heads, window rows and non-window keys.
     variance : Tensor ``(B,)`` float64
         Temporal shift V = sum over heads and keys of the unbiased variance across window rows.
-    indicator : Tensor ``(B, Hkv, S - W)`` float32
-        Eviction indicator mean + gamma * var, pooled, GQA-averaged, for the non-window keys.
+    mean, row_var : Tensor ``(B, Hq, S - W)`` float32
+        Per query head and non-window key: mean and unbiased variance over the window rows.
     """
 
     entropy: torch.Tensor
     variance: torch.Tensor
-    indicator: torch.Tensor
+    mean: torch.Tensor
+    row_var: torch.Tensor
+
+    def indicator(self, gamma: float, kernel: int, kv_heads: int) -> torch.Tensor:
+        """CAKE's eviction indicator ``(B, Hkv, S - W)``: mean + gamma * var, pooled, GQA-averaged."""
+        return group_mean(pool_scores(self.mean + gamma * self.row_var, kernel), kv_heads)
 
 
-def cake_statistics(attn: torch.Tensor, kv_heads: int, gamma: float, kernel: int) -> WindowStatistics:
-    """CAKE's layer statistics and eviction indicator from window attention ``(B, Hq, W, S)``.
+def window_statistics(attn: torch.Tensor) -> WindowStatistics:
+    """CAKE's layer statistics from window attention ``(B, Hq, W, S)``.
 
     Padding columns carry exactly zero probability, so they add nothing to H or V and look like the zero padding
     of the pooling; a padded row therefore gets the same statistics as when run alone.
@@ -123,9 +128,7 @@ def cake_statistics(attn: torch.Tensor, kv_heads: int, gamma: float, kernel: int
     else:
         row_var = torch.zeros_like(past[:, :, 0])
     variance = row_var.sum(dim=(1, 2)).double()
-    indicator = past.mean(dim=2) + gamma * row_var
-    indicator = group_mean(pool_scores(indicator, kernel), kv_heads)
-    return WindowStatistics(entropy=entropy, variance=variance, indicator=indicator)
+    return WindowStatistics(entropy=entropy, variance=variance, mean=past.mean(dim=2), row_var=row_var)
 
 
 def layer_preference(entropy: torch.Tensor, variance: torch.Tensor, tau1: float, tau2: float) -> torch.Tensor:
@@ -133,12 +136,11 @@ def layer_preference(entropy: torch.Tensor, variance: torch.Tensor, tau1: float,
     return entropy.clamp_min(0).pow(1.0 / tau1) * variance.clamp_min(0).pow(1.0 / tau2)
 
 
-def decode_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float, allowed: torch.Tensor | None,
-                  kernel: int, softcap: float | None = None) -> torch.Tensor:
-    """Score cached entries by the current queries' attention (decode-time eviction, CAKE section 3.4).
+def last_query_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, allowed: torch.Tensor | None,
+                         softcap: float | None = None) -> torch.Tensor:
+    """Attention ``(B, Hq, L)`` of the newest query over stored keys, float32 (used by decode-time eviction).
 
     ``query`` is ``(B, Hq, q, D)``, ``keys`` ``(B, Hkv, L, D)``, ``allowed`` a bool mask ``(B, Hkv, q, L)`` or None.
-    Returns ``(B, Hkv, L)``: the attention of the last query, pooled along the cache and averaged per GQA group.
     """
     batch, q_heads, _, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
@@ -154,5 +156,4 @@ def decode_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float, allow
     probs = torch.softmax(logits, dim=-1)
     if allowed is not None:
         probs = probs * allowed[:, :, -1:, :]
-    probs = pool_scores(probs.reshape(batch, q_heads, length), kernel)
-    return group_mean(probs, kv_heads)
+    return probs.reshape(batch, q_heads, length)
