@@ -23,7 +23,7 @@ def brute_force_allocation(prefs: list[float], total: int, cap: int) -> list[int
 
 def cake_reference(attn: torch.Tensor, kv_heads: int, gamma: float, kernel: int, tau1: float = 1.0, tau2: float = 1.0):
     """Preference (per row) and pooled, GQA-averaged indicator (B, Hkv, S - W) from window attention (B, Hq, W, S)."""
-    a = attn.double()
+    a = attn.detach().double()
     batch, q_heads, window, seq = a.shape
     past = a[..., : seq - window]
     prefs, indicators = [], []
@@ -53,10 +53,53 @@ def cake_reference(attn: torch.Tensor, kv_heads: int, gamma: float, kernel: int,
     return prefs, torch.stack(indicators)
 
 
-def plain_attention(query, keys, values, scaling):
-    """softmax(q k^T * scaling) v over every given key, GQA by repetition, float64; returns (B, q, Hq, D)."""
-    q_heads, kv_heads = query.shape[1], keys.shape[1]
-    k = keys.double().repeat_interleave(q_heads // kv_heads, dim=1)
-    v = values.double().repeat_interleave(q_heads // kv_heads, dim=1)
-    probs = torch.softmax(query.double() @ k.transpose(-1, -2) * scaling, dim=-1)
-    return (probs @ v).transpose(1, 2).to(query.dtype)
+# -- decoding reference: plain attention over exactly the given entries of each KV head ------------------------------
+
+from transformers import AttentionInterface  # noqa: E402
+
+#: layer -> per KV head (keys (n_h, D), values (n_h, D)) of one row.
+REFERENCE_KV: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """softmax(q k^T * scaling) v for batch 1, each query head over its KV head's entries plus the new ones, float64."""
+    groups = query.shape[1] // key.shape[1]
+    outs, grown = [], []
+    for h, (k_h, v_h) in enumerate(REFERENCE_KV[module.layer_idx]):
+        k_all, v_all = torch.cat([k_h, key[0, h]], dim=0), torch.cat([v_h, value[0, h]], dim=0)
+        grown.append((k_all, v_all))
+        q = query[0, h * groups:(h + 1) * groups].double()
+        probs = torch.softmax(q @ k_all.double().T * scaling, dim=-1)
+        outs.append(probs @ v_all.double())
+    REFERENCE_KV[module.layer_idx] = grown
+    return torch.cat(outs, dim=0)[None].transpose(1, 2).to(query.dtype), None
+
+
+AttentionInterface.register("kvcake_test_reference", _reference_attention)
+
+
+def reference_logits(model, token, position, kv):
+    """Logits of one decoding step computed with plain attention over exactly ``kv``; returns (logits, grown kv)."""
+    REFERENCE_KV.clear()
+    REFERENCE_KV.update(kv)
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "kvcake_test_reference"
+    try:
+        with torch.no_grad():
+            out = model(token, position_ids=torch.tensor([[position]]), use_cache=False).logits
+    finally:
+        model.config._attn_implementation = saved
+    return out[:, -1], dict(REFERENCE_KV)
+
+
+def row_entries(cache, row, first_real):
+    """Per layer and KV head, the keys/values of one row's real kept entries (fillers and padding dropped)."""
+    kv = {}
+    for i, layer in enumerate(cache.layers):
+        pos = layer.position_table()[row]
+        heads = []
+        for h in range(pos.shape[0]):
+            keep = pos[h] >= first_real
+            heads.append((layer.keys[row, h][keep], layer.values[row, h][keep]))
+        kv[i] = heads
+    return kv

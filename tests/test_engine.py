@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from transformers import AttentionInterface
 
 import kvcake
 from conftest import prompt, tiny_llama
-from reference import brute_force_allocation, cake_reference, plain_attention
+from reference import brute_force_allocation, cake_reference, reference_logits, row_entries
 
 WINDOW = 8
 
@@ -131,45 +130,6 @@ def test_ratio_budget():
 
 # -- decoding against plain attention over the kept entries ----------------------------------------------------------
 
-REFERENCE_KV: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    old_k, old_v = REFERENCE_KV[module.layer_idx]
-    keys, values = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
-    REFERENCE_KV[module.layer_idx] = (keys, values)
-    return plain_attention(query, keys, values, scaling), None
-
-
-AttentionInterface.register("kvcake_test_reference", _reference_attention)
-
-
-def _reference_logits(model, token, position, kv):
-    REFERENCE_KV.clear()
-    REFERENCE_KV.update(kv)
-    saved = model.config._attn_implementation
-    model.config._attn_implementation = "kvcake_test_reference"
-    try:
-        out = model(token, position_ids=torch.tensor([[position]]), use_cache=False).logits
-    finally:
-        model.config._attn_implementation = saved
-    return out[:, -1], dict(REFERENCE_KV)
-
-
-def _row_entries(cache, row, first_real):
-    """Per layer, keys/values of one row's real kept entries ``(1, Hkv, n, D)`` (fillers and padding dropped)."""
-    kv = {}
-    for i, layer in enumerate(cache.layers):
-        pos = layer.position_table()[row]
-        keep = pos >= first_real
-        n = int(keep[0].sum())
-        assert bool((keep.sum(-1) == n).all())
-        idx = keep.nonzero()[:, 1].view(pos.shape[0], n)
-        gather = idx[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1])
-        kv[i] = (layer.keys[row:row + 1].gather(2, gather), layer.values[row:row + 1].gather(2, gather))
-    return kv
-
-
 def test_decoding_equals_plain_attention_over_kept_entries(backend):
     model = tiny_llama(backend)
     ids = prompt(130)
@@ -177,12 +137,12 @@ def test_decoding_equals_plain_attention_over_kept_entries(backend):
     with kvcake.compress(model, method) as press:
         cache = press.new_cache()
         logits = model(ids, cache=cache).logits[:, -1]
-        reference = _row_entries(cache, 0, 0)
+        reference = row_entries(cache, 0, 0)
         for step in range(6):
             token = logits.argmax(-1, keepdim=True)
             position = ids.shape[1] + step
             logits = model(token, cache=cache, position_ids=torch.tensor([[position]])).logits[:, -1]
-            expected, reference = _reference_logits(model, token, position, reference)
+            expected, reference = reference_logits(model, token, position, reference)
             torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
     assert all(length == b + 6 for length, b in zip(press.report.layer_lengths, press.report.budgets[0]))
 
@@ -198,14 +158,14 @@ def test_padded_batch_decoding_equals_each_row_alone(backend):
         cache = press.new_cache()
         logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
         report = press.report
-        references = [_row_entries(cache, row, pads[row]) for row in range(2)]
+        references = [row_entries(cache, row, pads[row]) for row in range(2)]
         for step in range(5):
             token = logits.argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
             positions = (mask.sum(-1, keepdim=True) - 1)
             logits = model(token, attention_mask=mask, cache=cache, position_ids=positions).logits[:, -1]
             for row in range(2):
-                expected, references[row] = _reference_logits(
+                expected, references[row] = reference_logits(
                     model, token[row:row + 1], int(positions[row]), references[row])
                 torch.testing.assert_close(logits[row:row + 1], expected, atol=2e-5, rtol=1e-4)
     # Each row kept exactly its own budget; padding never counts as content.

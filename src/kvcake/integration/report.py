@@ -45,6 +45,10 @@ class Report:
         SPEC bound on that peak for the cascade: B_total + (L-1) * S_w tokens of earlier layers plus one full layer.
     metadata_bytes : int
         kvcake's own bookkeeping (kept positions), not included in ``kv_bytes``.
+    padding_bytes : int
+        Part of ``kv_bytes`` held by masked filler slots: rows of a batch keeping fewer tokens than the longest row,
+        and, with head-wise (Ada-KV) allocation, heads keeping fewer than the layer's longest head. The cascade bound
+        ``peak_bound_bytes`` counts kept tokens; the padded layout may exceed it by these slots.
     """
 
     method: dict[str, Any]
@@ -61,6 +65,7 @@ class Report:
     peak_kv_bytes: int
     peak_bound_bytes: int
     metadata_bytes: int
+    padding_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -97,6 +102,10 @@ class Report:
             peak_kv_bytes=cache.peak_kv_bytes,
             peak_bound_bytes=bound,
             metadata_bytes=cache.metadata_bytes(),
+            padding_bytes=sum(
+                int((layer.positions < 0).sum()) * layer.nbytes() // max(layer.positions.numel(), 1)
+                for layer in layers if layer.positions is not None
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
