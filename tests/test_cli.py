@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from kvcake import models
 from kvcake.cli import app, sample_text
+from kvcake.methods.registry import build
 
 runner = CliRunner()
 
@@ -93,6 +94,19 @@ def test_missing_model_folder(tmp_path):
 
 def test_methods_and_sample_commands():
     listing = run("methods")
-    assert listing.exit_code == 0 and "cake" in listing.stdout and "gamma=200.0" in listing.stdout
+    assert listing.exit_code == 0 and "gamma=200.0" in listing.stdout and "sinks=4" in listing.stdout
+    for name in ("full", "cake", "snapkv", "pyramidkv", "h2o", "tova", "streamingllm", "ada-snapkv"):
+        assert name in listing.stdout
     text = run("sample")
     assert text.exit_code == 0 and "Margaret Ellen" in text.stdout
+
+
+@pytest.mark.parametrize("method", ["cake", "snapkv", "pyramidkv", "h2o", "tova", "streamingllm", "ada-snapkv",
+                                    "ada-cake", "cake-snapkv", "cake-h2o", "uniform-cake"])
+def test_every_method_runs_by_name(tiny_folder, method):
+    result = run("generate", "--model", str(tiny_folder), "--input", "-", "--question", "Who kept the light?",
+                 "--method", method, "--budget", "64", "--max-new-tokens", "3", "--json", input=sample_text())
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sum(payload["layer_budgets"]) == 64 * 3
+    assert payload["report"]["method"]["name"] == build(method, budget=64).label
