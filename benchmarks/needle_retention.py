@@ -1,8 +1,9 @@
 """Single-needle retrieval of the embedded model under CAKE at several cache ratios.
 
     python benchmarks/needle_retention.py --tokens 2000 --depths 10 --ratios 0.5 0.25 0.1 [--prefill-only]
+    python benchmarks/needle_retention.py --methods cake snapkv pyramidkv h2o --ratios 0.5 0.25
 
-Prints one line per (ratio, depth) and the retrieval rate per ratio ("full" = no eviction).
+Prints one line per (method, ratio, depth) and the retrieval rate of each ("full" = no eviction).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 import torch
 from tqdm import tqdm
 
-import kvcake
 from kvcake import models
+from kvcake.methods.registry import build
 from kvcake.needle import needle_case
 from kvcake.pipeline import answer
 
@@ -25,14 +26,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--depths", type=int, default=10)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--methods", nargs="+", default=["cake"], help="method names (see `kvcake methods`)")
     parser.add_argument("--prefill-only", action="store_true", help="no decode-time eviction")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = models.load(args.model)
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
-    settings = [("full", None)] + [(f"cake@{r:g}", kvcake.CAKE(ratio=r, decode_eviction=not args.prefill_only))
-                                   for r in args.ratios]
+    settings = [("full", None)]
+    for name in args.methods:
+        for r in args.ratios:
+            method = build(name, ratio=r)
+            if args.prefill_only and method.decode_eviction:
+                method = method.with_options(decode_eviction=False)
+            settings.append((f"{name}@{r:g}", method))
     results = {}
     for name, method in settings:
         hits = 0
