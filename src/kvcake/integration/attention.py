@@ -22,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcake.integration.cache import KVCakeCache
 from kvcake.methods.scorers import DecodeView
+from kvcake.methods.scoring import last_query_attention
 from kvcake.methods.view import LayerView
 
 PREFIX = "kvcake_"
@@ -119,29 +120,55 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
         # Untouched layer: transformers' own mask is right for it.
         return own(module, query, key, value, attention_mask, *args, **kwargs)
 
-    allowed = layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L)
-    if layer.positions is None:
+    # A single new query of a one-row batch without filler slots sees every stored entry: no mask to build.
+    plain = q_len == 1 and query.shape[0] == 1 and not layer.has_fillers
+    allowed = None if plain else layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L)
+    probs = None
+    if (evict or track) and q_len == 1 and layer.positions is not None:
+        # The scorer needs this query's attention anyway: compute it once and the output from it.
+        out, probs = _attend_one_query(base, query, key, value, allowed, scaling, softcap)
+    elif layer.positions is None:
         out = own(module, query, key, value, attention_mask, *args, **kwargs)
     else:
         out = _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs)
     if evict or track:
         with torch.no_grad():
             ctx = DecodeView(query=query, keys=key, scaling=scaling, softcap=softcap, allowed=allowed,
-                             positions=layer.position_table(), stored=layer.scores)
+                             positions=layer.position_table(), stored=layer.scores, probs=probs)
             scores = method.scorer.decode(ctx)
             if track:
                 layer.scores = scores
             if evict:
-                ranked = layer.ranking(scores.masked_fill(~allowed[:, :, -1], float("-inf")), method.window)
-                layer.keep([min(v, t) for v, t in zip(layer.valid_counts, targets)], ranked)
+                if allowed is not None:
+                    scores = scores.masked_fill(~allowed[:, :, -1], float("-inf"))
+                keep = [min(v, t) for v, t in zip(layer.valid_counts, targets)]
+                if not layer.has_fillers and all(v - k == 1 for v, k in zip(layer.valid_counts, keep)):
+                    layer.drop_lowest(scores, method.window)
+                else:
+                    layer.keep(keep, layer.ranking(scores, method.window))
     return out
 
 
+def _attend_one_query(base, query, key, value, allowed, scaling, softcap):
+    """Attention of a single new query over the stored entries, float32 probabilities, KV heads never repeated.
+
+    Returns the backend-shaped output ``(B, 1, Hq, D)`` with eager's weights (or None), and the probabilities
+    ``(B, Hq, L)`` for the scorer.
+    """
+    batch, q_heads, _, _ = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    probs = last_query_attention(query, key, scaling, allowed, softcap)  # (B, Hq, L)
+    grouped = probs.view(batch, kv_heads, q_heads // kv_heads, length).to(value.dtype)
+    out = torch.matmul(grouped, value).reshape(batch, q_heads, 1, -1).transpose(1, 2).contiguous()
+    weights = probs.view(batch, q_heads, 1, length).to(query.dtype) if base == "eager" else None
+    return (out.to(query.dtype), weights), probs
+
+
 def _run_masked(base, own, module, query, key, value, allowed, /, *args, **kwargs):
-    """Call the backend with a per-layer bool mask ``(B, Hkv, q, L)``."""
+    """Call the backend with a per-layer bool mask ``(B, Hkv, q, L)`` (None: every entry is visible)."""
     q_heads, kv_heads = query.shape[1], key.shape[1]
     q_len = query.shape[2]
-    if q_len == 1 and bool(allowed.all()):
+    if allowed is None or q_len == 1 and bool(allowed.all()):
         mask = None  # every stored entry is visible to the single query: no mask needed by any backend
     else:
         mask = allowed.repeat_interleave(q_heads // kv_heads, dim=1) if kv_heads > 1 else allowed

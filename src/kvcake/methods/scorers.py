@@ -29,12 +29,15 @@ class DecodeView:
     keys: torch.Tensor
     scaling: float
     softcap: float | None
-    allowed: torch.Tensor
+    allowed: torch.Tensor | None
     positions: torch.Tensor
     stored: torch.Tensor | None
+    probs: torch.Tensor | None = None
 
     def attention(self) -> torch.Tensor:
-        """Attention ``(B, Hq, L)`` of the newest query over the stored entries."""
+        """Attention ``(B, Hq, L)`` of the newest query over the stored entries (given, or computed here)."""
+        if self.probs is not None:
+            return self.probs
         return last_query_attention(self.query, self.keys, self.scaling, self.allowed, self.softcap)
 
 
@@ -79,7 +82,8 @@ class CakeScores:
         return _with_window(indicator, view.seq)
 
     def decode(self, ctx: DecodeView) -> torch.Tensor:
-        return group_mean(pool_scores(ctx.attention(), self.kernel), ctx.keys.shape[1])
+        # Average pooling and the group mean are both linear: averaging the group first pools G times fewer rows.
+        return pool_scores(group_mean(ctx.attention(), ctx.keys.shape[1]), self.kernel)
 
 
 @dataclass(frozen=True)

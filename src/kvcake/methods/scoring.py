@@ -149,11 +149,12 @@ def last_query_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, L)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    if not torch.isfinite(logits).all():
-        raise NonFiniteAttentionError("attention logits at decode time contain NaN or inf")
     if allowed is not None:
         logits = logits.masked_fill(~allowed[:, :, -1:, :], torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
+    # NaN or +inf anywhere in a row's logits makes that row's softmax NaN: one check on the (smaller) output.
+    if not torch.isfinite(probs.sum(dim=-1)).all():
+        raise NonFiniteAttentionError("attention logits at decode time contain NaN or inf")
     if allowed is not None:
         probs = probs * allowed[:, :, -1:, :]
     return probs.reshape(batch, q_heads, length)
