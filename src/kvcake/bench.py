@@ -912,30 +912,29 @@ def summarise_targets(rows: list[dict[str, Any]]) -> list[str]:
     def missing(what, n, m):
         lines.append(f"{m} at {n} tokens: {what} not measured")
 
-    for n in lengths:
+    def measured():
+        """(length, method, row) for every compressed case that was measured, lengths first."""
+        for n in lengths:
+            for m in compressed:
+                if (r := index.get((n, m))) is not None:
+                    yield n, m, r
+
+    for n, m, r in measured():
         full = _full_of(index, n)
-        for m in compressed:
-            r = index.get((n, m))
-            if r is None:
-                continue
-            ratio = _ratio(r.get("prefill_s"), full and full.get("prefill_s"))
-            if ratio is None:
-                missing("prefill overhead vs full", n, m)
-            else:
-                lines.append(f"prefill overhead, {m} at {n} tokens: {ratio:.3f}× full "
-                             f"({r['prefill_s']:.3f} s vs {full['prefill_s']:.3f} s, {100 * (ratio - 1):+.1f}%)")
-    for n in lengths:
-        for m in compressed:
-            r = index.get((n, m))
-            if r is None:
-                continue
-            ratio = _ratio(r.get("decode_step_s"), r.get("physical_limit_decode_step_s"))
-            if ratio is None:
-                missing("decode time vs the physical limit", n, m)
-            else:
-                lines.append(f"decode step vs physical limit, {m} at {n} tokens: {ratio:.3f}× a plain cache of "
-                             f"{r['physical_limit_tokens']} tokens per layer ({1000 * r['decode_step_s']:.2f} ms vs "
-                             f"{1000 * r['physical_limit_decode_step_s']:.2f} ms)")
+        ratio = _ratio(r.get("prefill_s"), full and full.get("prefill_s"))
+        if ratio is None:
+            missing("prefill overhead vs full", n, m)
+        else:
+            lines.append(f"prefill overhead, {m} at {n} tokens: {ratio:.3f}× full "
+                         f"({r['prefill_s']:.3f} s vs {full['prefill_s']:.3f} s, {100 * (ratio - 1):+.1f}%)")
+    for n, m, r in measured():
+        ratio = _ratio(r.get("decode_step_s"), r.get("physical_limit_decode_step_s"))
+        if ratio is None:
+            missing("decode time vs the physical limit", n, m)
+        else:
+            lines.append(f"decode step vs physical limit, {m} at {n} tokens: {ratio:.3f}× a plain cache of "
+                         f"{r['physical_limit_tokens']} tokens per layer ({1000 * r['decode_step_s']:.2f} ms vs "
+                         f"{1000 * r['physical_limit_decode_step_s']:.2f} ms)")
     longest = lengths[-1]
     full = _full_of(index, longest)
     for m in compressed:
@@ -948,31 +947,27 @@ def summarise_targets(rows: list[dict[str, Any]]) -> list[str]:
         else:
             lines.append(f"decode speedup vs full at the longest prompt ({longest} tokens), {m}: {speedup:.2f}× "
                          f"({1000 * full['decode_step_s']:.2f} ms → {1000 * r['decode_step_s']:.2f} ms per token)")
-    for n in lengths:
-        for m in compressed:
-            r = index.get((n, m))
-            if r is None:
-                continue
-            peak, bound, per_token = r.get("peak_kv_bytes_prefill"), r.get("peak_bound_bytes"), r.get(
-                "bytes_per_token_layer")
-            if peak is None or bound is None or not per_token:
-                missing("cascade peak vs SPEC bound", n, m)
-            else:
-                gap = (bound - peak) / per_token
-                window = r.get("window") or 0
-                windows = f" = {gap / window:.2f} windows of {window}" if window else ""
-                lines.append(f"cascade peak vs SPEC bound, {m} at {n} tokens: peak {peak / MIB:.2f} MiB, bound "
-                             f"{bound / MIB:.2f} MiB; the peak is {gap:.1f} tokens of one layer "
-                             f"{'below' if gap >= 0 else 'ABOVE'} the bound{windows}")
-            one_shot, full_kv = r.get("peak_kv_bytes_one_shot"), r.get("kv_bytes_full_prefill")
-            ratio = _ratio(one_shot, full_kv)
-            if ratio is None:
-                missing("one-shot peak vs full", n, m)
-            else:
-                cascade = _ratio(peak, full_kv)
-                extra = f"; the cascade's peak is {cascade:.3f}× full" if cascade is not None else ""
-                lines.append(f"one-shot peak vs full cache, {m} at {n} tokens: {ratio:.3f}× "
-                             f"({one_shot / MIB:.2f} MiB vs {full_kv / MIB:.2f} MiB){extra}")
+    for n, m, r in measured():
+        peak, bound, per_token = r.get("peak_kv_bytes_prefill"), r.get("peak_bound_bytes"), r.get(
+            "bytes_per_token_layer")
+        if peak is None or bound is None or not per_token:
+            missing("cascade peak vs SPEC bound", n, m)
+        else:
+            gap = (bound - peak) / per_token
+            window = r.get("window") or 0
+            windows = f" = {gap / window:.2f} windows of {window}" if window else ""
+            lines.append(f"cascade peak vs SPEC bound, {m} at {n} tokens: peak {peak / MIB:.2f} MiB, bound "
+                         f"{bound / MIB:.2f} MiB; the peak is {gap:.1f} tokens of one layer "
+                         f"{'below' if gap >= 0 else 'ABOVE'} the bound{windows}")
+        one_shot, full_kv = r.get("peak_kv_bytes_one_shot"), r.get("kv_bytes_full_prefill")
+        ratio = _ratio(one_shot, full_kv)
+        if ratio is None:
+            missing("one-shot peak vs full", n, m)
+        else:
+            cascade = _ratio(peak, full_kv)
+            extra = f"; the cascade's peak is {cascade:.3f}× full" if cascade is not None else ""
+            lines.append(f"one-shot peak vs full cache, {m} at {n} tokens: {ratio:.3f}× "
+                         f"({one_shot / MIB:.2f} MiB vs {full_kv / MIB:.2f} MiB){extra}")
     return lines
 
 
