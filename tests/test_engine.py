@@ -259,6 +259,18 @@ def test_non_finite_attention_is_an_error_not_an_empty_cache():
         model(prompt(50))
 
 
+def test_non_finite_attention_while_decoding_is_an_error():
+    model = tiny_llama("sdpa")
+    ids = prompt(60)
+    with kvcake.compress(model, cake(budget=20)) as press:
+        cache = press.new_cache()
+        with torch.no_grad():
+            model(ids, cache=cache)
+            model.model.layers[2].self_attn.q_proj.weight[0, 0] = float("nan")
+            with pytest.raises(kvcake.NonFiniteAttentionError):
+                model(torch.tensor([[5]]), cache=cache, position_ids=torch.tensor([[60]]))
+
+
 def test_unsupported_architecture_names_the_model_class():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -127,6 +127,7 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
     if (evict or track) and q_len == 1 and layer.positions is not None:
         # The scorer needs this query's attention anyway: compute it once and the output from it.
         out, probs = _attend_one_query(base, query, key, value, allowed, scaling, softcap)
+        cache.flag_nonfinite(probs)
     elif layer.positions is None:
         out = own(module, query, key, value, attention_mask, *args, **kwargs)
     else:
@@ -146,6 +147,8 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
                     layer.drop_lowest(scores, method.window)
                 else:
                     layer.keep(keep, layer.ranking(scores, method.window))
+    if cache._slot[layer_idx] == len(cache.compressible) - 1:
+        cache.raise_if_nonfinite()  # one host sync per step, not one per layer
     return out
 
 
@@ -157,7 +160,7 @@ def _attend_one_query(base, query, key, value, allowed, scaling, softcap):
     """
     batch, q_heads, _, _ = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    probs = last_query_attention(query, key, scaling, allowed, softcap)  # (B, Hq, L)
+    probs = last_query_attention(query, key, scaling, allowed, softcap, check=False)  # (B, Hq, L)
     grouped = probs.view(batch, kv_heads, q_heads // kv_heads, length).to(value.dtype)
     out = torch.matmul(grouped, value).reshape(batch, q_heads, 1, -1).transpose(1, 2).contiguous()
     weights = probs.view(batch, q_heads, 1, length).to(query.dtype) if base == "eager" else None

@@ -248,7 +248,7 @@ class KVCakeCache(DynamicCache):
         self.prefill_kept: list[list[int]] | None = None
         self.peak_kv_bytes = 0
         self._decode_targets: tuple[int, list[list[int]]] | None = None
-        self._full_entry_bytes: dict[int, int] = {}
+        self._nonfinite: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Empty every layer and forget the request (prompt, budgets, scores), ready for a new prefill."""
@@ -273,6 +273,20 @@ class KVCakeCache(DynamicCache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self._reorder_rows(torch.as_tensor(indices).tolist())
+
+    # -- numerical safety --------------------------------------------------------------------------------------------
+    def flag_nonfinite(self, probs: torch.Tensor) -> None:
+        """Remember, on the device and without a sync, whether attention probabilities had NaN or inf."""
+        bad = ~torch.isfinite(probs.sum(dim=-1)).all()
+        if self._nonfinite is not None:
+            bad = bad.to(self._nonfinite.device) | self._nonfinite
+        self._nonfinite = bad
+
+    def raise_if_nonfinite(self) -> None:
+        if self._nonfinite is not None:
+            bad, self._nonfinite = bool(self._nonfinite), None
+            if bad:
+                raise NonFiniteAttentionError("attention logits at decode time contain NaN or inf")
 
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:

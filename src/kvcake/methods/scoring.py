@@ -137,10 +137,11 @@ def layer_preference(entropy: torch.Tensor, variance: torch.Tensor, tau1: float,
 
 
 def last_query_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, allowed: torch.Tensor | None,
-                         softcap: float | None = None) -> torch.Tensor:
+                         softcap: float | None = None, check: bool = True) -> torch.Tensor:
     """Attention ``(B, Hq, L)`` of the newest query over stored keys, float32 (used by decode-time eviction).
 
     ``query`` is ``(B, Hq, q, D)``, ``keys`` ``(B, Hkv, L, D)``, ``allowed`` a bool mask ``(B, Hkv, q, L)`` or None.
+    ``check=False`` leaves the NaN/inf check to the caller (to check once per step, not once per layer).
     """
     batch, q_heads, _, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
@@ -153,7 +154,7 @@ def last_query_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float
         logits = logits.masked_fill(~allowed[:, :, -1:, :], torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
     # NaN or +inf anywhere in a row's logits makes that row's softmax NaN: one check on the (smaller) output.
-    if not torch.isfinite(probs.sum(dim=-1)).all():
+    if check and not torch.isfinite(probs.sum(dim=-1)).all():
         raise NonFiniteAttentionError("attention logits at decode time contain NaN or inf")
     if allowed is not None:
         probs = probs * allowed[:, :, -1:, :]
