@@ -7,7 +7,6 @@ split (the paper's ablation), and ``AdaKV(SnapKV(budget=128))`` head-wise alloca
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -125,12 +124,3 @@ class Method:
             out[f.name] = value
         return out
 
-
-def check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-def check_finite(name: str, value: float, low: float = 0.0) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
-        raise ValueError(f"{name} must be finite and >= {low}, got {value!r}")
