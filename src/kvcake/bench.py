@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from kvcake.integration.session import compress
+from kvcake.integration.cache import cache_kv_bytes
+from kvcake.integration.session import cache_keyword, compress, output_cache
 from kvcake.methods.registry import build
 
 MIB = 2**20
@@ -263,31 +264,15 @@ class PhaseMemory:
             self.peak = max(self.peak, self._read())
 
 
-def cache_kv_bytes(cache) -> int:
-    """Bytes of key and value tensors held by a transformers cache, all layers."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if keys is not None and values is not None and keys.numel():
-            total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
-    return total
-
-
 def _cache_tokens(cache) -> list[int]:
     return [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None else 0 for layer in cache.layers]
 
 
 def _output_cache(out):
-    for name in ("cache", "past_key_values"):
-        value = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
-        if value is not None:
-            return value
-    raise RuntimeError("the model returned no cache; is use_cache supported?")
-
-
-def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    cache = output_cache(out)
+    if cache is None:
+        raise RuntimeError("the model returned no cache; is use_cache supported?")
+    return cache
 
 
 def _prefill_kwargs(model) -> dict[str, Any]:
@@ -306,7 +291,7 @@ def _prefill(model, ids: torch.Tensor, device: torch.device):
 
 def _decode(model, cache, logits: torch.Tensor, start_pos: int, steps: int, device: torch.device) -> list[float]:
     """Greedy decoding by hand, one token per step at its true position; seconds of each step."""
-    name = _cache_kwarg(model)
+    name = cache_keyword(model)
     token = logits[:, -1].argmax(-1, keepdim=True)
     times = []
     for i in range(steps):

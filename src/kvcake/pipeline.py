@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from kvcake.integration.session import compress
+from kvcake.integration.cache import cache_kv_bytes
+from kvcake.integration.session import compress, output_cache
 
 
 @dataclass
@@ -47,14 +48,6 @@ def build_prompt(tokenizer, context: str, question: str) -> torch.Tensor:
     return ids
 
 
-def _cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-    return total
-
-
 @torch.no_grad()
 def answer(model, tokenizer, context: str, question: str, method, max_new_tokens: int = 64) -> Answer:
     """Greedy answer to ``question`` about ``context``; ``method`` None means the full cache."""
@@ -64,8 +57,8 @@ def answer(model, tokenizer, context: str, question: str, method, max_new_tokens
     start = time.perf_counter()
     if method is None:
         out = model.generate(ids, **settings)
-        cache = out["cache"] if "cache" in out else out.get("past_key_values")
-        full = _cache_bytes(cache)
+        cache = output_cache(out)
+        full = cache_kv_bytes(cache)
         n_layers = len(getattr(cache, "layers", []))
         summary = dict(layer_budgets=[ids.shape[1]] * n_layers, kv_bytes=full, kv_bytes_full=full, peak_kv_bytes=full,
                        method={"name": "full"}, report=None)

@@ -19,17 +19,38 @@ from kvcake.methods.scoring import NonFiniteAttentionError
 FILLER = -1  # position of a slot that only pads a row to the layer's physical length
 
 
-def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def flat_index(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions ``index`` ``(B, H, K)`` along an axis of ``length`` as indices into the flattened ``(B*H*length)``."""
+    batch, heads = index.shape[:2]
+    offsets = (torch.arange(batch * heads, device=index.device) * length).view(batch, heads, 1)
+    return (index + offsets).reshape(-1)
+
+
+def take(x: torch.Tensor, index: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``(B, H, L, ...)`` taken at ``index`` ``(B, H, K)`` along L -> ``(B, H, K, ...)``.
 
     One ``index_select`` on the flattened tensor: several times faster on CPU than ``gather`` with an index
-    expanded over the feature axis, and it never materialises that expanded index.
+    expanded over the feature axis, and it never materialises that expanded index. ``flat`` (from
+    :func:`flat_index`) can be passed to reuse it for several tensors of the same shape.
     """
     batch, heads, length = x.shape[:3]
-    offsets = (torch.arange(batch * heads, device=x.device) * length).view(batch, heads, 1)
-    flat = (index.to(x.device) + offsets).reshape(-1)
+    if flat is None:
+        flat = flat_index(index.to(x.device), length)
     rest = x.shape[3:]
     return x.reshape(batch * heads * length, *rest).index_select(0, flat).view(batch, heads, index.shape[-1], *rest)
+
+
+def layer_kv_bytes(layer) -> int:
+    """Bytes of one cache layer's keys and values (0 while it holds none)."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if keys is None or values is None or not keys.numel():
+        return 0
+    return keys.numel() * keys.element_size() + values.numel() * values.element_size()
+
+
+def cache_kv_bytes(cache) -> int:
+    """Bytes of key and value tensors held by any transformers cache, all layers."""
+    return sum(layer_kv_bytes(layer) for layer in getattr(cache, "layers", []))
 
 
 class CompressedLayer(DynamicLayer):
@@ -123,9 +144,7 @@ class CompressedLayer(DynamicLayer):
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
     def nbytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return layer_kv_bytes(self)
 
     def position_table(self) -> torch.Tensor:
         """Positions of the stored entries, materialised if the layer is untouched."""
@@ -171,13 +190,11 @@ class CompressedLayer(DynamicLayer):
         lowest = scores[..., : max(1, length - window)].argmin(dim=-1, keepdim=True)  # (B, H, 1)
         index = torch.arange(length - 1, device=scores.device).expand(batch, heads, length - 1)
         index = index + (index >= lowest)
-        flat = (index + (torch.arange(batch * heads, device=index.device) * length).view(batch, heads, 1)).reshape(-1)
-        rows = batch * heads * length
-        self.keys = self.keys.reshape(rows, -1).index_select(0, flat).view(batch, heads, length - 1, -1)
-        self.values = self.values.reshape(rows, -1).index_select(0, flat).view(batch, heads, length - 1, -1)
-        self.positions = self.position_table().reshape(-1).index_select(0, flat).view(batch, heads, length - 1)
+        flat = flat_index(index, length)
+        self.keys, self.values = take(self.keys, index, flat), take(self.values, index, flat)
+        self.positions = take(self.position_table(), index, flat)
         if self.scores is not None:
-            self.scores = self.scores.reshape(-1).index_select(0, flat).view(batch, heads, length - 1)
+            self.scores = take(self.scores, index, flat)
         self.valid_counts = [v - 1 for v in self.valid_counts]
 
     def ranking(self, scores: torch.Tensor, window: int) -> torch.Tensor:
@@ -291,12 +308,7 @@ class KVCakeCache(DynamicCache):
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now, all layers."""
-        total = 0
-        for layer in self.layers:
-            if getattr(layer, "is_initialized", False) and layer.keys is not None:
-                total += layer.keys.numel() * layer.keys.element_size()
-                total += layer.values.numel() * layer.values.element_size()
-        return total
+        return cache_kv_bytes(self)
 
     def metadata_bytes(self) -> int:
         """Bytes of kvcake's own bookkeeping (kept positions)."""
@@ -309,13 +321,13 @@ class KVCakeCache(DynamicCache):
     def kv_bytes_full(self) -> int:
         """What the same cache would hold without eviction."""
         total = 0
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
                 batch, heads, _, k_dim = layer.keys.shape
                 v_dim = layer.values.shape[-1]
                 total += batch * heads * layer.seen * (k_dim * layer.keys.element_size() + v_dim * layer.values.element_size())
-            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
-                total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            else:
+                total += layer_kv_bytes(layer)
         return total
 
     def _track_peak(self) -> None:

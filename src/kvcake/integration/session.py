@@ -24,6 +24,21 @@ from kvcake.integration.report import Report
 SUPPORTED_BACKENDS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its cache under: ``cache`` in newer transformers, ``past_key_values``
+    before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The cache a model forward or ``generate(return_dict_in_generate=True)`` returned, under either name."""
+    for name in ("cache", "past_key_values"):
+        if name in out and out[name] is not None:
+            return out[name]
+    return None
+
+
 class UnsupportedModelError(TypeError):
     """The model has no attention layers kvcake knows how to compress."""
 
@@ -107,8 +122,7 @@ class Compression:
         """The name the model's forward takes its cache under (``cache`` since transformers 5.3ish, before
         ``past_key_values``), read once per model."""
         if self._cache_name is None:
-            params = inspect.signature(self.model.forward).parameters
-            self._cache_name = "cache" if "cache" in params else "past_key_values"
+            self._cache_name = cache_keyword(self.model)
         return self._cache_name
 
     def _before_forward(self, module, args, kwargs):
