@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+
 
 def _key(prefs: Sequence[float], layer: int, k: int) -> tuple[float, int]:
     """Rank of layer ``layer``'s bid for its (k+1)-th token: higher value first, then lower layer index."""
@@ -110,16 +112,14 @@ def head_counts(scores, budget: int, alpha: float):
     remaining scores of any head (ties: lower head, then earlier rank). Returns the count per head, a tensor ``(Hkv,)``.
     Counts are nested in ``budget``: a smaller budget never keeps an entry a larger one drops.
     """
-    import torch
-
     heads, n = scores.shape
     floor = min(int(alpha * budget), n)
     ordered = torch.sort(scores, dim=-1, descending=True, stable=True).values
-    finite = torch.isfinite(ordered) | (ordered == float("inf"))
-    counts = finite[:, :floor].sum(-1)
+    keepable = ordered > float("-inf")  # -inf (and NaN) entries are never kept
+    counts = keepable[:, :floor].sum(-1)
     rest = budget * heads - int(counts.sum())
     residual = ordered[:, floor:].reshape(-1)
-    usable = min(rest, int(torch.isfinite(residual).sum() + (residual == float("inf")).sum()))
+    usable = min(rest, int(keepable[:, floor:].sum()))
     if usable > 0:
         picked = torch.sort(residual, descending=True, stable=True).indices[:usable]
         counts = counts + torch.bincount(picked // max(n - floor, 1), minlength=heads)
