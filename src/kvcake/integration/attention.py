@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcake.integration.cache import KVCakeCache
@@ -36,7 +40,9 @@ def base_function(name: str, module: torch.nn.Module) -> Callable:
     if name == "eager":
         own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if own is None:
-            from transformers.models.llama.modeling_llama import eager_attention_forward as own
+            from transformers.models.llama.modeling_llama import (
+                eager_attention_forward as own,
+            )
         return own
     return ALL_ATTENTION_FUNCTIONS[name]
 
@@ -62,6 +68,8 @@ def _make_wrapper(base: str) -> Callable:
             or layer_idx not in cache._slot
             or kwargs.get("sliding_window") is not None
         ):
+            if isinstance(cache, KVCakeCache) and cache.recorder is not None and layer_idx not in cache.recorder:
+                cache.recorder[layer_idx] = PrefillLayer(key.clone(), value.clone())
             return own(module, query, key, value, attention_mask, *args, **kwargs)
         layer = cache.layers[layer_idx]
         q_len = query.shape[2]
@@ -69,7 +77,10 @@ def _make_wrapper(base: str) -> Callable:
         softcap = kwargs.get("softcap")
         if layer.seen == q_len and layer.positions is None and layer.valid_counts is None:
             out = own(module, query, key, value, attention_mask, *args, **kwargs)
-            _score_prefill(cache, layer_idx, query, key, attention_mask, scaling, softcap)
+            key_valid = _key_valid(attention_mask, key.shape[2])
+            if cache.recorder is not None:
+                cache.recorder[layer_idx] = PrefillLayer(key.clone(), value.clone(), query, key_valid, scaling, softcap)
+            score_prefill(cache, layer_idx, query, key, key_valid, scaling, softcap)
             return out
         return _attend_compressed(cache, layer_idx, base, own, (scaling, softcap), module, query, key, value,
                                   attention_mask, *args, **kwargs)
@@ -90,10 +101,22 @@ def _key_valid(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor
     return None if bool(valid.all()) else valid
 
 
+@dataclass
+class PrefillLayer:
+    """What a layer's prefill attention call saw: enough to compress the layer again under another method."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    query: torch.Tensor | None = None  # None for layers kvcake leaves alone (sliding-window)
+    key_valid: torch.Tensor | None = None
+    scaling: float | None = None
+    softcap: float | None = None
+
+
 @torch.no_grad()
-def _score_prefill(cache: KVCakeCache, layer_idx: int, query, key, attention_mask, scaling, softcap) -> None:
+def score_prefill(cache: KVCakeCache, layer_idx: int, query, key, key_valid, scaling, softcap) -> None:
+    """Score a prefilled layer under the cache's method and let the cache evict (the cascade step)."""
     seq = key.shape[2]
-    key_valid = _key_valid(attention_mask, seq)
     if cache.prompt_tokens is None:
         cache.start_prefill(key_valid, seq, key.shape[0])
     method = cache.method

@@ -266,6 +266,8 @@ class KVCakeCache(DynamicCache):
         self.peak_kv_bytes = 0
         self._decode_targets: tuple[int, list[list[int]]] | None = None
         self._nonfinite: torch.Tensor | None = None
+        #: Set to a dict to have the prefill record every layer's attention inputs (see :mod:`kvcake.integration.replay`).
+        self.recorder: dict | None = None
 
     def reset(self) -> None:
         """Empty every layer and forget the request (prompt, budgets, scores), ready for a new prefill."""

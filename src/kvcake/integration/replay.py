@@ -1,0 +1,71 @@
+"""One prefill, many methods: record a prompt's prefill once and compress it again under other methods.
+
+A compressed prefill is exact: every layer attends over the whole prompt and eviction happens after the layer's
+attention, so the hidden states, the logits and each layer's keys, values and queries do not depend on the method.
+Recording those attention inputs once lets an evaluation grid build the cache of every method and budget for the
+same prompt without running the model again; :func:`replay` feeds the recorded layers to a fresh cache in the same
+order as the forward does (update, then score), so the cache it returns is the one a compressed forward gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from kvcake.integration.attention import PrefillLayer, score_prefill
+from kvcake.integration.cache import KVCakeCache
+from kvcake.integration.session import cache_keyword, compress, output_cache
+
+
+@dataclass
+class PrefillRecord:
+    """A prompt's prefill: the last position's logits and every layer's attention inputs."""
+
+    logits: torch.Tensor  # (B, vocab) at the last prompt position
+    layers: dict[int, PrefillLayer]
+    length: int
+
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.layers.values() for t in (layer.key, layer.value, layer.query) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+@torch.no_grad()
+def record_prefill(model, input_ids: torch.Tensor, method) -> tuple[PrefillRecord, KVCakeCache]:
+    """Prefill ``input_ids`` compressed by ``method``; return the record and that method's cache.
+
+    ``method`` None prefills a full cache and records only the logits (nothing to replay from it).
+    """
+    if method is None:
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        return PrefillRecord(logits=out.logits[:, -1].float(), layers={}, length=input_ids.shape[1]), output_cache(out)
+    with compress(model, method) as press:
+        cache = press.new_cache()
+        cache.recorder = {}
+        out = model(input_ids=input_ids, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
+        layers, cache.recorder = cache.recorder, None
+    if len(layers) != len(cache.layers):
+        raise RuntimeError(f"recorded {len(layers)} of {len(cache.layers)} layers: the model bypassed the cache")
+    record = PrefillRecord(logits=out.logits[:, -1].float(), layers=layers, length=input_ids.shape[1])
+    return record, output_cache(out) or cache
+
+
+@torch.no_grad()
+def replay(model, record: PrefillRecord, method) -> DynamicCache:
+    """The cache a prefill compressed by ``method`` would leave (``None``: the full cache)."""
+    config = _text_config(model)
+    cache = DynamicCache(config=config) if method is None else KVCakeCache(config=config, method=method)
+    for layer_idx in sorted(record.layers):
+        layer = record.layers[layer_idx]
+        # Entries may be reordered or shrunk in place while decoding: give every cache its own copy.
+        key, _ = cache.update(layer.key.clone(), layer.value.clone(), layer_idx)
+        if method is not None and layer.query is not None and layer_idx in cache._slot:
+            score_prefill(cache, layer_idx, layer.query, key, layer.key_valid, layer.scaling, layer.softcap)
+    return cache
