@@ -1,0 +1,241 @@
+"""Turn evaluation result folders into a markdown report with plots (``kvcake report``)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from kvcake.eval.runner import RECORD, read_predictions, summarise, write_metrics
+from kvcake.eval.sample import EvalDataError
+
+
+def load_results(folders: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All rows and run records under ``folders`` (each a run folder or a folder of run folders)."""
+    rows, records = [], []
+    runs = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise EvalDataError(f"{folder}: no such results folder")
+        found = sorted({p.parent for p in folder.rglob("predictions*.jsonl")})
+        if not found:
+            raise EvalDataError(f"{folder}: no predictions*.jsonl inside (run `kvcake eval --out {folder}` first)")
+        runs += found
+    for run in runs:
+        rows += read_predictions(run)
+        if (run / RECORD).is_file():
+            records.append(json.loads((run / RECORD).read_text()))
+    return rows, records
+
+
+def _order(table: list[dict[str, Any]]) -> list[str]:
+    """Labels: methods in the registry's order (full, cake, then the baselines), larger budgets first."""
+    from kvcake.methods.registry import METHODS
+
+    known = list(METHODS)
+    methods = sorted({t["method"] for t in table}, key=lambda m: (known.index(m) if m in known else len(known), m))
+
+    def key(t):
+        size = t["ratio"] if t["ratio"] is not None else (t["budget"] or 0)
+        return methods.index(t["method"]), t["ratio"] is None, -size
+
+    labels: list[str] = []
+    for t in sorted(table, key=key):
+        if t["label"] not in labels:
+            labels.append(t["label"])
+    return labels
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def markdown(table: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
+    lines = ["# kvcake evaluation", ""]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for t in table:
+        groups[(t["model"], t["mode"])].append(t)
+    for (model, mode), members in groups.items():
+        tasks = [t for t in dict.fromkeys(m["task"] for m in members) if t != "average"] + ["average"]
+        cells = {(m["label"], m["task"]): m for m in members}
+        lines += [f"## {model} — {mode}", "",
+                  "Scores are in [0, 100] (the metric of each task); `KV kept` is the KV-cache bytes after prefill "
+                  "over the full cache's, averaged over samples. Failed samples are counted in `failed`.", ""]
+        lines.append("| method | KV kept | " + " | ".join(t.split("/", 1)[-1] for t in tasks) + " | failed |")
+        lines.append("|---|---|" + "---|" * len(tasks) + "---|")
+        for label in _order(members):
+            avg = cells.get((label, "average"))
+            kept = f"{100 * avg['kv_fraction']:.1f}%" if avg and avg["kv_fraction"] is not None else "–"
+            scores = [_fmt(cells[(label, t)]["score"]) if (label, t) in cells else "" for t in tasks]
+            failed = avg["failed"] if avg else 0
+            lines.append(f"| {label} | {kept} | " + " | ".join(scores) + f" | {failed} |")
+        samples: dict[str, int] = {}
+        for m in members:
+            samples[m["task"]] = max(samples.get(m["task"], 0), m["samples"] + m["failed"])
+        lines += ["", "Samples per task: " + ", ".join(f"{k.split('/', 1)[-1]} {v}" for k, v in samples.items()
+                                                       if k != "average"), ""]
+    if records:
+        lines += ["## Runs", ""]
+        for r in records:
+            versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
+            lines.append(f"- {r.get('model')} ({r.get('architecture')}, {r.get('dtype')}, {r.get('attention')}): "
+                         f"{versions}; commit {str(r.get('git_commit'))[:10]}; seed {r.get('seed')}; "
+                         f"command `{r.get('command')}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _size(t: dict[str, Any]) -> float:
+    return t["ratio"] if t["ratio"] is not None else t["budget"]
+
+
+def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Score vs budget, one panel per task (and the average), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for t in table:
+        groups[(t["model"], t["mode"])].append(t)
+    for (model, mode), members in groups.items():
+        tasks = [t for t in dict.fromkeys(m["task"] for m in members) if t != "average"] + ["average"]
+        cols = min(4, len(tasks))
+        rows = -(-len(tasks) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        ratios = any(m["ratio"] is not None for m in members)
+        for ax, task in zip(axes.flat, tasks):
+            here = [m for m in members if m["task"] == task and m["score"] is not None]
+            for m in here:
+                if m["method"] == "full":
+                    ax.axhline(m["score"], color="black", linestyle="--", linewidth=1, label="full")
+            by_method: dict[str, list] = defaultdict(list)
+            for m in here:
+                if m["method"] != "full" and (m["ratio"] is not None) == ratios:
+                    by_method[m["method"]].append((_size(m), m["score"]))
+            for method, points in by_method.items():
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method,
+                        linewidth=2.5 if method == "cake" else 1.2)
+            ax.set_xscale("log")
+            ax.set_title(task.split("/", 1)[-1], fontsize=10)
+            ax.set_xlabel("KV kept (fraction of prompt)" if ratios else "budget (tokens per layer)")
+            ax.set_ylim(-3, 103)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(tasks):]:
+            ax.axis("off")
+        handles, labels = axes.flat[len(tasks) - 1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), frameon=False)
+        fig.suptitle(f"{model} — {mode}: score vs cache budget")
+        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+        path = out / f"scores_{_slug(model)}_{mode}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """NeedleBench-style heatmaps: mean score by needle depth × context length, per method and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        meta = r.get("meta") or {}
+        if r.get("error") is None and "depth" in meta and "length" in meta:
+            groups[(r.get("model"), r["mode"], r["task"])].append(r)
+    for (model, mode, task), members in groups.items():
+        lengths = sorted({r["meta"]["length"] for r in members})
+        depths = sorted({r["meta"]["depth"] for r in members})
+        table = summarise(members)
+        labels = _order([t for t in table if t["task"] != "average"])
+        cols = min(5, len(labels))
+        nrows = -(-len(labels) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols + 1, 2.4 * nrows + 0.6), squeeze=False)
+        image = None
+        for ax, label in zip(axes.flat, labels):
+            cell: dict[tuple, list[float]] = defaultdict(list)
+            for r in members:
+                if r["label"] == label:
+                    cell[(r["meta"]["depth"], r["meta"]["length"])].append(r["score"])
+            grid = [[sum(cell[(d, n)]) / len(cell[(d, n)]) if cell[(d, n)] else float("nan") for n in lengths]
+                    for d in depths]
+            image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            ax.set_title(label, fontsize=8)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        for ax in list(axes.flat)[len(labels):]:
+            ax.axis("off")
+        if image is not None:
+            fig.colorbar(image, ax=axes, shrink=0.6, label="score")
+        fig.suptitle(f"{model} — {task} ({mode}): depth × context length")
+        path = out / f"heatmap_{_slug(model)}_{mode}_{_slug(task)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Tokens kept per layer after prefill for one sample, every method at each budget CAKE ran at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    by_model: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("error") is None and r.get("layer_kept"):
+            by_model[r.get("model")].append(r)
+    for model, members in by_model.items():
+        cake = [r for r in members if r["method"] == "cake"]
+        if not cake:
+            continue
+        first = cake[0]
+        sample = [r for r in members if (r["task"], r["id"], r["mode"]) == (first["task"], first["id"], first["mode"])]
+        sizes = sorted({_size(r) for r in sample if r["method"] == "cake"}, reverse=True)
+        fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.4), squeeze=False)
+        for ax, size in zip(axes.flat, sizes):
+            for r in sample:
+                if r["method"] == "full" or _size(r) == size:
+                    ax.plot(range(len(r["layer_kept"])), r["layer_kept"], label=r["method"],
+                            linewidth=2.5 if r["method"] == "cake" else 1, linestyle="--" if r["method"] == "full" else "-")
+            ax.set_title(f"budget {size:g}", fontsize=10)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("tokens kept")
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{model}: per-layer cache after prefill — {first['task']} {first['id']} ({first['mode']})")
+        fig.tight_layout()
+        path = out / f"allocation_{_slug(model)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _slug(text: Any) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in str(text))
+
+
+def report(folders: list[Path], out: Path, plots: bool = True) -> Path:
+    """Write ``report.md``, ``metrics.csv``/``metrics.json`` and the plots for the results in ``folders``."""
+    rows, records = load_results(folders)
+    out.mkdir(parents=True, exist_ok=True)
+    table = write_metrics(out, rows)
+    text = markdown(table, records)
+    if plots:
+        images = plot_scores(table, out) + plot_heatmaps(rows, out) + plot_allocation(rows, out)
+        text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
+    path = out / "report.md"
+    path.write_text(text)
+    return path

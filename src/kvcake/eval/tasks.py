@@ -1,0 +1,74 @@
+"""The suites and their tasks by name, and building their samples for a tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvcake.eval import longbench, longbench_metrics, needlebench, ruler  # noqa: F401 - they register their metrics
+from kvcake.eval.haystack import Haystack
+from kvcake.eval.sample import EvalDataError, Sample
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "needlebench": tuple(f"needlebench/{t}" for t in needlebench.TASKS),
+    "ruler": tuple(f"ruler/{t}" for t in ruler.TASKS),
+    "longbench": tuple(f"longbench/{t}" for t in longbench.TASKS_EN),
+    "longbench-zh": tuple(f"longbench/{t}" for t in longbench.TASKS_ZH),
+}
+
+
+@dataclass
+class SuiteOptions:
+    """How to build samples: LongBench's data folder, and the synthetic suites' lengths, depths and haystack."""
+
+    data: Path | None = None
+    lengths: list[int] = field(default_factory=lambda: [1000, 2000])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    per_cell: int = 1
+    seed: int = 0
+    corpus: Path | None = None
+    limit: int | None = None  # LongBench: first N records of each task
+
+    def to_dict(self) -> dict:
+        return {"data": str(self.data) if self.data else None, "lengths": self.lengths, "depths": self.depths,
+                "per_cell": self.per_cell, "seed": self.seed, "corpus": str(self.corpus) if self.corpus else None,
+                "limit": self.limit}
+
+
+def all_tasks() -> list[str]:
+    return [t for tasks in SUITES.values() for t in tasks]
+
+
+def expand(names: list[str]) -> list[str]:
+    """Suite names (``ruler``) and task names (``ruler/vt``, ``longbench/multi_news``) to task names, in order."""
+    known = all_tasks()
+    tasks: list[str] = []
+    for name in names:
+        name = name.strip().lower()
+        found = SUITES.get(name) or ((name,) if name in known else None)
+        if found is None:
+            raise EvalDataError(
+                f"unknown task or suite {name!r}; suites: {', '.join(SUITES)}; tasks: {', '.join(known)}"
+            )
+        tasks += [t for t in found if t not in tasks]
+    return tasks
+
+
+def load_samples(names: list[str], tokenizer, options: SuiteOptions) -> list[Sample]:
+    """The samples of every named task, in order."""
+    samples: list[Sample] = []
+    haystack = None
+    for task in expand(names):
+        suite, name = task.split("/", 1)
+        if suite == "longbench":
+            if options.data is None:
+                raise EvalDataError(f"{task} needs the LongBench data: pass --data FOLDER (the extracted data.zip of "
+                                    "THUDM/LongBench, or a folder of <task>.jsonl files)")
+            samples += longbench.load(name, options.data, limit=options.limit)
+            continue
+        if haystack is None:
+            haystack = Haystack.from_path(options.corpus) if options.corpus else Haystack.default()
+        module = needlebench if suite == "needlebench" else ruler
+        samples += module.generate(name, tokenizer, lengths=options.lengths, depths=options.depths,
+                                   per_cell=options.per_cell, seed=options.seed, haystack=haystack)
+    return samples

@@ -1,0 +1,164 @@
+"""The evaluation runner: prompts, the grid, resuming, failures, metrics files, sharding and the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvcake import models
+from kvcake.eval import runner
+from kvcake.eval.report import report
+from kvcake.eval.sample import EvalDataError, Sample
+
+STORY = " ".join(f"Line {i}: the lighthouse keeper counted {i * 7} gulls before noon." for i in range(60))
+
+
+def sample(i: int = 0, **overrides) -> Sample:
+    fields = dict(task="ruler/niah_single", id=f"s{i}", prefix="Read the text.\n\n", context=STORY,
+                  question=f"\n\nHow many gulls on line {i}?", answers=[str(i * 7)], metric="string_match_all",
+                  max_new_tokens=6, meta={"length": 700, "depth": 0.5})
+    fields.update(overrides)
+    return Sample(**fields)
+
+
+@pytest.fixture(scope="module")
+def chat(chat_model_dir):
+    return models.load(str(chat_model_dir))
+
+
+def test_encode_splits_the_chat_prompt_at_the_question(chat):
+    model, tokenizer = chat
+    s = sample()
+    enc = runner.encode(tokenizer, s)
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": s.prefix + s.context + s.question}],
+                                          tokenize=False, add_generation_prompt=True)
+    head = tokenizer.decode(enc.context_ids[0])
+    tail = tokenizer.decode(enc.question_ids[0])
+    assert head + tail == whole
+    assert tail.startswith(s.question) and head.endswith(s.context)
+
+
+def test_encode_without_chat_template_adds_bos_once(chat):
+    _, tokenizer = chat
+    enc = runner.encode(tokenizer, sample(chat=False))
+    assert tokenizer.decode(enc.context_ids[0], skip_special_tokens=True) == sample().prefix + STORY
+    assert enc.question_ids[0].tolist() == tokenizer(sample().question, add_special_tokens=False)["input_ids"]
+
+
+def test_middle_truncation_keeps_both_ends_of_the_context(chat):
+    _, tokenizer = chat
+    full = runner.encode(tokenizer, sample())
+    cut = runner.encode(tokenizer, sample(), max_length=300)
+    assert cut.length <= 300 and cut.truncated > 0
+    text = tokenizer.decode(cut.context_ids[0])
+    assert "Line 0:" in text and "Line 59:" in text and "Line 30:" not in text
+    assert torch.equal(cut.question_ids, full.question_ids)
+    with pytest.raises(ValueError, match="without its context"):
+        runner.encode(tokenizer, sample(prefix="word " * 400), max_length=100)
+
+
+def test_grid_labels_and_validation():
+    settings = runner.grid(["full", "cake", "snapkv"], budgets=[64], ratios=[0.5])
+    assert [s.label for s in settings] == ["full", "cake@b64", "cake@r0.5", "snapkv@b64", "snapkv@r0.5"]
+    assert runner.grid(["cake"], ratios=[0.25], params={"cake": {"gamma": 100}})[0].label == "cake@r0.25,gamma=100"
+    with pytest.raises(ValueError, match="unknown method"):
+        runner.grid(["nope"], ratios=[0.5])
+    with pytest.raises(ValueError, match="no parameter"):
+        runner.grid(["snapkv"], ratios=[0.5], params={"snapkv": {"gamma": 1}})
+    with pytest.raises(ValueError, match="budget or ratio"):
+        runner.grid(["cake"])
+
+
+def _run(chat, out, samples, settings, modes=("query-aware",), **kw):
+    model, tokenizer = chat
+    return runner.EvalRun(model, tokenizer, samples, settings, list(modes), out,
+                          models.eos_token_ids(model, tokenizer), record={"model": "tiny", "seed": 0, "suite": {},
+                                                                          "started": "now"},
+                          progress=False, **kw).run()
+
+
+def test_run_writes_rows_metrics_and_resumes(chat, tmp_path):
+    settings = runner.grid(["full", "cake", "snapkv"], ratios=[0.5], budgets=[2000])
+    samples = [sample(0), sample(1)]
+    rows = _run(chat, tmp_path, samples, settings, modes=runner.MODES)
+    assert len(rows) == 2 * 5 * 2 and all(r["error"] is None for r in rows)
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 20
+    # A budget covering the prompt answers exactly as the full cache; a ratio keeps about half the KV bytes.
+    by = {(r["id"], r["label"], r["mode"]): r for r in rows}
+    for i in ("s0", "s1"):
+        for mode in runner.MODES:
+            assert by[(i, "cake@b2000", mode)]["prediction"] == by[(i, "full", mode)]["prediction"]
+            assert by[(i, "cake@r0.5", mode)]["kv_bytes"] < 0.6 * by[(i, "full", mode)]["kv_bytes"]
+    table = json.loads((tmp_path / "metrics.json").read_text())
+    assert {t["task"] for t in table} == {"ruler/niah_single", "average"}
+    assert (tmp_path / "metrics.csv").read_text().startswith("model,mode,label")
+    # Resuming does nothing new; a lost row is redone, alone.
+    _run(chat, tmp_path, samples, settings, modes=runner.MODES)
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 20
+    kept = [line for line in lines if json.loads(line)["key"] != runner.row_key("ruler/niah_single", "s1", "cake@r0.5",
+                                                                                "query-agnostic")]
+    (tmp_path / "predictions.jsonl").write_text("\n".join(kept) + '\n{"torn": ')
+    rows = _run(chat, tmp_path, samples, settings, modes=runner.MODES)
+    assert len(rows) == 20
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 21  # 19 kept + torn line + 1 redone
+
+
+def test_a_failing_sample_is_recorded_and_the_rest_goes_on(chat, tmp_path):
+    settings = runner.grid(["full", "cake"], ratios=[0.5])
+    bad = sample(1, metric="no_such_metric")
+    huge = sample(2, prefix="word " * 5000)  # the prompt without context is longer than the limit
+    rows = _run(chat, tmp_path, [sample(0), bad, huge], settings, max_length=1000)
+    errors = {(r["id"], r["label"]): r["error"] for r in rows}
+    assert errors[("s0", "full")] is None and errors[("s0", "cake@r0.5")] is None
+    assert "no_such_metric" in errors[("s1", "full")] and "without its context exceeds" in errors[("s2", "cake@r0.5")]
+    avg = [t for t in json.loads((tmp_path / "metrics.json").read_text()) if t["task"] == "average"]
+    assert all(t["failed"] == 2 and t["samples"] == 1 for t in avg)
+    # --retry-failed redoes exactly the failed rows.
+    rows = _run(chat, tmp_path, [sample(0), bad, huge], settings, max_length=1000, retry_failed=True)
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 6 + 4
+
+
+def test_record_refuses_another_model(chat, tmp_path):
+    settings = runner.grid(["full"])
+    _run(chat, tmp_path, [sample(0)], settings)
+    model, tokenizer = chat
+    other = runner.EvalRun(model, tokenizer, [sample(0)], settings, ["query-aware"], tmp_path, [],
+                           record={"model": "other", "seed": 0, "suite": {}, "started": "now"}, progress=False)
+    with pytest.raises(ValueError, match="model"):
+        other.run()
+
+
+def test_report_tables_and_plots(chat, tmp_path):
+    settings = runner.grid(["full", "cake", "snapkv"], ratios=[0.5, 0.25])
+    samples = [sample(i, meta={"length": n, "depth": d}, id=f"{n}-{d}") for i, (n, d) in
+               enumerate([(500, 0.0), (500, 1.0), (1000, 0.0), (1000, 1.0)])]
+    _run(chat, tmp_path / "run", samples, settings)
+    path = report([tmp_path / "run"], tmp_path / "report")
+    text = path.read_text()
+    assert "| cake@r0.5 |" in text and "| full |" in text and "niah_single" in text
+    names = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"report.md", "metrics.csv", "metrics.json", "scores_tiny_query-aware.png", "allocation_tiny.png",
+            "heatmap_tiny_query-aware_ruler_niah_single.png"} <= names
+    with pytest.raises(EvalDataError, match="no predictions"):
+        report([tmp_path / "report"], tmp_path / "again")
+
+
+def test_sharded_run_with_torchrun_merges(chat_model_dir, tmp_path):
+    """Two processes under torchrun (gloo on CPU) split the samples and rank 0 merges them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "kvcake.cli", "eval", "--models", str(chat_model_dir), "--tasks", "ruler/niah_single",
+           "--lengths", "200", "--per-cell", "2", "--depths", "0.5", "--methods", "full,cake", "--ratios", "0.5",
+           "--out", str(tmp_path), "--no-progress", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / chat_model_dir.name
+    assert not list(folder.glob("predictions.rank*.jsonl"))
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 and {r["id"] for r in rows} and all(r["error"] is None for r in rows)
+    record = json.loads((folder / "run.json").read_text())
+    assert record["shards"] == 2 and record["versions"]["torch"] == torch.__version__
