@@ -15,16 +15,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(None))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def tiny_folder(chat_model_dir):
+    return chat_model_dir
 
 
 def run(*args, input=None):
@@ -110,3 +102,36 @@ def test_every_method_runs_by_name(tiny_folder, method):
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert sum(payload["layer_budgets"]) == 64 * 3
     assert payload["report"]["method"]["name"] == build(method, budget=64).label
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tasks", "nope"], "unknown task or suite 'nope'"),
+    (["--tasks", "longbench/multi_news"], "needs the LongBench data"),
+    (["--tasks", "longbench/multi_news", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["--tasks", "ruler", "--corpus", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    (["--methods", "cake", "--ratios", ""], "needs at least one budget or ratio"),
+    (["--methods", "cake", "--ratios", "0.5", "--param", "cake.nope=1"], "no parameter"),
+    (["--methods", "full", "--modes", "sideways"], "unknown mode"),
+])
+def test_eval_bad_input_is_a_clear_error(tiny_folder, tmp_path, args, message):
+    result = run("eval", "--models", str(tiny_folder), "--out", str(tmp_path), *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_eval_then_report(tiny_folder, tmp_path):
+    result = run("eval", "--models", str(tiny_folder), "--tasks", "needlebench/single,ruler/vt", "--lengths", "600",
+                 "--depths", "0,1", "--methods", "full,cake,streamingllm", "--ratios", "0.5", "--param",
+                 "streamingllm.sinks=2", "--max-new-tokens", "4", "--out", str(tmp_path / "r"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "r" / tiny_folder.name
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == (2 + 1) * 3 and all(r["error"] is None for r in rows)
+    assert {r["label"] for r in rows} == {"full", "cake@r0.5", "streamingllm@r0.5,sinks=2"}
+    record = json.loads((folder / "run.json").read_text())
+    assert record["methods"]["streamingllm@r0.5,sinks=2"]["scorer"]["sinks"] == 2
+    assert record["suite"]["lengths"] == [600] and record["max_new_tokens"] == 4
+    result = run("report", str(tmp_path / "r"), "--out", str(tmp_path / "rep"))
+    assert result.exit_code == 0, result.output
+    assert "| streamingllm@r0.5,sinks=2 |" in (tmp_path / "rep" / "report.md").read_text()
+    assert run("report", str(tmp_path / "missing")).exit_code == 2

@@ -183,7 +183,8 @@ def eval_command(
                                    "(ruler/vt, longbench/multi_news, ...)."),
     methods: str = typer.Option("full,cake,snapkv,pyramidkv,h2o,tova,streamingllm,ada-snapkv", "--methods", "-m",
                                 help="Comma-separated method names (see `kvcake methods`)."),
-    ratios: str = typer.Option("", help="Comma-separated fractions of the prompt to keep, e.g. 0.5,0.25,0.1."),
+    ratios: Optional[str] = typer.Option(None, help="Comma-separated fractions of the prompt to keep (default "
+                                                    "0.5,0.25,0.1 unless --budgets is given)."),
     budgets: str = typer.Option("", help="Comma-separated budgets in tokens per layer (window included)."),
     models: str = typer.Option("", "--models", help="Comma-separated embedded model names or local folders "
                                                      "(default: the embedded SmolLM2-135M)."),
@@ -233,6 +234,8 @@ def eval_command(
             if not key or not value:
                 raise ValueError(f"--param {item!r}: write METHOD.NAME=VALUE, e.g. cake.gamma=100")
             params.setdefault(method.lower(), {})[key] = _param_value(value)
+        if ratios is None:
+            ratios = "" if budgets.strip() else "0.5,0.25,0.1"
         settings = runner.grid(_split(methods), _split(budgets, int), _split(ratios, float), params)
         options = SuiteOptions(data=data, lengths=_split(lengths, int), depths=_split(depths, float),
                                per_cell=per_cell, seed=seed, corpus=corpus, limit=limit)

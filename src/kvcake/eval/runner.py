@@ -484,12 +484,12 @@ def evaluate(models: list[str | None], task_names: list[str], settings: list[Set
              progress: bool = True) -> list[Path]:
     """Run the grid on each model; results go to ``out/<model>/``. Returns those folders."""
     from kvcake import models as registry_models
-    from kvcake.eval.tasks import expand, load_samples
+    from kvcake.eval.tasks import check, load_samples
 
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    tasks = expand(task_names)
+    tasks = check(task_names, options)
     shard = Shard.from_env()
     if device == "cuda" and shard.world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"

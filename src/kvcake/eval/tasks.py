@@ -54,6 +54,21 @@ def expand(names: list[str]) -> list[str]:
     return tasks
 
 
+def check(names: list[str], options: SuiteOptions) -> list[str]:
+    """Expand ``names`` and check LongBench's data is there, before any model is loaded."""
+    tasks = expand(names)
+    for task in tasks:
+        suite, name = task.split("/", 1)
+        if suite == "longbench":
+            if options.data is None:
+                raise EvalDataError(f"{task} needs the LongBench data: pass --data FOLDER (the extracted data.zip of "
+                                    "THUDM/LongBench, or a folder of <task>.jsonl files)")
+            longbench.load(name, options.data, limit=1)
+    if options.corpus is not None:
+        Haystack.from_path(options.corpus)
+    return tasks
+
+
 def load_samples(names: list[str], tokenizer, options: SuiteOptions) -> list[Sample]:
     """The samples of every named task, in order."""
     samples: list[Sample] = []
