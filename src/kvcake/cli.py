@@ -55,7 +55,9 @@ def generate(
     method: str = typer.Option("cake", "--method", "-m", help="Method name (see `kvcake methods`)."),
     budget: Optional[int] = typer.Option(None, "--budget", help="Tokens kept per layer, window included."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of the prompt's KV cache to keep, (0, 1]."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local model folder; default: embedded SmolLM2-135M."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local model folder or embedded model name "
+                                                              "(smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, "
+                                                              "gemma-3-270m); default: SmolLM2-135M."),
     window: Optional[int] = typer.Option(None, help="Observation window S_w (default 32)."),
     kernel: Optional[int] = typer.Option(None, help="Pooling kernel (default 5)."),
     gamma: Optional[float] = typer.Option(None, help="Variance weight of CAKE's indicator (default 200)."),
