@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,8 @@ def markdown(table: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
         tasks = [t for t in dict.fromkeys(m["task"] for m in members) if t != "average"] + ["average"]
         cells = {(m["label"], m["task"]): m for m in members}
         lines += [f"## {model} — {mode}", "",
-                  "Scores are in [0, 100] (the metric of each task); `KV kept` is the KV-cache bytes after prefill "
-                  "over the full cache's, averaged over samples. Failed samples are counted in `failed`.", ""]
+                  ("Scores are in [0, 100] (the metric of each task); `KV kept` is the KV-cache bytes after prefill "
+                   "over the full cache's, averaged over samples. Failed samples are counted in `failed`."), ""]
         lines.append("| method | KV kept | " + " | ".join(t.split("/", 1)[-1] for t in tasks) + " | failed |")
         lines.append("|---|---|" + "---|" * len(tasks) + "---|")
         for label in _order(members):
@@ -114,16 +115,19 @@ def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
                 if m["method"] == "full":
                     ax.axhline(m["score"], color="black", linestyle="--", linewidth=1, label="full")
             by_method: dict[str, list] = defaultdict(list)
-            for m in here:
+            for m in sorted(here, key=lambda m: _order(here).index(m["label"])):
                 if m["method"] != "full" and (m["ratio"] is not None) == ratios:
                     by_method[m["method"]].append((_size(m), m["score"]))
             for method, points in by_method.items():
                 points.sort()
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method,
-                        linewidth=2.5 if method == "cake" else 1.2)
+                        color=_color(method), linewidth=2.5 if method == "cake" else 1.2)
             ax.set_xscale("log")
+            sizes = sorted({_size(m) for m in here if m["method"] != "full" and (m["ratio"] is not None) == ratios})
+            ax.set_xticks(sizes, [f"{v:.0%}" if ratios else str(v) for v in sizes])
+            ax.minorticks_off()
             ax.set_title(task.split("/", 1)[-1], fontsize=10)
-            ax.set_xlabel("KV kept (fraction of prompt)" if ratios else "budget (tokens per layer)")
+            ax.set_xlabel("budget (share of the prompt)" if ratios else "budget (tokens per layer)")
             ax.set_ylim(-3, 103)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(tasks):]:
@@ -169,6 +173,11 @@ def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             grid = [[sum(cell[(d, n)]) / len(cell[(d, n)]) if cell[(d, n)] else float("nan") for n in lengths]
                     for d in depths]
             image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            if len(depths) * len(lengths) <= 40:
+                for y, line in enumerate(grid):
+                    for x, value in enumerate(line):
+                        if not math.isnan(value):
+                            ax.text(x, y, f"{value:.0f}", ha="center", va="center", fontsize=7)
             ax.set_title(label, fontsize=8)
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
@@ -206,21 +215,33 @@ def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.4), squeeze=False)
         for ax, size in zip(axes.flat, sizes):
             for r in sample:
-                if r["method"] == "full" or _size(r) == size:
+                if r["method"] != "full" and _size(r) == size:
                     ax.plot(range(len(r["layer_kept"])), r["layer_kept"], label=r["method"],
-                            linewidth=2.5 if r["method"] == "cake" else 1, linestyle="--" if r["method"] == "full" else "-")
-            ax.set_title(f"budget {size:g}", fontsize=10)
+                            color=_color(r["method"]), linewidth=2.5 if r["method"] == "cake" else 1)
+            ax.set_title(f"{size:.0%} of the prompt" if size <= 1 and isinstance(size, float) else f"budget {size}",
+                         fontsize=10)
             ax.set_xlabel("layer")
             ax.set_ylabel("tokens kept")
             ax.grid(alpha=0.3)
         axes.flat[0].legend(fontsize=7)
-        fig.suptitle(f"{model}: per-layer cache after prefill — {first['task']} {first['id']} ({first['mode']})")
+        fig.suptitle(f"{model}: tokens kept per layer after prefill, {first['compressed_tokens']}-token prompt — "
+                     f"{first['task']} {first['id']} ({first['mode']})", fontsize=10)
         fig.tight_layout()
         path = out / f"allocation_{_slug(model)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
+
+
+COLORS = {"full": "black", "cake": "tab:red", "snapkv": "tab:blue", "pyramidkv": "tab:orange", "h2o": "tab:green",
+          "tova": "tab:purple", "streamingllm": "tab:brown", "ada-snapkv": "tab:cyan", "ada-cake": "tab:pink",
+          "cake-snapkv": "tab:olive", "cake-h2o": "tab:gray", "uniform-cake": "gold", "snapkv-cake-alloc": "navy"}
+
+
+def _color(method: str):
+    """The same colour for a method in every plot."""
+    return COLORS.get(method)
 
 
 def _slug(text: Any) -> str:
