@@ -714,10 +714,9 @@ def markdown_report(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
 
 
 def _plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    import matplotlib
+    from kvcake.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lengths, methods, index = _grid(rows)
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
@@ -742,10 +741,7 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out_dir / name, dpi=120))
 
     # decode latency per token; one dashed line per distinct physical limit (methods keeping the same sizes share it)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -791,10 +787,7 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "kv_memory.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, out_dir / "kv_memory.png", dpi=120))
 
     # prefill time
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -5,14 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_layer_budgets(kept: list[int], prompt_tokens: int, path: str | Path, title: str = "") -> Path:
-    """Bar chart of tokens kept per layer after prefill against the prompt length; written to ``path``."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(kept) + 2), 3.2))
+    return plt
+
+
+def save(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` and release it."""
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_layer_budgets(kept: list[int], prompt_tokens: int, path: str | Path, title: str = "") -> Path:
+    """Bar chart of tokens kept per layer after prefill against the prompt length; written to ``path``."""
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.25 * len(kept) + 2), 3.2))
     ax.bar(range(len(kept)), kept, color="#c0504d", label="kept after prefill")
     ax.axhline(prompt_tokens, color="gray", linestyle="--", linewidth=1, label=f"prompt ({prompt_tokens} tokens)")
     ax.axhline(sum(kept) / max(len(kept), 1), color="black", linewidth=1, label="mean kept per layer")
@@ -21,7 +34,4 @@ def plot_layer_budgets(kept: list[int], prompt_tokens: int, path: str | Path, ti
     ax.set_title(title or "tokens kept per layer")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)

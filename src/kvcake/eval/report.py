@@ -10,6 +10,7 @@ from typing import Any
 
 from kvcake.eval.runner import RECORD, read_predictions, summarise, write_metrics
 from kvcake.eval.sample import EvalDataError
+from kvcake.plots import pyplot, save
 
 
 def load_results(folders: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -94,11 +95,7 @@ def _size(t: dict[str, Any]) -> float:
 
 def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
     """Score vs budget, one panel per task (and the average), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for t in table:
@@ -136,20 +133,13 @@ def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), frameon=False)
         fig.suptitle(f"{model} — {mode}: score vs cache budget")
         fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-        path = out / f"scores_{_slug(model)}_{mode}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out / f"scores_{_slug(model)}_{mode}.png"))
     return written
 
 
 def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """NeedleBench-style heatmaps: mean score by needle depth × context length, per method and budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -186,20 +176,13 @@ def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         if image is not None:
             fig.colorbar(image, ax=axes, shrink=0.6, label="score")
         fig.suptitle(f"{model} — {task} ({mode}): depth × context length")
-        path = out / f"heatmap_{_slug(model)}_{mode}_{_slug(task)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out / f"heatmap_{_slug(model)}_{mode}_{_slug(task)}.png"))
     return written
 
 
 def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """Tokens kept per layer after prefill for one sample, every method at each budget CAKE ran at."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     by_model: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -227,10 +210,7 @@ def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.suptitle(f"{model}: tokens kept per layer after prefill, {first['compressed_tokens']}-token prompt — "
                      f"{first['task']} {first['id']} ({first['mode']})", fontsize=10)
         fig.tight_layout()
-        path = out / f"allocation_{_slug(model)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out / f"allocation_{_slug(model)}.png"))
     return written
 
 
