@@ -1,6 +1,7 @@
 """The command line on a tiny random model saved with the embedded model's tokenizer."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,21 @@ def test_eval_then_report(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| streamingllm@r0.5,sinks=2 |" in (tmp_path / "rep" / "report.md").read_text()
     assert run("report", str(tmp_path / "missing")).exit_code == 2
+
+
+SHARED_LONGBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "longbench"
+
+
+@pytest.mark.skipif(not (SHARED_LONGBENCH / "multi_news.jsonl").is_file(), reason="shared LongBench data absent")
+def test_eval_longbench_task_cuts_long_prompts(tiny_folder, tmp_path):
+    result = run("eval", "--models", str(tiny_folder), "--tasks", "longbench/multi_news", "--data",
+                 str(SHARED_LONGBENCH), "--limit", "2", "--methods", "full,cake", "--ratios", "0.25", "--modes",
+                 "query-aware,query-agnostic", "--max-length", "700", "--max-new-tokens", "3", "--out",
+                 str(tmp_path), "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / tiny_folder.name / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 and all(r["error"] is None for r in rows)
+    assert all(r["prompt_tokens"] <= 700 - 3 and r["truncated_tokens"] > 0 for r in rows)
+    assert all(r["metric"] == "rouge" and 0 <= r["score"] <= 100 for r in rows)
+    agnostic = [r for r in rows if r["mode"] == "query-agnostic"]
+    assert all(r["compressed_tokens"] < r["prompt_tokens"] for r in agnostic)
