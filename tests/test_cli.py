@@ -4,11 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from kvcake import models
 from kvcake.cli import app, sample_text
 from kvcake.methods.registry import build
 
