@@ -30,7 +30,7 @@ def chat(chat_model_dir):
 
 
 def test_encode_splits_the_chat_prompt_at_the_question(chat):
-    model, tokenizer = chat
+    _, tokenizer = chat
     s = sample()
     enc = runner.encode(tokenizer, s)
     whole = tokenizer.apply_chat_template([{"role": "user", "content": s.prefix + s.context + s.question}],
@@ -154,7 +154,7 @@ def test_sharded_run_with_torchrun_merges(chat_model_dir, tmp_path):
            "--lengths", "200", "--per-cell", "2", "--depths", "0.5", "--methods", "full,cake", "--ratios", "0.5",
            "--out", str(tmp_path), "--no-progress", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / chat_model_dir.name
     assert not list(folder.glob("predictions.rank*.jsonl"))
