@@ -128,7 +128,15 @@ def test_eval_then_report(tiny_folder, tmp_path):
     assert {r["label"] for r in rows} == {"full", "cake@r0.5", "streamingllm@r0.5,sinks=2"}
     record = json.loads((folder / "run.json").read_text())
     assert record["methods"]["streamingllm@r0.5,sinks=2"]["scorer"]["sinks"] == 2
-    assert record["suite"]["lengths"] == [600] and record["max_new_tokens"] == 4
+    assert record["suite"]["lengths"] == [600] and record["runs"][-1]["max_new_tokens"] == 4
+    # A second run into the folder (another mode, another method) adds to the record instead of replacing it.
+    result = run("eval", "--models", str(tiny_folder), "--tasks", "needlebench/single", "--lengths", "600",
+                 "--depths", "0,1", "--methods", "snapkv", "--ratios", "0.5", "--modes", "query-agnostic",
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "r"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    record = json.loads((folder / "run.json").read_text())
+    assert len(record["runs"]) == 2 and record["modes"] == ["query-aware", "query-agnostic"]
+    assert {"full", "cake@r0.5", "snapkv@r0.5"} <= set(record["methods"])
     result = run("report", str(tmp_path / "r"), "--out", str(tmp_path / "rep"))
     assert result.exit_code == 0, result.output
     assert "| streamingllm@r0.5,sinks=2 |" in (tmp_path / "rep" / "report.md").read_text()

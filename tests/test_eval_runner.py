@@ -161,4 +161,4 @@ def test_sharded_run_with_torchrun_merges(chat_model_dir, tmp_path):
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 and {r["id"] for r in rows} and all(r["error"] is None for r in rows)
     record = json.loads((folder / "run.json").read_text())
-    assert record["shards"] == 2 and record["versions"]["torch"] == torch.__version__
+    assert record["runs"][-1]["shards"] == 2 and record["runs"][-1]["versions"]["torch"] == torch.__version__

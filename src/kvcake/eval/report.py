@@ -81,10 +81,14 @@ def markdown(table: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
     if records:
         lines += ["## Runs", ""]
         for r in records:
-            versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
-            lines.append(f"- {r.get('model')} ({r.get('architecture')}, {r.get('dtype')}, {r.get('attention')}): "
-                         f"{versions}; commit {str(r.get('git_commit'))[:10]}; seed {r.get('seed')}; "
-                         f"command `{r.get('command')}`")
+            lines.append(f"- {r.get('model')} ({r.get('architecture')}, {r.get('dtype')}, {r.get('attention')}), "
+                         f"seed {r.get('seed')}, suite options {json.dumps(r.get('suite'))}:")
+            for run in r.get("runs", []):
+                versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items())
+                cap = run.get("max_new_tokens")
+                lines.append(f"  - {run.get('started')}: `{run.get('command')}` — commit "
+                             f"{str(run.get('git_commit'))[:10]}; {versions}"
+                             + (f"; answers capped at {cap} tokens" if cap else ""))
         lines.append("")
     return "\n".join(lines)
 

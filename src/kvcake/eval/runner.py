@@ -352,20 +352,28 @@ class EvalRun:
             yield row
 
     def _write_record(self) -> None:
+        """Write ``run.json``: what the folder's rows come from. Every run into the folder is listed under ``runs``
+        (start, command, commit, tasks, modes, settings, answer cap); methods, tasks, modes and settings are the
+        union over the runs."""
         path = self.out / RECORD
         record = dict(self.record)
-        if path.is_file():
-            previous = json.loads(path.read_text())
-            for key in ("model", "seed", "suite"):
-                if key in previous and previous[key] != record.get(key):
-                    raise ValueError(f"{path} was written for {key}={previous[key]!r}, not {record.get(key)!r}: "
-                                     "use another --out folder, or the same settings to resume")
-            record["runs"] = previous.get("runs", []) + [record.pop("started")]
-            record["settings"] = sorted(set(previous.get("settings", [])) | set(record.get("settings", [])))
-        else:
-            record["runs"] = [record.pop("started")]
+        this_run = {key: record.pop(key, None) for key in RUN_KEYS}
+        this_run.update(tasks=record.get("tasks"), modes=record.get("modes"), settings=record.get("settings"))
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        for key in ("model", "seed", "suite"):
+            if key in previous and previous[key] != record.get(key):
+                raise ValueError(f"{path} was written for {key}={previous[key]!r}, not {record.get(key)!r}: "
+                                 "use another --out folder, or the same settings to resume")
+        for key in ("tasks", "modes", "settings"):
+            record[key] = list(dict.fromkeys(previous.get(key, []) + (record.get(key) or [])))
+        record["methods"] = {**previous.get("methods", {}), **record.get("methods", {})}
+        record["runs"] = [r for r in previous.get("runs", []) if isinstance(r, dict)] + [this_run]
         if self.shard.rank == 0:
             path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+#: Fields of a run record that belong to one invocation (kept per run in ``run.json``'s ``runs``).
+RUN_KEYS = ("started", "command", "git_commit", "versions", "host", "max_length", "max_new_tokens", "shards")
 
 
 def _progress(total: int, desc: str, enabled: bool):
