@@ -83,7 +83,7 @@ def markdown(table: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
         for r in records:
             lines.append(f"- {r.get('model')} ({r.get('architecture')}, {r.get('dtype')}, {r.get('attention')}), "
                          f"seed {r.get('seed')}, suite options {json.dumps(r.get('suite'))}:")
-            for run in r.get("runs", []):
+            for run in (x for x in r.get("runs", []) if isinstance(x, dict)):
                 versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items())
                 cap = run.get("max_new_tokens")
                 lines.append(f"  - {run.get('started')}: `{run.get('command')}` — commit "
