@@ -65,6 +65,9 @@ def markdown(table: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
         lines += [f"## {model} — {mode}", "",
                   ("Scores are in [0, 100] (the metric of each task); `KV kept` is the KV-cache bytes after prefill "
                    "over the full cache's, averaged over samples. Failed samples are counted in `failed`."), ""]
+        shared = max((m.get("tasks") or 0 for m in members if m["task"] == "average"), default=0)
+        if shared < len(tasks) - 1:
+            lines += [f"`average` is over the {shared} tasks every setting ran; the other columns are shown apart.", ""]
         lines.append("| method | KV kept | " + " | ".join(t.split("/", 1)[-1] for t in tasks) + " | failed |")
         lines.append("|---|---|" + "---|" * len(tasks) + "---|")
         for label in _order(members):

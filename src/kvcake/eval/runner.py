@@ -398,16 +398,24 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "score": round(sum(r["score"] for r in ok) / len(ok), 2) if ok else None,
             "kv_fraction": round(sum(r["kv_bytes"] / r["kv_bytes_full"] for r in ok) / len(ok), 4) if ok else None,
         })
+    # The average runs over the tasks every setting of a (model, mode) has a score for, so that averages compare
+    # like with like when some settings ran on more tasks than others; ``tasks`` says how many.
+    scored_tasks: dict[tuple, dict[str, set[str]]] = {}
+    for t in table:
+        if t["score"] is not None:
+            scored_tasks.setdefault((t["model"], t["mode"]), {}).setdefault(t["label"], set()).add(t["task"])
+    common = {group: set.intersection(*labels.values()) for group, labels in scored_tasks.items()}
     averages: dict[tuple, list[dict[str, Any]]] = {}
     for t in table:
         averages.setdefault((t["model"], t["mode"], t["label"]), []).append(t)
     for (model, mode, label), members in averages.items():
-        scored = [t for t in members if t["score"] is not None]
+        shared = common.get((model, mode), set())
+        scored = [t for t in members if t["score"] is not None and t["task"] in shared]
         first = members[0]
         table.append({
             "model": model, "mode": mode, "label": label, "method": first["method"], "budget": first["budget"],
             "ratio": first["ratio"], "task": "average", "samples": sum(t["samples"] for t in members),
-            "failed": sum(t["failed"] for t in members),
+            "failed": sum(t["failed"] for t in members), "tasks": len(scored),
             "score": round(sum(t["score"] for t in scored) / len(scored), 2) if scored else None,
             "kv_fraction": round(sum(t["kv_fraction"] for t in scored) / len(scored), 4) if scored else None,
         })
@@ -421,9 +429,9 @@ def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> list[dict[str, An
     table = summarise(rows)
     (folder / "metrics.json").write_text(json.dumps(table, indent=2) + "\n")
     with (folder / "metrics.csv").open("w", newline="", encoding="utf-8") as f:
-        columns = ["model", "mode", "label", "method", "budget", "ratio", "task", "samples", "failed", "score",
-                   "kv_fraction"]
-        writer = csv.DictWriter(f, fieldnames=columns)
+        columns = ["model", "mode", "label", "method", "budget", "ratio", "task", "tasks", "samples", "failed",
+                   "score", "kv_fraction"]
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(table)
     return table
