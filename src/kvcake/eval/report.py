@@ -156,6 +156,8 @@ def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     for (model, mode, task), members in groups.items():
         lengths = sorted({r["meta"]["length"] for r in members})
         depths = sorted({r["meta"]["depth"] for r in members})
+        if len(lengths) * len(depths) < 2:
+            continue  # one cell: the table says it all
         table = summarise(members)
         labels = _order([t for t in table if t["task"] != "average"])
         cols = min(5, len(labels))
