@@ -8,7 +8,7 @@ from test_families import tiny_model
 
 import kvcake
 from kvcake.eval.runner import feed, greedy
-from kvcake.integration.replay import record_prefill, replay
+from kvcake.integration.replay import queries_needed, record_prefill, replay
 from kvcake.methods import registry
 
 METHODS = ["cake", "snapkv", "pyramidkv", "h2o", "tova", "streamingllm", "ada-snapkv", "uniform-cake", "full"]
@@ -79,3 +79,18 @@ def test_question_after_compressed_context_with_covering_budget_is_the_full_cach
     assert torch.equal(a, b)
     whole = model(torch.cat([context, question], 1)).logits[:, -1]
     torch.testing.assert_close(a, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_record_of_the_window_queries_replays_window_methods_exactly():
+    """Keeping only the last ``window`` queries per layer is enough for every scorer that reads the window."""
+    model = tiny_llama("sdpa")
+    ids = prompt(80)
+    names = ["cake", "snapkv", "pyramidkv", "tova", "streamingllm", "ada-snapkv", "uniform-cake"]
+    methods = [registry.build(n, budget=40) for n in names]
+    assert queries_needed(methods) == 32
+    assert queries_needed(methods + [registry.build("h2o", budget=40)]) is None  # H2O sums every query's attention
+    record, _ = record_prefill(model, ids, methods[0], queries=queries_needed(methods))
+    assert all(layer.query.shape[2] == 32 for layer in record.layers.values())
+    for method in methods:
+        _, direct = record_prefill(model, ids, method)
+        _same_cache(direct, replay(model, record, method))

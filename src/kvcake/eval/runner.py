@@ -28,7 +28,7 @@ import torch
 from kvcake.eval import metrics
 from kvcake.eval.sample import Sample
 from kvcake.integration.cache import KVCakeCache, cache_kv_bytes
-from kvcake.integration.replay import record_prefill, replay
+from kvcake.integration.replay import queries_needed, record_prefill, replay
 from kvcake.integration.session import cache_keyword, compress
 from kvcake.methods import registry
 
@@ -183,7 +183,8 @@ def answer_settings(model, tokenizer, sample: Sample, settings: list[Setting], m
         rest = None if mode == "query-aware" or question.shape[1] == 0 else question
         recorded = next((s for s in settings if s.method != "full"), settings[0])
         start = time.perf_counter()
-        record, first_cache = record_prefill(model, prefill_ids, recorded.build())
+        record, first_cache = record_prefill(model, prefill_ids, recorded.build(),
+                                             queries=queries_needed([s.build() for s in settings]))
         prefill_seconds = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - recorded per sample by the caller
         for setting in settings:

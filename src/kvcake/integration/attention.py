@@ -79,7 +79,10 @@ def _make_wrapper(base: str) -> Callable:
             out = own(module, query, key, value, attention_mask, *args, **kwargs)
             key_valid = _key_valid(attention_mask, key.shape[2])
             if cache.recorder is not None:
-                cache.recorder[layer_idx] = PrefillLayer(key.clone(), value.clone(), query, key_valid, scaling, softcap)
+                keep = cache.record_queries
+                # A slice keeps the whole tensor alive: copy the rows kept so the full queries can be freed.
+                q = query if keep is None or keep >= query.shape[2] else query[:, :, -keep:].clone()
+                cache.recorder[layer_idx] = PrefillLayer(key.clone(), value.clone(), q, key_valid, scaling, softcap)
             score_prefill(cache, layer_idx, query, key, key_valid, scaling, softcap)
             return out
         return _attend_compressed(cache, layer_idx, base, own, (scaling, softcap), module, query, key, value,

@@ -268,6 +268,8 @@ class KVCakeCache(DynamicCache):
         self._nonfinite: torch.Tensor | None = None
         #: Set to a dict to have the prefill record every layer's attention inputs (see :mod:`kvcake.integration.replay`).
         self.recorder: dict | None = None
+        #: With a recorder: keep only the last this-many queries of each layer (None: all of them).
+        self.record_queries: int | None = None
 
     def reset(self) -> None:
         """Empty every layer and forget the request (prompt, budgets, scores), ready for a new prefill."""

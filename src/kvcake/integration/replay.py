@@ -38,8 +38,13 @@ def _text_config(model):
 
 
 @torch.no_grad()
-def record_prefill(model, input_ids: torch.Tensor, method) -> tuple[PrefillRecord, KVCakeCache]:
+def record_prefill(model, input_ids: torch.Tensor, method,
+                   queries: int | None = None) -> tuple[PrefillRecord, KVCakeCache]:
     """Prefill ``input_ids`` compressed by ``method``; return the record and that method's cache.
+
+    ``queries`` keeps only each layer's last that-many queries: enough for every method to be replayed whose
+    window is at most that long and whose scorer reads only the window (not H2O, see :func:`queries_needed`); None
+    keeps them all (a prompt's queries weigh as much as its keys and values together, or more).
 
     ``method`` None prefills a full cache and records only the logits (nothing to replay from it).
     """
@@ -49,12 +54,21 @@ def record_prefill(model, input_ids: torch.Tensor, method) -> tuple[PrefillRecor
     with compress(model, method) as press:
         cache = press.new_cache()
         cache.recorder = {}
+        cache.record_queries = queries
         out = model(input_ids=input_ids, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
         layers, cache.recorder = cache.recorder, None
     if len(layers) != len(cache.layers):
         raise RuntimeError(f"recorded {len(layers)} of {len(cache.layers)} layers: the model bypassed the cache")
     record = PrefillRecord(logits=out.logits[:, -1].float(), layers=layers, length=input_ids.shape[1])
     return record, output_cache(out) or cache
+
+
+def queries_needed(methods) -> int | None:
+    """How many trailing queries a record must keep to replay every one of ``methods`` (None: all)."""
+    methods = [m for m in methods if m is not None]
+    if not methods or any(getattr(m.scorer, "all_queries", True) for m in methods):
+        return None
+    return max(m.window for m in methods)
 
 
 @torch.no_grad()

@@ -71,6 +71,7 @@ class CakeScores:
     kernel: int = 5
     name = "cake"
     keeps_scores = False
+    all_queries = False
 
     def __post_init__(self) -> None:
         _check_kernel(self.kernel)
@@ -98,6 +99,7 @@ class SnapKVScores:
     pooling: str = "max"
     name = "snapkv"
     keeps_scores = False
+    all_queries = False
 
     def __post_init__(self) -> None:
         _check_kernel(self.kernel)
@@ -124,6 +126,7 @@ class H2OScores:
 
     name = "h2o"
     keeps_scores = True
+    all_queries = True  # prefill reads every prompt query, not only the window's
 
     def prefill(self, view: LayerView, window: int) -> torch.Tensor:
         return group_mean(view.accumulated_attention(), view.kv_heads)
@@ -141,6 +144,7 @@ class TOVAScores:
 
     name = "tova"
     keeps_scores = False
+    all_queries = False
 
     def prefill(self, view: LayerView, window: int) -> torch.Tensor:
         last = view.window_attention(1)[:, :, -1]  # (B, Hq, S)
@@ -161,6 +165,7 @@ class StreamingScores:
     sinks: int = 4
     name = "streamingllm"
     keeps_scores = True
+    all_queries = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.sinks, int) or self.sinks < 0:
