@@ -110,6 +110,8 @@ def test_every_method_runs_by_name(tiny_folder, method):
     (["--methods", "cake", "--ratios", ""], "needs at least one budget or ratio"),
     (["--methods", "cake", "--ratios", "0.5", "--param", "cake.nope=1"], "no parameter"),
     (["--methods", "full", "--modes", "sideways"], "unknown mode"),
+    (["--methods", "full", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--methods", "full", "--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_eval_bad_input_is_a_clear_error(tiny_folder, tmp_path, args, message):
     result = run("eval", "--models", str(tiny_folder), "--out", str(tmp_path), *args)

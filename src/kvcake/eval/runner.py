@@ -506,6 +506,12 @@ def evaluate(models: list[str | None], task_names: list[str], settings: list[Set
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no GPU here")
     tasks = check(task_names, options)
     shard = Shard.from_env()
     if device == "cuda" and shard.world > 1:
