@@ -369,10 +369,9 @@ class _null:
 
 
 def _vocab(model) -> int:
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    return int(config.vocab_size)
+    from kvcake.integration.session import text_config
+
+    return int(text_config(model).vocab_size)
 
 
 def _progress(total: int, enabled: bool):

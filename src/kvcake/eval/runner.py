@@ -127,6 +127,11 @@ def encode(tokenizer, sample: Sample, max_length: int | None = None) -> Encoded:
 
 
 # -- generation ------------------------------------------------------------------------------------------------------
+def _attached(model, method):
+    """``method`` attached to ``model`` for a block (nothing for the full cache)."""
+    return compress(model, method) if method is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def greedy(model, cache, logits: torch.Tensor, position: int, method, max_new_tokens: int,
            eos: Iterable[int]) -> list[int]:
@@ -138,8 +143,7 @@ def greedy(model, cache, logits: torch.Tensor, position: int, method, max_new_to
     tokens: list[int] = []
     keyword = cache_keyword(model)
     device = logits.device
-    context = compress(model, method) if method is not None else contextlib.nullcontext()
-    with context:
+    with _attached(model, method):
         nxt = int(logits[0].argmax())
         while nxt not in stop and len(tokens) < max_new_tokens:
             tokens.append(nxt)
@@ -155,9 +159,8 @@ def greedy(model, cache, logits: torch.Tensor, position: int, method, max_new_to
 @torch.no_grad()
 def feed(model, cache, ids: torch.Tensor, position: int, method) -> torch.Tensor:
     """Run ``ids`` on top of ``cache`` (the question after a compressed context); the last position's logits."""
-    context = compress(model, method) if method is not None else contextlib.nullcontext()
     positions = torch.arange(position, position + ids.shape[1], device=ids.device)[None]
-    with context:
+    with _attached(model, method):
         out = model(input_ids=ids, position_ids=positions, **{cache_keyword(model): cache}, use_cache=True,
                     logits_to_keep=1)
     return out.logits[:, -1].float()
@@ -181,20 +184,19 @@ def answer_settings(model, tokenizer, sample: Sample, settings: list[Setting], m
         ctx, question = enc.context_ids.to(device), enc.question_ids.to(device)
         prefill_ids = torch.cat([ctx, question], dim=1) if mode == "query-aware" else ctx
         rest = None if mode == "query-aware" or question.shape[1] == 0 else question
-        recorded = next((s for s in settings if s.method != "full"), settings[0])
+        methods = [s.build() for s in settings]
+        recorded = next((i for i, m in enumerate(methods) if m is not None), 0)
         start = time.perf_counter()
-        record, first_cache = record_prefill(model, prefill_ids, recorded.build(),
-                                             queries=queries_needed([s.build() for s in settings]))
+        record, first_cache = record_prefill(model, prefill_ids, methods[recorded], queries=queries_needed(methods))
         prefill_seconds = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - recorded per sample by the caller
         for setting in settings:
             yield setting, exc
         return
-    for setting in settings:
+    for i, (setting, method) in enumerate(zip(settings, methods)):
         begin = time.perf_counter()
         try:
-            method = setting.build()
-            cache = first_cache if setting is recorded else replay(model, record, method)
+            cache = first_cache if i == recorded else replay(model, record, method)
             after_prefill = _memory(cache)
             logits, position = record.logits, prefill_ids.shape[1]
             if rest is not None:
@@ -236,7 +238,7 @@ def read_predictions(folder: Path) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for path in sorted(folder.glob(f"{PREDICTIONS}*.jsonl")):
         with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+            for line in f:
                 if not line.strip():
                     continue
                 try:
@@ -296,7 +298,8 @@ class EvalRun:
     shard: Shard = field(default_factory=Shard)
     progress: bool = True
 
-    def pending(self, done: set[str]) -> list[tuple[int, Sample, str, list[Setting]]]:
+    def pending(self, done: set[str]) -> list[tuple[Sample, str, list[Setting]]]:
+        """This shard's (sample, mode, settings still to answer), skipping rows already in ``done``."""
         work = []
         for index, sample in enumerate(self.samples):
             if not self.shard.mine(index):
@@ -304,7 +307,7 @@ class EvalRun:
             for mode in self.modes:
                 todo = [s for s in self.settings if row_key(sample.task, sample.id, s.label, mode) not in done]
                 if todo:
-                    work.append((index, sample, mode, todo))
+                    work.append((sample, mode, todo))
         return work
 
     def run(self) -> list[dict[str, Any]]:
@@ -317,11 +320,11 @@ class EvalRun:
         bar = _progress(total, f"{self.record.get('model', 'model')} [{self.shard.rank}/{self.shard.world}]",
                         self.progress and total > 0)
         path = self.out / self.shard.filename
-        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        torn = _ends_mid_line(path)
         with path.open("a", encoding="utf-8") as f:
             if torn:  # a run killed mid-line: start on a fresh line (the torn one is ignored when read)
                 f.write("\n")
-            for _, sample, mode, todo in work:
+            for sample, mode, todo in work:
                 for row in self._answer(sample, mode, todo):
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     f.flush()
@@ -329,9 +332,12 @@ class EvalRun:
                     bar.set_postfix_str(f"{sample.task} {row['label']}", refresh=False)
         bar.close()
         barrier(self.shard)
+        if self.shard.rank != 0:
+            return read_predictions(self.out)
+        if self.shard.world > 1:
+            return merge(self.out)  # one predictions.jsonl from the shards, and the metrics
         rows = read_predictions(self.out)
-        if self.shard.rank == 0:
-            write_metrics(self.out, rows)
+        write_metrics(self.out, rows)
         return rows
 
     def _answer(self, sample: Sample, mode: str, todo: list[Setting]) -> Iterator[dict[str, Any]]:
@@ -375,6 +381,15 @@ class EvalRun:
 
 #: Fields of a run record that belong to one invocation (kept per run in ``run.json``'s ``runs``).
 RUN_KEYS = ("started", "command", "git_commit", "versions", "host", "max_length", "max_new_tokens", "shards")
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether ``path`` exists and its last byte is not a newline (a run was killed while writing)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -529,8 +544,6 @@ def evaluate(models: list[str | None], task_names: list[str], settings: list[Set
         EvalRun(model, tokenizer, samples, settings, modes, folder, registry_models.eos_token_ids(model, tokenizer),
                 record=record, max_length=limit, max_new_tokens=max_new_tokens, retry_failed=retry_failed,
                 shard=shard, progress=progress).run()
-        if shard.rank == 0 and shard.world > 1:
-            merge(folder)
         folders.append(folder)
         del model
     return folders

@@ -16,7 +16,12 @@ from transformers.cache_utils import DynamicCache
 
 from kvcake.integration.attention import PrefillLayer, score_prefill
 from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.session import cache_keyword, compress, output_cache
+from kvcake.integration.session import (
+    cache_keyword,
+    compress,
+    output_cache,
+    text_config,
+)
 
 
 @dataclass
@@ -30,11 +35,6 @@ class PrefillRecord:
     def nbytes(self) -> int:
         tensors = [t for layer in self.layers.values() for t in (layer.key, layer.value, layer.query) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 @torch.no_grad()
@@ -74,7 +74,7 @@ def queries_needed(methods) -> int | None:
 @torch.no_grad()
 def replay(model, record: PrefillRecord, method) -> DynamicCache:
     """The cache a prefill compressed by ``method`` would leave (``None``: the full cache)."""
-    config = _text_config(model)
+    config = text_config(model)
     cache = DynamicCache(config=config) if method is None else KVCakeCache(config=config, method=method)
     for layer_idx in sorted(record.layers):
         layer = record.layers[layer_idx]

@@ -31,6 +31,12 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def text_config(model: torch.nn.Module):
+    """The decoder's configuration (the text part of a multimodal model's)."""
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def output_cache(out):
     """The cache a model forward or ``generate(return_dict_in_generate=True)`` returned, under either name."""
     for name in ("cache", "past_key_values"):
@@ -113,10 +119,7 @@ class Compression:
     # -- caches ------------------------------------------------------------------------------------------------------
     def new_cache(self) -> KVCakeCache:
         """A fresh compressed cache for this model and method (pass it as the model's cache yourself if you like)."""
-        config = self.model.config
-        if hasattr(config, "get_text_config"):
-            config = config.get_text_config(decoder=True)
-        return KVCakeCache(config=config, method=self.method)
+        return KVCakeCache(config=text_config(self.model), method=self.method)
 
     def _cache_kwarg(self) -> str:
         """The name the model's forward takes its cache under (``cache`` since transformers 5.3ish, before
