@@ -124,11 +124,15 @@ def embedded_parts(name: str) -> list[Path]:
     return paths
 
 
-def _sha256(path: Path) -> str:
+def _sha256(parts: list[Path], out=None) -> str:
+    """sha256 of the concatenation of ``parts``, read once in chunks (and written to ``out`` if given)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+    for part in parts:
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+                if out is not None:
+                    out.write(chunk)
     return digest.hexdigest()
 
 
@@ -152,7 +156,7 @@ def assembled_gguf(name: str, directory: Path | None = None) -> Iterator[Path]:
     entry = EMBEDDED[name]
     parts = embedded_parts(name)
     if len(parts) == 1:
-        _check_hash(name, _sha256(parts[0]))
+        _check_hash(name, _sha256(parts))
         yield parts[0]
         return
     directory = Path(directory) if directory is not None else cache_root()
@@ -160,14 +164,9 @@ def assembled_gguf(name: str, directory: Path | None = None) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-gguf-", dir=directory))
     try:
         target = tmp / entry.gguf_name
-        digest = hashlib.sha256()
         with open(target, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        digest.update(chunk)
-                        out.write(chunk)
-        _check_hash(name, digest.hexdigest())
+            actual = _sha256(parts, out)
+        _check_hash(name, actual)
         yield target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
