@@ -119,7 +119,8 @@ def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
                 if m["method"] == "full":
                     ax.axhline(m["score"], color="black", linestyle="--", linewidth=1, label="full")
             by_method: dict[str, list] = defaultdict(list)
-            for m in sorted(here, key=lambda m: _order(here).index(m["label"])):
+            order = _order(here)
+            for m in sorted(here, key=lambda m: order.index(m["label"])):
                 if m["method"] != "full" and (m["ratio"] is not None) == ratios:
                     by_method[m["method"]].append((_size(m), m["score"]))
             for method, points in by_method.items():
