@@ -96,10 +96,11 @@ def row_entries(cache, row, first_real):
     """Per layer and KV head, the keys/values of one row's real kept entries (fillers and padding dropped)."""
     kv = {}
     for i, layer in enumerate(cache.layers):
-        pos = layer.position_table()[row]
+        keys, values, pos = layer.entries()
+        pos = pos[row]
         heads = []
         for h in range(pos.shape[0]):
             keep = pos[h] >= first_real
-            heads.append((layer.keys[row, h][keep], layer.values[row, h][keep]))
+            heads.append((keys[row, h][keep], values[row, h][keep]))
         kv[i] = heads
     return kv

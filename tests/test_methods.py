@@ -230,7 +230,9 @@ def test_decode_eviction_holds_the_budget_over_200_tokens(name):
     if name != "cake":  # uniform methods; CAKE splits the 40 tokens by preference
         assert report.budgets == [[20, 20]]
     assert lengths == report.budgets[0]
-    assert report.kv_bytes == sum(report.budgets[0]) * KV_HEADS * 2 * HEAD_DIM * 4
+    per_entry = KV_HEADS * 2 * HEAD_DIM * 4
+    assert report.spare_bytes == len(lengths) * per_entry  # one slot per layer for the next token
+    assert report.kv_bytes == sum(report.budgets[0]) * per_entry + report.spare_bytes
 
 
 def _removed(before, after):

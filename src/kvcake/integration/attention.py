@@ -148,18 +148,24 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
 
     # A single new query of a one-row batch without filler slots sees every stored entry: no mask to build.
     plain = q_len == 1 and query.shape[0] == 1 and not layer.has_fillers
-    allowed = None if plain else layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L)
+    allowed = None if plain else layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L), entries in position order
+    # Keys and values may sit in slot order (see cache.py); a single query only ever meets such a layer.
+    in_slots = layer.to_slots(allowed)
     probs = None
     if (evict or track) and q_len == 1 and layer.positions is not None:
         # The scorer needs this query's attention anyway: compute it once and the output from it.
-        out, probs = _attend_one_query(base, query, key, value, allowed, scaling, softcap)
+        out, probs = _attend_one_query(query, key, value, in_slots, scaling, softcap)
         cache.flag_nonfinite(probs)
+        probs = layer.from_slots(probs)
+        # eager also returns the weights (output_attentions): over the entries in position order, like the mask.
+        out = (out, probs.unsqueeze(2).to(query.dtype) if base == "eager" else None)
     elif layer.positions is None:
         out = own(module, query, key, value, attention_mask, *args, **kwargs)
     else:
-        out = _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs)
+        out = _run_masked(base, own, module, query, key, value, in_slots, *args, **kwargs)
     if evict or track:
         with torch.no_grad():
+            # With ``probs`` given, scorers read attention from it; keys only tell the number of KV heads.
             ctx = DecodeView(query=query, keys=key, scaling=scaling, softcap=softcap, allowed=allowed,
                              positions=layer.position_table(), stored=layer.scores, probs=probs)
             scores = method.scorer.decode(ctx)
@@ -178,19 +184,17 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
     return out
 
 
-def _attend_one_query(base, query, key, value, allowed, scaling, softcap):
+def _attend_one_query(query, key, value, allowed, scaling, softcap):
     """Attention of a single new query over the stored entries, float32 probabilities, KV heads never repeated.
 
-    Returns the backend-shaped output ``(B, 1, Hq, D)`` with eager's weights (or None), and the probabilities
-    ``(B, Hq, L)`` for the scorer.
+    Returns the backend-shaped output ``(B, 1, Hq, D)`` and the probabilities ``(B, Hq, L)`` for the scorer.
     """
     batch, q_heads, _, _ = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     probs = last_query_attention(query, key, scaling, allowed, softcap, check=False)  # (B, Hq, L)
     grouped = probs.view(batch, kv_heads, q_heads // kv_heads, length).to(value.dtype)
     out = torch.matmul(grouped, value).reshape(batch, q_heads, 1, -1).transpose(1, 2).contiguous()
-    weights = probs.view(batch, q_heads, 1, length).to(query.dtype) if base == "eager" else None
-    return (out.to(query.dtype), weights), probs
+    return out.to(query.dtype), probs
 
 
 def _run_masked(base, own, module, query, key, value, allowed, /, *args, **kwargs):

@@ -5,6 +5,13 @@ the original position of every kept entry, ``(batch, kv_heads, length)``. The lo
 ``generate`` and the mask builders see) is kept apart from each layer's physical length, so positions and RoPE stay
 right after eviction. Rows of a batch may keep different numbers of tokens; the shorter rows are padded with
 "filler" slots (position -1) that are masked out and counted honestly in the memory figures.
+
+Decode-time eviction drops one entry per head and step. Rather than compacting keys and values (a copy of the whole
+layer per step), the dropped entry's slot is left free and the next token is written into it in place, so keys and
+values are stored in *slot order* while positions (and kept scores) stay in *position order*; ``order`` maps the
+one to the other. Attention does not depend on the order of its keys, so the only per-step costs are index
+bookkeeping on ``(batch, kv_heads, length)`` integers and a one-entry write. :meth:`CompressedLayer.entries` gives
+keys and values back in position order.
 """
 
 from __future__ import annotations
@@ -40,8 +47,13 @@ def take(x: torch.Tensor, index: torch.Tensor, flat: torch.Tensor | None = None)
     return x.reshape(batch * heads * length, *rest).index_select(0, flat).view(batch, heads, index.shape[-1], *rest)
 
 
+def base_order(batch: int, heads: int, length: int, device) -> torch.Tensor:
+    """The identity slot order ``(B, H, length)``."""
+    return torch.arange(length, device=device).expand(batch, heads, length)
+
+
 def layer_kv_bytes(layer) -> int:
-    """Bytes of one cache layer's keys and values (0 while it holds none)."""
+    """Bytes of one cache layer's keys and values (0 while it holds none), free slots included."""
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if keys is None or values is None or not keys.numel():
         return 0
@@ -66,6 +78,12 @@ class CompressedLayer(DynamicLayer):
         Per row, how many stored entries are real tokens of that row (host-side, no device sync).
     scores : Tensor ``(B, Hkv, L)`` or None
         Prefill eviction indicator, kept aligned with the entries during the cascade (+inf window, -inf padding).
+    order : Tensor ``(B, Hkv, L)`` int64 or None
+        Slot of ``keys``/``values`` holding the i-th entry in position order; None while slots are in position order.
+        ``positions`` and ``scores`` are always in position order.
+    free : Tensor ``(B, Hkv, 1)`` int64 or None
+        The slot decode-time eviction freed, which the next token is written into (keys and values then hold one
+        slot more than the entries).
     """
 
     def __init__(self, **kwargs):
@@ -75,15 +93,24 @@ class CompressedLayer(DynamicLayer):
         self.valid_counts: list[int] | None = None
         self.scores: torch.Tensor | None = None
         self.has_fillers = False  # host-side: some slot is a filler (position -1)
+        self.order: torch.Tensor | None = None
+        self.free: torch.Tensor | None = None
+        self._drop_plan: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     # -- transformers' layer interface ------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
         new = key_states.shape[-2]
+        if self.free is not None and new == 1 and self._writable(key_states, value_states):
+            return self._fill_free_slot(key_states, value_states)
+        self.in_position_order()
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.positions is not None:
             batch, heads = key_states.shape[:2]
-            fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device)
-            self.positions = torch.cat([self.positions, fresh.expand(batch, heads, new)], dim=-1)
+            if new == 1:
+                fresh = self.positions.new_full((batch, heads, 1), self.seen)
+            else:
+                fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device).expand(batch, heads, new)
+            self.positions = torch.cat([self.positions, fresh], dim=-1)
         if self.valid_counts is not None:
             self.valid_counts = [v + new for v in self.valid_counts]
         if self.scores is not None:  # scorers that keep scores (H2O): new entries start at 0
@@ -91,6 +118,59 @@ class CompressedLayer(DynamicLayer):
             self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=-1)
         self.seen += new
         return keys, values
+
+    def _writable(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether the new token may be written into the stored tensors in place: no autograd history to break and
+        no inference tensor written outside inference mode (else the layer falls back to concatenation)."""
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            return False
+        return not (self.keys.is_inference() and not torch.is_inference_mode_enabled())
+
+    def _fill_free_slot(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write one new token into the free slot of every row and head: no copy of the layer."""
+        free, self.free = self.free, None
+        self.keys.scatter_(2, free.unsqueeze(-1).expand_as(key_states), key_states)
+        self.values.scatter_(2, free.unsqueeze(-1).expand_as(value_states), value_states)
+        self.order = torch.cat([self.order, free], dim=-1)
+        self.positions = torch.cat([self.positions, torch.full_like(free, self.seen)], dim=-1)
+        if self.scores is not None:  # scorers that keep scores (H2O): new entries start at 0
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(free.shape)], dim=-1)
+        self.valid_counts = [v + 1 for v in self.valid_counts]
+        self.seen += 1
+        return self.keys, self.values
+
+    def in_position_order(self) -> None:
+        """Store keys and values in position order again (one copy of the layer; the free slot goes). Every path
+        but decoding one token at a time with one eviction per step starts here."""
+        if self.order is not None:
+            flat = flat_index(self.order, self.keys.shape[-2])
+            self.keys, self.values = take(self.keys, self.order, flat), take(self.values, self.order, flat)
+            self.order = self.free = None
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``(B, Hkv, L, D)`` and positions ``(B, Hkv, L)`` of the stored entries in position order
+        (fillers, at position -1, first), without changing the layer."""
+        if self.order is None:
+            return self.keys, self.values, self.position_table()
+        flat = flat_index(self.order, self.keys.shape[-2])
+        return take(self.keys, self.order, flat), take(self.values, self.order, flat), self.positions
+
+    def to_slots(self, allowed: torch.Tensor | None) -> torch.Tensor | None:
+        """A bool mask ``(B, Hkv, q, L)`` over the entries in position order, laid over the slots (the free slot
+        masked out)."""
+        if allowed is None or self.order is None:
+            return allowed
+        slots = allowed.new_zeros(*allowed.shape[:-1], self.keys.shape[-2])
+        return slots.scatter_(-1, self.order.unsqueeze(2).expand(allowed.shape), allowed)
+
+    def from_slots(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-slot values ``(B, H, slots)`` (H a multiple of the KV heads) as per-entry values in position order."""
+        if self.order is None:
+            return values
+        batch, heads, slots = values.shape
+        kv_heads, length = self.order.shape[1], self.order.shape[-1]
+        index = self.order.unsqueeze(2).expand(batch, kv_heads, heads // kv_heads, length)
+        return values.view(batch, kv_heads, heads // kv_heads, slots).gather(-1, index).view(batch, heads, length)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -109,6 +189,7 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = False
         self.positions, self.seen, self.valid_counts, self.scores = None, 0, None, None
         self.has_fillers = False
+        self.order = self.free = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.positions is not None:
@@ -117,14 +198,17 @@ class CompressedLayer(DynamicLayer):
         self.seen = self.keys.shape[-2] if self.is_initialized else 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.in_position_order()
         super().reorder_cache(beam_idx)
         self._select_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.in_position_order()
         super().batch_select_indices(indices)
         self._select_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.in_position_order()
         super().batch_repeat_interleave(repeats)
         if self.positions is not None:
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
@@ -140,11 +224,18 @@ class CompressedLayer(DynamicLayer):
     # -- kvcake ------------------------------------------------------------------------------------------------------
     @property
     def length(self) -> int:
-        """Physical number of stored entries per head."""
-        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+        """Number of stored entries per head (fillers included, the free slot not)."""
+        if not self.is_initialized or self.keys.numel() == 0:
+            return 0
+        return self.keys.shape[-2] - (self.free is not None)
 
     def nbytes(self) -> int:
+        """Bytes of keys and values held, the free slot included."""
         return layer_kv_bytes(self)
+
+    def spare_bytes(self) -> int:
+        """Bytes of the free slot (0 without one)."""
+        return 0 if self.free is None else self.nbytes() // self.keys.shape[-2]
 
     def position_table(self) -> torch.Tensor:
         """Positions of the stored entries, materialised if the layer is untouched."""
@@ -161,6 +252,7 @@ class CompressedLayer(DynamicLayer):
         the top k of the top k' (k <= k') equals keeping the top k at once. Kept entries stay in position order;
         heads or rows that keep fewer than the longest are padded in front with filler slots (position -1).
         """
+        self.in_position_order()
         length = self.length
         device = self.keys.device
         counts = torch.as_tensor(keep_counts, device=device)
@@ -185,17 +277,34 @@ class CompressedLayer(DynamicLayer):
 
     def drop_lowest(self, scores: torch.Tensor, window: int) -> None:
         """Drop, in every row and KV head, the lowest-scored entry outside the last ``window`` (decode-time
-        eviction's common case): an argmin and one index_select per tensor instead of a sort; order is kept."""
+        eviction's common case). ``scores`` are per entry in position order, like ``positions``.
+
+        An argmin, then bookkeeping on ``(B, Hkv, L)`` integers: the entry's slot becomes the free slot that the
+        next token is written into, so keys and values are neither copied nor moved.
+        """
         batch, heads, length = scores.shape
+        if self.free is not None or self.keys.shape[-2] != length:
+            raise RuntimeError("drop_lowest needs a layer whose slots all hold entries")
         lowest = scores[..., : max(1, length - window)].argmin(dim=-1, keepdim=True)  # (B, H, 1)
-        index = torch.arange(length - 1, device=scores.device).expand(batch, heads, length - 1)
-        index = index + (index >= lowest)
-        flat = flat_index(index, length)
-        self.keys, self.values = take(self.keys, index, flat), take(self.values, index, flat)
-        self.positions = take(self.position_table(), index, flat)
+        base, flat_base = self._drop_index(batch, heads, length, scores.device)
+        flat = (flat_base + (base >= lowest)).reshape(-1)  # entries after the dropped one move down by one
+        order = self.order if self.order is not None else base_order(batch, heads, length, scores.device)
+        self.free = order.gather(-1, lowest)
+        self.order = take(order, base, flat)
+        self.positions = take(self.position_table(), base, flat)
         if self.scores is not None:
-            self.scores = take(self.scores, index, flat)
+            self.scores = take(self.scores, base, flat)
         self.valid_counts = [v - 1 for v in self.valid_counts]
+
+    def _drop_index(self, batch: int, heads: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For :meth:`drop_lowest`, cached per shape: ``base`` ``(1, 1, length - 1)`` = 0, 1, ..., length-2 and the
+        same as flat indices into ``(B, H, length)``; ``base + (base >= lowest)`` skips the lowest entry."""
+        key = (batch, heads, length, device)
+        if self._drop_plan is None or self._drop_plan[0] != key:
+            base = torch.arange(length - 1, device=device).view(1, 1, length - 1)
+            offsets = torch.arange(batch * heads, device=device).view(batch, heads, 1) * length
+            self._drop_plan = (key, base, base + offsets)
+        return self._drop_plan[1], self._drop_plan[2]
 
     def ranking(self, scores: torch.Tensor, window: int) -> torch.Tensor:
         """``scores`` with the last ``window`` stored entries protected (+inf): what eviction sorts by."""
@@ -265,7 +374,7 @@ class KVCakeCache(DynamicCache):
         self.prefill_kept: list[list[int]] | None = None
         self.peak_kv_bytes = 0
         self._decode_targets: tuple[int, list[list[int]]] | None = None
-        self._nonfinite: torch.Tensor | None = None
+        self._prob_total: torch.Tensor | None = None
         #: Set to a dict to have the prefill record every layer's attention inputs (see :mod:`kvcake.integration.replay`).
         self.recorder: dict | None = None
         #: With a recorder: keep only the last this-many queries of each layer (None: all of them).
@@ -297,16 +406,19 @@ class KVCakeCache(DynamicCache):
 
     # -- numerical safety --------------------------------------------------------------------------------------------
     def flag_nonfinite(self, probs: torch.Tensor) -> None:
-        """Remember, on the device and without a sync, whether attention probabilities had NaN or inf."""
-        bad = ~torch.isfinite(probs.sum(dim=-1)).all()
-        if self._nonfinite is not None:
-            bad = bad.to(self._nonfinite.device) | self._nonfinite
-        self._nonfinite = bad
+        """Remember, on the device and without a sync, whether attention probabilities had NaN or inf.
+
+        Probabilities are finite and at most 1, so their running sum over a step's layers is finite exactly when
+        every one of them is: one sum and one add per layer, one check per step."""
+        total = probs.sum()
+        if self._prob_total is not None:
+            total = total.to(self._prob_total.device) + self._prob_total
+        self._prob_total = total
 
     def raise_if_nonfinite(self) -> None:
-        if self._nonfinite is not None:
-            bad, self._nonfinite = bool(self._nonfinite), None
-            if bad:
+        if self._prob_total is not None:
+            total, self._prob_total = self._prob_total, None
+            if not bool(torch.isfinite(total)):
                 raise NonFiniteAttentionError("attention logits at decode time contain NaN or inf")
 
     # -- memory accounting -------------------------------------------------------------------------------------------
@@ -315,12 +427,13 @@ class KVCakeCache(DynamicCache):
         return cache_kv_bytes(self)
 
     def metadata_bytes(self) -> int:
-        """Bytes of kvcake's own bookkeeping (kept positions)."""
-        return sum(
-            layer.positions.numel() * layer.positions.element_size()
-            for layer in self.layers
-            if isinstance(layer, CompressedLayer) and layer.positions is not None
-        )
+        """Bytes of kvcake's own bookkeeping (kept positions, slot order)."""
+        tables = [
+            table
+            for layer in self.layers if isinstance(layer, CompressedLayer)
+            for table in (layer.positions, layer.order) if table is not None
+        ]
+        return sum(t.numel() * t.element_size() for t in tables)
 
     def kv_bytes_full(self) -> int:
         """What the same cache would hold without eviction."""

@@ -49,6 +49,9 @@ class Report:
         Part of ``kv_bytes`` held by masked filler slots: rows of a batch keeping fewer tokens than the longest row,
         and, with head-wise (Ada-KV) allocation, heads keeping fewer than the layer's longest head. The cascade bound
         ``peak_bound_bytes`` counts kept tokens; the padded layout may exceed it by these slots.
+    spare_bytes : int
+        Part of ``kv_bytes`` held by free slots: between decoding steps, a layer that evicted holds the slot of the
+        entry it dropped, which the next token is written into in place (it saves a copy of the layer per step).
     """
 
     method: dict[str, Any]
@@ -66,6 +69,7 @@ class Report:
     peak_bound_bytes: int
     metadata_bytes: int
     padding_bytes: int = 0
+    spare_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -106,6 +110,7 @@ class Report:
                 int((layer.positions < 0).sum()) * layer.nbytes() // max(layer.positions.numel(), 1)
                 for layer in layers if layer.positions is not None
             ),
+            spare_bytes=sum(layer.spare_bytes() for layer in layers),
         )
 
     def to_dict(self) -> dict[str, Any]:
