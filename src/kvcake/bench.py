@@ -167,6 +167,25 @@ def load_model(name_or_path: str | None = "small", dtype: torch.dtype | str | No
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------------
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def sdpa_backend(name: str | None):
+    """A context restricting torch's scaled_dot_product_attention to one kernel: ``flash`` (FlashAttention-2, as
+    built into PyTorch), ``efficient`` (memory-efficient), ``cudnn`` or ``math``; None leaves PyTorch's choice."""
+    import contextlib
+
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if name not in kernels:
+        raise ValueError(f"unknown sdpa backend {name!r}; use one of {', '.join(SDPA_BACKENDS)}")
+    return sdpa_kernel(kernels[name])
+
+
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -688,8 +707,9 @@ def markdown_report(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
                      f"transformers {hw.get('transformers')}")
     if rows:
         r0 = rows[0]
-        lines.append(f"- model: {r0.get('model')}; dtype {r0.get('dtype')}; attention {r0.get('attn_implementation')};"
-                     f" device {r0.get('device')}")
+        kernel = f" (sdpa kernel: {r0['sdpa_backend']})" if r0.get("sdpa_backend") else ""
+        lines.append(f"- model: {r0.get('model')}; dtype {r0.get('dtype')}; attention {r0.get('attn_implementation')}"
+                     f"{kernel}; device {r0.get('device')}")
         lines.append(f"- budget {r0.get('budget')} tokens per layer" if r0.get("budget") is not None
                      else f"- ratio {r0.get('ratio')} of the prompt")
         lines.append(f"- {r0.get('decode_tokens')} decoded tokens, {r0.get('repeats')} measured runs after "
@@ -821,8 +841,8 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
     meta.setdefault("hardware", hardware())
     meta.setdefault("notes", measurement_notes(rows))
     if rows and "run" not in meta:
-        keys = ("model", "dtype", "attn_implementation", "device", "budget", "ratio", "decode_tokens", "repeats",
-                "warmup", "seed")
+        keys = ("model", "dtype", "attn_implementation", "sdpa_backend", "device", "budget", "ratio", "decode_tokens",
+                "repeats", "warmup", "seed")
         meta["run"] = {k: rows[0].get(k) for k in keys}
         meta["run"]["lengths"] = sorted({r["length"] for r in rows})
         meta["run"]["methods"] = list(dict.fromkeys(r["method"] for r in rows))
@@ -955,19 +975,20 @@ def bench(model: str | None = "small", lengths: list[int] = (2048, 8192),
           warmup: int = 1, dtype: torch.dtype | str | None = None, attn_implementation: str = "sdpa",
           device: str | None = None, out_dir: str | Path | None = "bench-results", progress: bool = True,
           seed: int = 0, method_options: dict[str, Any] | None = None,
-          threads: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+          threads: int | None = None, sdpa: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Load (or build) the model, run :func:`run_bench`, write the results to ``out_dir`` (None: do not write).
 
     ``model``: a shape name from :data:`SHAPES` (random weights), a local model folder, or None for the embedded
     default. ``device`` None: CUDA when available, else CPU. ``threads``: torch CPU threads (None: leave as is; on a
-    CPU shared with other jobs, 1 thread avoids OpenMP barriers waiting on a descheduled thread). Returns the rows and
-    the paths written.
+    CPU shared with other jobs, 1 thread avoids OpenMP barriers waiting on a descheduled thread). ``sdpa``: restrict
+    the sdpa backend to one kernel (see :func:`sdpa_backend`; e.g. ``flash``). Returns the rows and the paths written.
     """
     args = dict(model=model, lengths=list(lengths), methods=list(methods), budget=budget, ratio=ratio,
                 decode_tokens=decode_tokens, repeats=repeats, warmup=warmup,
                 dtype=None if dtype is None else str(dtype), attn_implementation=attn_implementation, device=device,
                 out_dir=None if out_dir is None else str(out_dir), seed=seed, method_options=method_options,
-                threads=threads)
+                threads=threads, sdpa=sdpa)
+    context = sdpa_backend(sdpa)  # checks the name before the model loads
     if threads is not None:
         torch.set_num_threads(int(threads))
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -975,9 +996,12 @@ def bench(model: str | None = "small", lengths: list[int] = (2048, 8192),
     lm = load_model(model, dtype, attn_implementation, device, max_positions=max(lengths) + decode_tokens + 1,
                     seed=seed)
     name = model if model is not None else "embedded default"
-    rows = run_bench(lm, list(lengths), list(methods), budget=budget, ratio=ratio, decode_tokens=decode_tokens,
-                     repeats=repeats, warmup=warmup, progress=progress, seed=seed, method_options=method_options,
-                     model_name=name)
+    with context:
+        rows = run_bench(lm, list(lengths), list(methods), budget=budget, ratio=ratio, decode_tokens=decode_tokens,
+                         repeats=repeats, warmup=warmup, progress=progress, seed=seed, method_options=method_options,
+                         model_name=name)
+    for row in rows:
+        row["sdpa_backend"] = sdpa
     meta = {"args": args, "load_average_at_start": load_before}
     paths = {} if out_dir is None else write_results(rows, out_dir, meta=meta)
     return rows, paths
@@ -986,5 +1010,5 @@ def bench(model: str | None = "small", lengths: list[int] = (2048, 8192),
 __all__ = [
     "SHAPES", "PhaseMemory", "bench", "cache_kv_bytes", "hardware", "load_model", "markdown_report",
     "measurement_notes", "random_model",
-    "resolve_dtype", "run_bench", "shape_config", "summarise_targets", "write_results",
+    "resolve_dtype", "run_bench", "sdpa_backend", "shape_config", "summarise_targets", "write_results",
 ]

@@ -141,6 +141,8 @@ def bench_command(
     warmup: int = typer.Option(1, help="Untimed warm-up rounds (memory is sampled in the last one)."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: fp32 CPU, bf16 GPU)."),
     attn: str = typer.Option("sdpa", help="Attention backend: sdpa, eager or flash_attention_2."),
+    sdpa_backend: Optional[str] = typer.Option(None, help="With --attn sdpa: restrict torch's kernel to flash "
+                                                          "(FlashAttention-2 in PyTorch), efficient, cudnn or math."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     threads: Optional[int] = typer.Option(None, help="torch threads on CPU (1 is steadier on a loaded machine)."),
     out_dir: Path = typer.Option(Path("bench-results"), "--out", help="Folder for results.{json,csv,md} and plots."),
@@ -157,7 +159,7 @@ def bench_command(
         rows, paths = benchmark.bench(model=None if model == "default" else model, lengths=length_list,
                                       methods=method_list, budget=budget, ratio=ratio, decode_tokens=decode_tokens,
                                       repeats=repeats, warmup=warmup, dtype=dtype, attn_implementation=attn,
-                                      device=device, out_dir=out_dir, threads=threads)
+                                      device=device, out_dir=out_dir, threads=threads, sdpa=sdpa_backend)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         _fail(str(exc))
     for line in benchmark.summarise_targets(rows):
