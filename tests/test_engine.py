@@ -262,14 +262,16 @@ def test_non_finite_attention_is_an_error_not_an_empty_cache():
         model(prompt(50))
 
 
-def test_non_finite_attention_while_decoding_is_an_error():
+@pytest.mark.parametrize("bad_layer", [0, 2, -1])
+def test_non_finite_attention_while_decoding_is_an_error(bad_layer):
+    # The check runs once per step, on the last layer's output: NaN from any layer must reach it.
     model = tiny_llama("sdpa")
     ids = prompt(60)
     with kvcake.compress(model, cake(budget=20)) as press:
         cache = press.new_cache()
         with torch.no_grad():
             model(ids, cache=cache)
-            model.model.layers[2].self_attn.q_proj.weight[0, 0] = float("nan")
+            model.model.layers[bad_layer].self_attn.q_proj.weight[0, 0] = float("nan")
             with pytest.raises(kvcake.NonFiniteAttentionError):
                 model(torch.tensor([[5]]), cache=cache, position_ids=torch.tensor([[60]]))
 

@@ -144,7 +144,9 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
     track = decoding and method.scorer.keeps_scores  # H2O accumulates at every step, evicting or not
     if layer.positions is None and not (evict or track):
         # Untouched layer: transformers' own mask is right for it.
-        return own(module, query, key, value, attention_mask, *args, **kwargs)
+        out = own(module, query, key, value, attention_mask, *args, **kwargs)
+        cache.end_layer(layer_idx, False, out)
+        return out
 
     # A single new query of a one-row batch without filler slots sees every stored entry: no mask to build.
     plain = q_len == 1 and query.shape[0] == 1 and not layer.has_fillers
@@ -155,7 +157,6 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
     if (evict or track) and q_len == 1 and layer.positions is not None:
         # The scorer needs this query's attention anyway: compute it once and the output from it.
         out, probs = _attend_one_query(query, key, value, in_slots, scaling, softcap)
-        cache.flag_nonfinite(probs)
         probs = layer.from_slots(probs)
         # eager also returns the weights (output_attentions): over the entries in position order, like the mask.
         out = (out, probs.unsqueeze(2).to(query.dtype) if base == "eager" else None)
@@ -179,8 +180,7 @@ def _attend_compressed(cache, layer_idx, base, own, score_args, module, query, k
                     layer.drop_lowest(scores, method.window)
                 else:
                     layer.keep(keep, layer.ranking(scores, method.window))
-    if cache._slot[layer_idx] == len(cache.compressible) - 1:
-        cache.raise_if_nonfinite()  # one host sync per step, not one per layer
+    cache.end_layer(layer_idx, evict or track, out)
     return out
 
 

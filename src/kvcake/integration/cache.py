@@ -374,7 +374,7 @@ class KVCakeCache(DynamicCache):
         self.prefill_kept: list[list[int]] | None = None
         self.peak_kv_bytes = 0
         self._decode_targets: tuple[int, list[list[int]]] | None = None
-        self._prob_total: torch.Tensor | None = None
+        self._scored_this_step = False
         #: Set to a dict to have the prefill record every layer's attention inputs (see :mod:`kvcake.integration.replay`).
         self.recorder: dict | None = None
         #: With a recorder: keep only the last this-many queries of each layer (None: all of them).
@@ -405,21 +405,20 @@ class KVCakeCache(DynamicCache):
         self._reorder_rows(torch.as_tensor(indices).tolist())
 
     # -- numerical safety --------------------------------------------------------------------------------------------
-    def flag_nonfinite(self, probs: torch.Tensor) -> None:
-        """Remember, on the device and without a sync, whether attention probabilities had NaN or inf.
+    def end_layer(self, layer_idx: int, scored: bool, out) -> None:
+        """After a compressed layer's decoding step: note whether it scored its entries and, after the last one,
+        check the step (one host sync per step, not one per layer).
 
-        Probabilities are finite and at most 1, so their running sum over a step's layers is finite exactly when
-        every one of them is: one sum and one add per layer, one check per step."""
-        total = probs.sum()
-        if self._prob_total is not None:
-            total = total.to(self._prob_total.device) + self._prob_total
-        self._prob_total = total
-
-    def raise_if_nonfinite(self) -> None:
-        if self._prob_total is not None:
-            total, self._prob_total = self._prob_total, None
-            if not bool(torch.isfinite(total)):
-                raise NonFiniteAttentionError("attention logits at decode time contain NaN or inf")
+        NaN or inf in a layer's attention probabilities makes that layer's output NaN, and NaN stays NaN through
+        every later layer (residual additions, norms, projections), so the last compressed layer's attention output
+        is finite exactly when no layer scored on garbage this step.
+        """
+        self._scored_this_step = self._scored_this_step or scored
+        if self._slot[layer_idx] == len(self.compressible) - 1 and self._scored_this_step:
+            self._scored_this_step = False
+            hidden = out[0] if isinstance(out, tuple) else out
+            if not bool(torch.isfinite(hidden.sum())):
+                raise NonFiniteAttentionError("attention at decode time produced NaN or inf")
 
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:

@@ -146,8 +146,10 @@ def last_query_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float
     batch, q_heads, _, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     groups = q_heads // kv_heads
-    q = query[:, :, -1:].float().reshape(batch, kv_heads, groups, dim)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, L)
+    q = query[:, :, -1:].float().reshape(batch * kv_heads, groups, dim)
+    k = keys.float().reshape(batch * kv_heads, length, dim).transpose(1, 2)
+    # One kernel for the product and the scaling (beta=0: the first argument is never read).
+    logits = torch.baddbmm(q.new_empty(1, 1, 1), q, k, beta=0.0, alpha=scaling).view(batch, kv_heads, groups, length)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if allowed is not None:
