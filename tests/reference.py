@@ -8,15 +8,16 @@ import torch
 
 
 def brute_force_allocation(prefs: list[float], total: int, cap: int) -> list[int]:
-    """Top-`total` bids P_l / (k + 1/2), k < cap, ties to the lower layer: the definition, enumerated."""
+    """Top-`total` bids P_l / (k + 1/2), k < cap, ties to fewer tokens held, then the lower layer: the definition,
+    enumerated."""
     if cap * len(prefs) <= total:
         return [cap] * len(prefs)
     if sum(prefs) == 0:
         prefs = [1.0] * len(prefs)
-    bids = [(p / (k + 0.5), -layer, layer) for layer, p in enumerate(prefs) for k in range(cap)]
+    bids = [(p / (k + 0.5), 1 / (k + 0.5), -layer, layer) for layer, p in enumerate(prefs) for k in range(cap)]
     bids.sort(reverse=True)
     budgets = [0] * len(prefs)
-    for _, _, layer in bids[:total]:
+    for *_, layer in bids[:total]:
         budgets[layer] += 1
     return budgets
 

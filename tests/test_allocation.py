@@ -1,7 +1,7 @@
 """Allocation properties: exact, capped, never growing across cascade stages, equal to the definition."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvcake.methods.allocation import allocate, uniform
@@ -30,6 +30,7 @@ def test_equals_the_definition(prefs, total, cap):
 
 @settings(max_examples=300, deadline=None)
 @given(prefs=prefs_strategy, total=st.integers(0, 400), cap=st.integers(0, 60))
+@example(prefs=[0.0, 0.0, 0.0, 1.0], total=8, cap=4)  # zero preferences: once split evenly, then all to layer 0
 def test_cascade_budgets_never_grow_and_end_at_one_shot(prefs, total, cap):
     previous = None
     for m in range(1, len(prefs) + 1):

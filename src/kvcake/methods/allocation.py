@@ -5,7 +5,9 @@ exceed what a layer holds (the cap), and in the cascade must never grow when a n
 authors' code truncates and redistributes evenly without re-capping, which breaks all three.
 
 We use a capped divisor method (Sainte-Lague/Webster): every layer l bids P_l / (k + 1/2) for its (k+1)-th token,
-k < cap_l, and the ``total`` highest bids win, ties broken by the lower layer index. Because every bid's value and
+k < cap_l, and the ``total`` highest bids win; equal bids go to the layer holding fewer tokens (1 / (k + 1/2)),
+then to the lower layer index. The second rule splits evenly what falls to layers of zero preference (once every
+layer of positive preference is capped) and, like the first, depends on the bid's own layer only. Because every bid's value and
 rank depend only on its own layer, adding a layer can only push existing bids out of the winning set: budgets never
 grow across cascade stages, and the final stage is exactly the one-shot split (the "new-state paradox" that
 largest-remainder rounding suffers cannot occur). Capped layers fall out of the bidding, which is the water-filling
@@ -20,9 +22,10 @@ from collections.abc import Sequence
 import torch
 
 
-def _key(prefs: Sequence[float], layer: int, k: int) -> tuple[float, int]:
-    """Rank of layer ``layer``'s bid for its (k+1)-th token: higher value first, then lower layer index."""
-    return (prefs[layer] / (k + 0.5), -layer)
+def _key(prefs: Sequence[float], layer: int, k: int) -> tuple[float, float, int]:
+    """Rank of layer ``layer``'s bid for its (k+1)-th token: higher value first, then fewer tokens held, then lower
+    layer index."""
+    return (prefs[layer] / (k + 0.5), 1.0 / (k + 0.5), -layer)
 
 
 def allocate(preferences: Sequence[float], total: int, caps: Sequence[int] | int) -> list[int]:
@@ -89,8 +92,13 @@ def _water_fill(prefs: Sequence[float], total: int, caps: Sequence[int]) -> list
     while True:
         free = total - sum(caps[l] for l in range(n) if capped[l])
         weight = sum(prefs[l] for l in range(n) if not capped[l])
-        if weight <= 0:
-            return [float(caps[l]) if capped[l] else 0.0 for l in range(n)]
+        if weight <= 0:  # only zero-preference layers are left: they share the rest evenly (see _key)
+            rest = [l for l in range(n) if not capped[l]]
+            out = [float(caps[l]) if capped[l] else 0.0 for l in range(n)]
+            if rest and free > 0:
+                for l, x in zip(rest, _water_fill([1.0] * len(rest), free, [caps[l] for l in rest])):
+                    out[l] = x
+            return out
         lam = free / weight
         newly = [l for l in range(n) if not capped[l] and lam * prefs[l] >= caps[l]]
         if not newly:
