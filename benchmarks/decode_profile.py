@@ -44,7 +44,8 @@ def show(title: str, model, cache, logits, start: int, count: int, device, rows:
     with profile(activities=activities) as prof:
         steps(model, cache, logits, start + 4 + count, count, device)
     events = prof.key_averages()
-    kernels = sum(e.count for e in events if e.key.startswith("cuda") and "Launch" in e.key)
+    # cudaLaunchKernel, cudaLaunchKernelExC and the driver's cuLaunchKernelEx (cuBLAS, Triton) all launch kernels.
+    kernels = sum(e.count for e in events if "LaunchKernel" in e.key)
     print(f"\n## {title}: {per_step * 1e3:.2f} ms per step (unprofiled mean of {count})")
     if device.type == "cuda":
         print(f"CUDA kernel launches per step: {kernels / count:.0f}")

@@ -183,3 +183,33 @@ def test_rss_without_psutil(monkeypatch):
         block = torch.ones(8 * 2**20, dtype=torch.uint8)  # 8 MiB, touched
         block.add_(1)
     assert probe.delta is not None and probe.peak >= probe.start
+
+
+def test_sdpa_backend_is_pinned_recorded_and_checked(tmp_path):
+    # The math kernel exists on every build: pinning it must change nothing but the record.
+    rows, paths = bench.bench("tiny", lengths=[64], methods=["cake"], budget=32, decode_tokens=2, repeats=1,
+                              warmup=0, out_dir=tmp_path, progress=False, sdpa="math")
+    assert {r["sdpa_backend"] for r in rows} == {"math"}
+    assert json.loads(paths["json"].read_text())["meta"]["run"]["sdpa_backend"] == "math"
+    assert "sdpa kernel: math" in paths["md"].read_text()
+    with pytest.raises(ValueError, match="unknown sdpa backend 'fast'"):
+        bench.bench("tiny", lengths=[64], out_dir=None, progress=False, sdpa="fast")
+
+
+def test_merge_results_joins_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    files = []
+    for n in (64, 96):
+        _, paths = bench.bench("tiny", lengths=[n], methods=["cake"], budget=32, decode_tokens=1, repeats=1,
+                               warmup=0, out_dir=tmp_path / str(n), progress=False)
+        files.append(str(paths["json"]))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_results.py"
+    subprocess.run([sys.executable, str(script), *files, "--out", str(tmp_path / "all")], check=True,
+                   capture_output=True)
+    data = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert sorted({r["length"] for r in data["rows"]}) == [64, 96]
+    assert [m["file"] for m in data["meta"]["merged_from"]] == ["results.json", "results.json"]
+    assert "| 96 |" in (tmp_path / "all" / "results.md").read_text()

@@ -219,6 +219,99 @@ def test_decode_eviction_holds_budget_and_drops_the_lowest_scored():
     assert press.report.kept_now == [budgets]
 
 
+def _decode_steps(model, cache, token, start, count):
+    for step in range(count):
+        out = model(token, cache=cache, position_ids=torch.tensor([[start + step]]))
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return token
+
+
+def test_decode_eviction_writes_in_place_and_keeps_slot_order_consistent():
+    # After the first eviction, each step writes the new token into the freed slot: the stored tensors are never
+    # reallocated, yet entries() (position order) equals the slots read through the order table.
+    model = tiny_llama("sdpa")
+    ids = prompt(80)
+    with kvcake.compress(model, cake(budget=20)) as press, torch.no_grad():
+        cache = press.new_cache()
+        token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        token = _decode_steps(model, cache, token, 80, 2)
+        storage = [layer.keys.data_ptr() for layer in cache.layers]
+        _decode_steps(model, cache, token, 82, 10)
+        assert [layer.keys.data_ptr() for layer in cache.layers] == storage
+        for layer in cache.layers:
+            assert layer.order is not None and layer.free is not None
+            assert layer.keys.shape[-2] == layer.length + 1  # the free slot
+            keys, values, positions = layer.entries()
+            assert torch.equal(positions, positions.sort(dim=-1).values)
+            assert torch.equal(keys, layer.keys.gather(2, layer.order[..., None].expand_as(keys)))
+            assert torch.equal(values, layer.values.gather(2, layer.order[..., None].expand_as(values)))
+            slots = torch.cat([layer.order, layer.free], dim=-1).sort(dim=-1).values
+            assert torch.equal(slots[0, 0], torch.arange(layer.keys.shape[-2]))  # every slot used once
+
+
+def test_keep_on_a_layer_in_slot_order_equals_keep_in_position_order():
+    # keep() gathers straight from the slots: the same entries as putting the layer in position order first.
+    import copy
+
+    model = tiny_llama("sdpa")
+    ids = prompt(80)
+    with kvcake.compress(model, cake(budget=20)) as press, torch.no_grad():
+        cache = press.new_cache()
+        token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        _decode_steps(model, cache, token, 80, 6)
+        layer = cache.layers[1]
+        assert layer.order is not None
+        scores = torch.rand(layer.positions.shape, generator=torch.Generator().manual_seed(0))
+        ordered = copy.deepcopy(layer)
+        ordered.in_position_order()
+        assert ordered.order is None and ordered.keys.shape[-2] == layer.length
+        for target in (ordered, layer):
+            target.keep([layer.length - 3], target.ranking(scores, WINDOW))
+        assert layer.order is None and layer.free is None
+        assert torch.equal(layer.keys, ordered.keys) and torch.equal(layer.values, ordered.values)
+        assert torch.equal(layer.positions, ordered.positions) and layer.length == ordered.length
+
+
+@pytest.mark.parametrize("mode", ["inference_mode prefill", "grad enabled"])
+def test_slot_order_falls_back_to_copies_where_in_place_writes_are_not_allowed(mode):
+    # An inference tensor cannot be written outside inference mode, and a write would break autograd history:
+    # both fall back to concatenation and must give the same tokens as the in-place path.
+    model = tiny_llama("sdpa")
+    ids = prompt(70)
+
+    def run(prefill_ctx, decode_ctx):
+        with kvcake.compress(model, cake(budget=20)) as press:
+            cache = press.new_cache()
+            tokens = []
+            with prefill_ctx():  # the prefill and 3 steps: the layers are in slot order, with a free slot
+                token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+                for step in range(3):
+                    token = model(token, cache=cache, position_ids=torch.tensor([[70 + step]])).logits[:, -1:].argmax(-1)
+                    tokens.append(int(token))
+            assert all(layer.free is not None for layer in cache.layers)
+            with decode_ctx():
+                for step in range(3, 8):
+                    token = model(token, cache=cache, position_ids=torch.tensor([[70 + step]])).logits[:, -1:].argmax(-1)
+                    tokens.append(int(token))
+            return tokens, press.report.kept_now
+
+    reference = run(torch.no_grad, torch.no_grad)
+    if mode == "inference_mode prefill":
+        assert run(torch.inference_mode, torch.no_grad) == reference
+    else:
+        assert run(torch.no_grad, torch.enable_grad) == reference
+
+
+def test_beam_search_reorders_a_cache_in_slot_order():
+    model = tiny_llama("sdpa")
+    ids = prompt(60)
+    with kvcake.compress(model, cake(budget=20)) as press:
+        out = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False)
+        report = press.report
+    assert out.shape == (1, 72)
+    assert report.kept_now[0] == report.budgets[0]
+
+
 def test_decode_eviction_keeps_memory_constant_over_a_long_generation():
     model = tiny_llama("sdpa", layers=2)
     ids = prompt(64)

@@ -192,9 +192,12 @@ def _attend_one_query(query, key, value, allowed, scaling, softcap):
     batch, q_heads, _, _ = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     probs = last_query_attention(query, key, scaling, allowed, softcap, check=False)  # (B, Hq, L)
-    grouped = probs.view(batch, kv_heads, q_heads // kv_heads, length).to(value.dtype)
-    out = torch.matmul(grouped, value).reshape(batch, q_heads, 1, -1).transpose(1, 2).contiguous()
-    return out.to(query.dtype), probs
+    grouped = probs.view(batch, kv_heads, q_heads // kv_heads, length)
+    if value.dtype != grouped.dtype:
+        grouped = grouped.to(value.dtype)
+    # (B, Hkv, G, D) is laid out as (B, Hq, D): the backend shape (B, 1, Hq, D) is a view of it.
+    out = torch.matmul(grouped, value).view(batch, 1, q_heads, -1)
+    return (out if out.dtype == query.dtype else out.to(query.dtype)), probs
 
 
 def _run_masked(base, own, module, query, key, value, allowed, /, *args, **kwargs):

@@ -95,7 +95,7 @@ class CompressedLayer(DynamicLayer):
         self.has_fillers = False  # host-side: some slot is a filler (position -1)
         self.order: torch.Tensor | None = None
         self.free: torch.Tensor | None = None
-        self._drop_plan: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._drop_plan: tuple | None = None
 
     # -- transformers' layer interface ------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -129,8 +129,10 @@ class CompressedLayer(DynamicLayer):
     def _fill_free_slot(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write one new token into the free slot of every row and head: no copy of the layer."""
         free, self.free = self.free, None
-        self.keys.scatter_(2, free.unsqueeze(-1).expand_as(key_states), key_states)
-        self.values.scatter_(2, free.unsqueeze(-1).expand_as(value_states), value_states)
+        slot = free.unsqueeze(-1).expand_as(key_states)
+        self.keys.scatter_(2, slot, key_states)
+        self.values.scatter_(2, slot if value_states.shape == key_states.shape else
+                             free.unsqueeze(-1).expand_as(value_states), value_states)
         self.order = torch.cat([self.order, free], dim=-1)
         self.positions = torch.cat([self.positions, torch.full_like(free, self.seen)], dim=-1)
         if self.scores is not None:  # scorers that keep scores (H2O): new entries start at 0
@@ -169,8 +171,9 @@ class CompressedLayer(DynamicLayer):
             return values
         batch, heads, slots = values.shape
         kv_heads, length = self.order.shape[1], self.order.shape[-1]
-        index = self.order.unsqueeze(2).expand(batch, kv_heads, heads // kv_heads, length)
-        return values.view(batch, kv_heads, heads // kv_heads, slots).gather(-1, index).view(batch, heads, length)
+        groups = heads // kv_heads
+        index = self.order.view(batch * kv_heads, 1, length).expand(-1, groups, -1)
+        return values.view(batch * kv_heads, groups, slots).gather(-1, index).view(batch, heads, length)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -251,8 +254,8 @@ class CompressedLayer(DynamicLayer):
         broken by the earlier position (stable sort), so repeated evictions with the same scores are nested: keeping
         the top k of the top k' (k <= k') equals keeping the top k at once. Kept entries stay in position order;
         heads or rows that keep fewer than the longest are padded in front with filler slots (position -1).
+        A layer in slot order is gathered straight from its slots (one copy), and is in position order afterwards.
         """
-        self.in_position_order()
         length = self.length
         device = self.keys.device
         counts = torch.as_tensor(keep_counts, device=device)
@@ -267,7 +270,9 @@ class CompressedLayer(DynamicLayer):
         positions = torch.where(kept, positions, torch.full_like(positions, FILLER))
         positions, perm = torch.sort(positions, dim=-1, stable=True)
         index = order.gather(-1, perm)
-        self.keys, self.values = take(self.keys, index), take(self.values, index)
+        slots = index if self.order is None else self.order.gather(-1, index)
+        self.keys, self.values = take(self.keys, slots), take(self.values, slots)
+        self.order = self.free = None
         if self.scores is not None:
             self.scores = self.scores.gather(-1, index).masked_fill(positions == FILLER, float("-inf"))
         self.positions = positions
@@ -286,25 +291,27 @@ class CompressedLayer(DynamicLayer):
         if self.free is not None or self.keys.shape[-2] != length:
             raise RuntimeError("drop_lowest needs a layer whose slots all hold entries")
         lowest = scores[..., : max(1, length - window)].argmin(dim=-1, keepdim=True)  # (B, H, 1)
-        base, flat_base = self._drop_index(batch, heads, length, scores.device)
-        flat = (flat_base + (base >= lowest)).reshape(-1)  # entries after the dropped one move down by one
+        base, flat_base, flat_next = self._drop_index(batch, heads, length, scores.device)
+        flat = torch.where(base >= lowest, flat_next, flat_base)  # entries after the dropped one move down by one
         order = self.order if self.order is not None else base_order(batch, heads, length, scores.device)
         self.free = order.gather(-1, lowest)
-        self.order = take(order, base, flat)
-        self.positions = take(self.position_table(), base, flat)
+        # torch.take reads the tensors flattened: one operator each, no reshapes.
+        self.order = torch.take(order, flat)
+        self.positions = torch.take(self.position_table(), flat)
         if self.scores is not None:
-            self.scores = take(self.scores, base, flat)
+            self.scores = torch.take(self.scores, flat)
         self.valid_counts = [v - 1 for v in self.valid_counts]
 
-    def _drop_index(self, batch: int, heads: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """For :meth:`drop_lowest`, cached per shape: ``base`` ``(1, 1, length - 1)`` = 0, 1, ..., length-2 and the
-        same as flat indices into ``(B, H, length)``; ``base + (base >= lowest)`` skips the lowest entry."""
+    def _drop_index(self, batch: int, heads: int, length: int, device):
+        """For :meth:`drop_lowest`, cached per shape: ``base`` ``(1, 1, length - 1)`` = 0, 1, ..., length-2, the same
+        as flat indices into ``(B, H, length)``, and those plus one: taking the first below the lowest entry and the
+        second from it on skips that entry."""
         key = (batch, heads, length, device)
         if self._drop_plan is None or self._drop_plan[0] != key:
             base = torch.arange(length - 1, device=device).view(1, 1, length - 1)
-            offsets = torch.arange(batch * heads, device=device).view(batch, heads, 1) * length
-            self._drop_plan = (key, base, base + offsets)
-        return self._drop_plan[1], self._drop_plan[2]
+            flat = base + torch.arange(batch * heads, device=device).view(batch, heads, 1) * length
+            self._drop_plan = (key, base, flat, flat + 1)
+        return self._drop_plan[1:]
 
     def ranking(self, scores: torch.Tensor, window: int) -> torch.Tensor:
         """``scores`` with the last ``window`` stored entries protected (+inf): what eviction sorts by."""
@@ -386,6 +393,7 @@ class KVCakeCache(DynamicCache):
         self.prompt_tokens, self.prefill_length, self.prefill_kept = None, 0, None
         self.totals, self.preferences, self.budgets = [], [], []
         self.peak_kv_bytes, self._decode_targets = 0, None
+        self._scored_this_step = False
 
     def _reorder_rows(self, rows: list[int]) -> None:
         """Keep the per-row request state in step with the rows of the tensors (beam search, batch selection)."""

@@ -43,6 +43,8 @@ class DecodeView:
 
 def _pool(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
     if pooling == "max" and kernel > 1 and scores.shape[-1] > 0:
+        if scores.dim() == 3:
+            return torch.nn.functional.max_pool1d(scores, kernel, stride=1, padding=kernel // 2)
         shape = scores.shape
         flat = scores.reshape(-1, 1, shape[-1])
         return torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(shape)

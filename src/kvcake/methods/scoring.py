@@ -78,6 +78,8 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     """Average pooling along the last axis, stride 1, same length, zero padding counted (as the authors)."""
     if kernel <= 1 or scores.shape[-1] == 0:
         return scores
+    if scores.dim() == 3:  # (N, C, L) is what avg_pool1d takes: each row is pooled on its own, no reshape needed
+        return F.avg_pool1d(scores, kernel_size=kernel, stride=1, padding=kernel // 2, count_include_pad=True)
     shape = scores.shape
     flat = scores.reshape(-1, 1, shape[-1])
     pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2, count_include_pad=True)
@@ -136,6 +138,17 @@ def layer_preference(entropy: torch.Tensor, variance: torch.Tensor, tau1: float,
     return entropy.clamp_min(0).pow(1.0 / tau1) * variance.clamp_min(0).pow(1.0 / tau2)
 
 
+_UNREAD: dict[tuple, torch.Tensor] = {}
+
+
+def _unread(like: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor for baddbmm's ignored input (beta=0), made once per device and dtype."""
+    key = (like.device, like.dtype)
+    if key not in _UNREAD:
+        _UNREAD[key] = like.new_zeros(1, 1, 1)
+    return _UNREAD[key]
+
+
 def last_query_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float, allowed: torch.Tensor | None,
                          softcap: float | None = None, check: bool = True) -> torch.Tensor:
     """Attention ``(B, Hq, L)`` of the newest query over stored keys, float32 (used by decode-time eviction).
@@ -143,13 +156,15 @@ def last_query_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float
     ``query`` is ``(B, Hq, q, D)``, ``keys`` ``(B, Hkv, L, D)``, ``allowed`` a bool mask ``(B, Hkv, q, L)`` or None.
     ``check=False`` leaves the NaN/inf check to the caller (to check once per step, not once per layer).
     """
-    batch, q_heads, _, dim = query.shape
+    batch, q_heads, q_len, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     groups = q_heads // kv_heads
-    q = query[:, :, -1:].float().reshape(batch * kv_heads, groups, dim)
-    k = keys.float().reshape(batch * kv_heads, length, dim).transpose(1, 2)
+    q = (query if q_len == 1 else query[:, :, -1:]).reshape(batch * kv_heads, groups, dim)
+    k = keys.reshape(batch * kv_heads, length, dim).transpose(1, 2)
+    if q.dtype != torch.float32:  # (a no-op .float() still costs a dispatch per layer and step)
+        q, k = q.float(), k.float()
     # One kernel for the product and the scaling (beta=0: the first argument is never read).
-    logits = torch.baddbmm(q.new_empty(1, 1, 1), q, k, beta=0.0, alpha=scaling).view(batch, kv_heads, groups, length)
+    logits = torch.baddbmm(_unread(q), q, k, beta=0.0, alpha=scaling).view(batch, kv_heads, groups, length)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if allowed is not None:
