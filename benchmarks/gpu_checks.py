@@ -91,7 +91,7 @@ def kept_entries_step(device: str, dtype: torch.dtype) -> dict:
     model = build("sdpa", dtype, device)
     ids = prompt(device)
     name = cache_keyword(model)
-    with torch.no_grad(), kvcake.compress(model, kvcake.CAKE(budget=BUDGET)) as press:
+    with torch.no_grad(), kvcake.compress(model, kvcake.CAKE(budget=BUDGET)):
         out = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
         cache = output_cache(out)

@@ -1,5 +1,7 @@
 """The CAKE engine on a tiny random Llama: exactness, kept = top-scored, decode equivalence, memory, bad input."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -226,15 +228,20 @@ def _decode_steps(model, cache, token, start, count):
     return token
 
 
+@contextlib.contextmanager
+def _decoding(steps, prompt_tokens=80, budget=20):
+    """A tiny model compressed by CAKE, prefilled and decoded ``steps`` tokens: yields (model, cache, next token)."""
+    model = tiny_llama("sdpa")
+    with kvcake.compress(model, cake(budget=budget)) as press, torch.no_grad():
+        cache = press.new_cache()
+        token = model(prompt(prompt_tokens), cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        yield model, cache, _decode_steps(model, cache, token, prompt_tokens, steps)
+
+
 def test_decode_eviction_writes_in_place_and_keeps_slot_order_consistent():
     # After the first eviction, each step writes the new token into the freed slot: the stored tensors are never
     # reallocated, yet entries() (position order) equals the slots read through the order table.
-    model = tiny_llama("sdpa")
-    ids = prompt(80)
-    with kvcake.compress(model, cake(budget=20)) as press, torch.no_grad():
-        cache = press.new_cache()
-        token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
-        token = _decode_steps(model, cache, token, 80, 2)
+    with _decoding(2) as (model, cache, token):
         storage = [layer.keys.data_ptr() for layer in cache.layers]
         _decode_steps(model, cache, token, 82, 10)
         assert [layer.keys.data_ptr() for layer in cache.layers] == storage
@@ -253,12 +260,7 @@ def test_keep_on_a_layer_in_slot_order_equals_keep_in_position_order():
     # keep() gathers straight from the slots: the same entries as putting the layer in position order first.
     import copy
 
-    model = tiny_llama("sdpa")
-    ids = prompt(80)
-    with kvcake.compress(model, cake(budget=20)) as press, torch.no_grad():
-        cache = press.new_cache()
-        token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
-        _decode_steps(model, cache, token, 80, 6)
+    with _decoding(6) as (_, cache, _):
         layer = cache.layers[1]
         assert layer.order is not None
         scores = torch.rand(layer.positions.shape, generator=torch.Generator().manual_seed(0))
