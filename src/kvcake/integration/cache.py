@@ -99,13 +99,13 @@ class CompressedLayer(DynamicLayer):
 
     # -- transformers' layer interface ------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
-        new = key_states.shape[-2]
+        batch, heads, new = key_states.shape[:3]
         if self.free is not None and new == 1 and self._writable(key_states, value_states):
-            return self._fill_free_slot(key_states, value_states)
-        self.in_position_order()
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+            keys, values = self._fill_free_slot(key_states, value_states)
+        else:
+            self.in_position_order()
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.positions is not None:
-            batch, heads = key_states.shape[:2]
             if new == 1:
                 fresh = self.positions.new_full((batch, heads, 1), self.seen)
             else:
@@ -114,7 +114,6 @@ class CompressedLayer(DynamicLayer):
         if self.valid_counts is not None:
             self.valid_counts = [v + new for v in self.valid_counts]
         if self.scores is not None:  # scorers that keep scores (H2O): new entries start at 0
-            batch, heads = key_states.shape[:2]
             self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=-1)
         self.seen += new
         return keys, values
@@ -127,26 +126,21 @@ class CompressedLayer(DynamicLayer):
         return not (self.keys.is_inference() and not torch.is_inference_mode_enabled())
 
     def _fill_free_slot(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """Write one new token into the free slot of every row and head: no copy of the layer."""
+        """Write one new token into the free slot of every row and head (no copy of the layer); it becomes the last
+        entry in position order. The position, count and score bookkeeping is :meth:`update`'s."""
         free, self.free = self.free, None
         slot = free.unsqueeze(-1).expand_as(key_states)
         self.keys.scatter_(2, slot, key_states)
         self.values.scatter_(2, slot if value_states.shape == key_states.shape else
                              free.unsqueeze(-1).expand_as(value_states), value_states)
         self.order = torch.cat([self.order, free], dim=-1)
-        self.positions = torch.cat([self.positions, torch.full_like(free, self.seen)], dim=-1)
-        if self.scores is not None:  # scorers that keep scores (H2O): new entries start at 0
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(free.shape)], dim=-1)
-        self.valid_counts = [v + 1 for v in self.valid_counts]
-        self.seen += 1
         return self.keys, self.values
 
     def in_position_order(self) -> None:
         """Store keys and values in position order again (one copy of the layer; the free slot goes). Every path
         but decoding one token at a time with one eviction per step starts here."""
         if self.order is not None:
-            flat = flat_index(self.order, self.keys.shape[-2])
-            self.keys, self.values = take(self.keys, self.order, flat), take(self.values, self.order, flat)
+            self.keys, self.values, _ = self.entries()
             self.order = self.free = None
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,12 +6,12 @@ authors' code truncates and redistributes evenly without re-capping, which break
 
 We use a capped divisor method (Sainte-Lague/Webster): every layer l bids P_l / (k + 1/2) for its (k+1)-th token,
 k < cap_l, and the ``total`` highest bids win; equal bids go to the layer holding fewer tokens (1 / (k + 1/2)),
-then to the lower layer index. The second rule splits evenly what falls to layers of zero preference (once every
-layer of positive preference is capped) and, like the first, depends on the bid's own layer only. Because every bid's value and
-rank depend only on its own layer, adding a layer can only push existing bids out of the winning set: budgets never
-grow across cascade stages, and the final stage is exactly the one-shot split (the "new-state paradox" that
-largest-remainder rounding suffers cannot occur). Capped layers fall out of the bidding, which is the water-filling
-redistribution of excess in proportion to preference.
+then to the lower layer index. The second rule splits evenly what falls to layers of zero preference (all of it
+when every preference is zero, else what is left once every layer of positive preference is capped). Because every
+bid's value and rank depend only on its own layer, adding a layer can only push existing bids out of the winning
+set: budgets never grow across cascade stages, and the final stage is exactly the one-shot split (the "new-state
+paradox" that largest-remainder rounding suffers cannot occur). Capped layers fall out of the bidding, which is the
+water-filling redistribution of excess in proportion to preference.
 """
 
 from __future__ import annotations
@@ -59,8 +59,6 @@ def allocate(preferences: Sequence[float], total: int, caps: Sequence[int] | int
         return []
     if sum(caps) <= total:
         return list(caps)
-    if sum(prefs) == 0:
-        prefs = [1.0] * n
 
     # Start from the floor of the continuous capped water-filling solution (close to the answer), then exchange
     # single tokens until the allocation is exactly the set of the `total` highest bids.
