@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from kvcake.methods import CAKE
-from kvcake.methods.scoring import NonFiniteAttentionError, window_attention, window_statistics
-from kvcake.methods.view import LayerView
+from kvcake.methods.attention import NonFiniteAttentionError, window_attention
+from kvcake.methods.cake import window_statistics
+from kvcake.methods.views import LayerView
 from reference import cake_reference
 
 

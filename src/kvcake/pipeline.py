@@ -8,8 +8,31 @@ from typing import Any
 
 import torch
 
-from kvcake.integration.cache import cache_kv_bytes
-from kvcake.integration.session import compress, output_cache
+from kvcake.integration.compat import output_cache, text_config
+from kvcake.integration.session import compress
+from kvcake.integration.storage import cache_kv_bytes
+
+
+class PromptTooLongError(ValueError):
+    """The prompt and the answer do not fit in the model's positions."""
+
+
+def check_fits(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse, before any model work, a prompt the model cannot attend over (it would run for minutes, then
+    answer from positions it was never trained on)."""
+    limit = getattr(text_config(model), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        raise PromptTooLongError(
+            f"the prompt has {prompt_tokens} tokens and the answer may add {max_new_tokens}, but the model accepts "
+            f"{limit} positions; shorten the input by at least {prompt_tokens + max_new_tokens - limit} tokens"
+        )
+
+
+def check_method_fits(method, prompt_tokens: int) -> None:
+    """Options that cannot mean anything for this prompt are refused rather than silently ignored."""
+    kernel = getattr(method.scorer, "kernel", None)
+    if isinstance(kernel, int) and kernel > prompt_tokens:
+        raise ValueError(f"the pooling kernel ({kernel}) is longer than the prompt ({prompt_tokens} tokens)")
 
 
 @dataclass
@@ -52,6 +75,9 @@ def build_prompt(tokenizer, context: str, question: str) -> torch.Tensor:
 def answer(model, tokenizer, context: str, question: str, method, max_new_tokens: int = 64) -> Answer:
     """Greedy answer to ``question`` about ``context``; ``method`` None means the full cache."""
     ids = build_prompt(tokenizer, context, question).to(model.device)
+    check_fits(model, ids.shape[1], max_new_tokens)
+    if method is not None:
+        check_method_fits(method, ids.shape[1])
     settings = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
     start = time.perf_counter()

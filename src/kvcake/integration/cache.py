@@ -1,364 +1,46 @@
 """A transformers cache whose full-attention layers can hold different numbers of tokens.
 
-Each compressed layer stores keys and values per KV head, ``(batch, kv_heads, length, head_dim)``, and beside them
-the original position of every kept entry, ``(batch, kv_heads, length)``. The logical sequence length (what
-``generate`` and the mask builders see) is kept apart from each layer's physical length, so positions and RoPE stay
-right after eviction. Rows of a batch may keep different numbers of tokens; the shorter rows are padded with
-"filler" slots (position -1) that are masked out and counted honestly in the memory figures.
-
-Decode-time eviction drops one entry per head and step. Rather than compacting keys and values (a copy of the whole
-layer per step), the dropped entry's slot is left free and the next token is written into it in place, so keys and
-values are stored in *slot order* while positions (and kept scores) stay in *position order*; ``order`` maps the
-one to the other. Attention does not depend on the order of its keys, so the only per-step costs are index
-bookkeeping on ``(batch, kv_heads, length)`` integers and a one-entry write. :meth:`CompressedLayer.entries` gives
-keys and values back in position order.
+:class:`KVCakeCache` stores each full-attention layer in a :class:`~kvcake.integration.storage.CompressedLayer`,
+scores a layer when its prefill ends (through the method's scorer and allocator) and evicts what the request's
+:class:`~kvcake.methods.budget.RequestBudget` says, keeps the memory figures, and builds the report. Sliding-window
+layers (Gemma-2/3, Mistral with a window) keep transformers' own bounded cache and are left out of the allocation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvcake.integration.report import Report
-from kvcake.methods.allocation import head_counts
-from kvcake.methods.scoring import NonFiniteAttentionError
-
-FILLER = -1  # position of a slot that only pads a row to the layer's physical length
-
-
-def flat_index(index: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions ``index`` ``(B, H, K)`` along an axis of ``length`` as indices into the flattened ``(B*H*length)``."""
-    batch, heads = index.shape[:2]
-    offsets = (torch.arange(batch * heads, device=index.device) * length).view(batch, heads, 1)
-    return (index + offsets).reshape(-1)
+from kvcake.integration.storage import CompressedLayer, cache_kv_bytes, layer_kv_bytes
+from kvcake.methods.attention import NonFiniteAttentionError
+from kvcake.methods.base import Method
+from kvcake.methods.budget import RequestBudget
+from kvcake.methods.views import LayerView
 
 
-def take(x: torch.Tensor, index: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` ``(B, H, L, ...)`` taken at ``index`` ``(B, H, K)`` along L -> ``(B, H, K, ...)``.
+@dataclass
+class PrefillLayer:
+    """What a layer's prefill attention call saw: enough to compress the layer again under another method."""
 
-    One ``index_select`` on the flattened tensor: several times faster on CPU than ``gather`` with an index
-    expanded over the feature axis, and it never materialises that expanded index. ``flat`` (from
-    :func:`flat_index`) can be passed to reuse it for several tensors of the same shape.
-    """
-    batch, heads, length = x.shape[:3]
-    if flat is None:
-        flat = flat_index(index.to(x.device), length)
-    rest = x.shape[3:]
-    return x.reshape(batch * heads * length, *rest).index_select(0, flat).view(batch, heads, index.shape[-1], *rest)
-
-
-def base_order(batch: int, heads: int, length: int, device) -> torch.Tensor:
-    """The identity slot order ``(B, H, length)``."""
-    return torch.arange(length, device=device).expand(batch, heads, length)
-
-
-def layer_kv_bytes(layer) -> int:
-    """Bytes of one cache layer's keys and values (0 while it holds none), free slots included."""
-    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-    if keys is None or values is None or not keys.numel():
-        return 0
-    return keys.numel() * keys.element_size() + values.numel() * values.element_size()
-
-
-def cache_kv_bytes(cache) -> int:
-    """Bytes of key and value tensors held by any transformers cache, all layers."""
-    return sum(layer_kv_bytes(layer) for layer in getattr(cache, "layers", []))
-
-
-class CompressedLayer(DynamicLayer):
-    """One full-attention layer's cache with eviction support.
-
-    Attributes
-    ----------
-    positions : Tensor ``(B, Hkv, L)`` int64 or None
-        Original position of every stored entry; None while the layer is untouched (entry i is at position i).
-    seen : int
-        Logical number of tokens appended so far.
-    valid_counts : list[int] or None
-        Per row, how many stored entries are real tokens of that row (host-side, no device sync).
-    scores : Tensor ``(B, Hkv, L)`` or None
-        Prefill eviction indicator, kept aligned with the entries during the cascade (+inf window, -inf padding).
-    order : Tensor ``(B, Hkv, L)`` int64 or None
-        Slot of ``keys``/``values`` holding the i-th entry in position order; None while slots are in position order.
-        ``positions`` and ``scores`` are always in position order.
-    free : Tensor ``(B, Hkv, 1)`` int64 or None
-        The slot decode-time eviction freed, which the next token is written into (keys and values then hold one
-        slot more than the entries).
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.positions: torch.Tensor | None = None
-        self.seen = 0
-        self.valid_counts: list[int] | None = None
-        self.scores: torch.Tensor | None = None
-        self.has_fillers = False  # host-side: some slot is a filler (position -1)
-        self.order: torch.Tensor | None = None
-        self.free: torch.Tensor | None = None
-        self._drop_plan: tuple | None = None
-
-    # -- transformers' layer interface ------------------------------------------------------------------------------
-    def update(self, key_states, value_states, *args, **kwargs):
-        batch, heads, new = key_states.shape[:3]
-        if self.free is not None and new == 1 and self._writable(key_states, value_states):
-            keys, values = self._fill_free_slot(key_states, value_states)
-        else:
-            self.in_position_order()
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.positions is not None:
-            if new == 1:
-                fresh = self.positions.new_full((batch, heads, 1), self.seen)
-            else:
-                fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device).expand(batch, heads, new)
-            self.positions = torch.cat([self.positions, fresh], dim=-1)
-        if self.valid_counts is not None:
-            self.valid_counts = [v + new for v in self.valid_counts]
-        if self.scores is not None:  # scorers that keep scores (H2O): new entries start at 0
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=-1)
-        self.seen += new
-        return keys, values
-
-    def _writable(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
-        """Whether the new token may be written into the stored tensors in place: no autograd history to break and
-        no inference tensor written outside inference mode (else the layer falls back to concatenation)."""
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            return False
-        return not (self.keys.is_inference() and not torch.is_inference_mode_enabled())
-
-    def _fill_free_slot(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """Write one new token into the free slot of every row and head (no copy of the layer); it becomes the last
-        entry in position order. The position, count and score bookkeeping is :meth:`update`'s."""
-        free, self.free = self.free, None
-        slot = free.unsqueeze(-1).expand_as(key_states)
-        self.keys.scatter_(2, slot, key_states)
-        self.values.scatter_(2, slot if value_states.shape == key_states.shape else
-                             free.unsqueeze(-1).expand_as(value_states), value_states)
-        self.order = torch.cat([self.order, free], dim=-1)
-        return self.keys, self.values
-
-    def in_position_order(self) -> None:
-        """Store keys and values in position order again (one copy of the layer; the free slot goes). Every path
-        but decoding one token at a time with one eviction per step starts here."""
-        if self.order is not None:
-            self.keys, self.values, _ = self.entries()
-            self.order = self.free = None
-
-    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values ``(B, Hkv, L, D)`` and positions ``(B, Hkv, L)`` of the stored entries in position order
-        (fillers, at position -1, first), without changing the layer."""
-        if self.order is None:
-            return self.keys, self.values, self.position_table()
-        flat = flat_index(self.order, self.keys.shape[-2])
-        return take(self.keys, self.order, flat), take(self.values, self.order, flat), self.positions
-
-    def to_slots(self, allowed: torch.Tensor | None) -> torch.Tensor | None:
-        """A bool mask ``(B, Hkv, q, L)`` over the entries in position order, laid over the slots (the free slot
-        masked out)."""
-        if allowed is None or self.order is None:
-            return allowed
-        slots = allowed.new_zeros(*allowed.shape[:-1], self.keys.shape[-2])
-        return slots.scatter_(-1, self.order.unsqueeze(2).expand(allowed.shape), allowed)
-
-    def from_slots(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-slot values ``(B, H, slots)`` (H a multiple of the KV heads) as per-entry values in position order."""
-        if self.order is None:
-            return values
-        batch, heads, slots = values.shape
-        kv_heads, length = self.order.shape[1], self.order.shape[-1]
-        groups = heads // kv_heads
-        index = self.order.view(batch * kv_heads, 1, length).expand(-1, groups, -1)
-        return values.view(batch * kv_heads, groups, slots).gather(-1, index).view(batch, heads, length)
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
-        # transformers >= 5.x passes the query length (int); older 5.x releases pass ``cache_position`` (a tensor
-        # of the new tokens' positions), whose length is the query length.
-        if isinstance(query_length, torch.Tensor):
-            query_length = query_length.shape[0]
-        return self.seen + query_length, 0
-
-    def reset(self) -> None:
-        super().reset()
-        # Drop the tensors (older transformers only zero them in place, keeping their length): update regrows them.
-        self.keys = self.values = None
-        self.is_initialized = False
-        self.positions, self.seen, self.valid_counts, self.scores = None, 0, None, None
-        self.has_fillers = False
-        self.order = self.free = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if self.positions is not None:
-            raise NotImplementedError("cropping a compressed KV cache (assisted decoding) is not supported by kvcake")
-        super().crop(tokens_to_remove)
-        self.seen = self.keys.shape[-2] if self.is_initialized else 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.in_position_order()
-        super().reorder_cache(beam_idx)
-        self._select_rows(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.in_position_order()
-        super().batch_select_indices(indices)
-        self._select_rows(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.in_position_order()
-        super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-        if self.valid_counts is not None:
-            self.valid_counts = [v for v in self.valid_counts for _ in range(repeats)]
-
-    def _select_rows(self, rows: torch.Tensor) -> None:
-        if self.positions is not None:
-            self.positions = self.positions[rows.to(self.positions.device)]
-        if self.valid_counts is not None:
-            self.valid_counts = [self.valid_counts[i] for i in rows.tolist()]
-
-    # -- kvcake ------------------------------------------------------------------------------------------------------
-    @property
-    def length(self) -> int:
-        """Number of stored entries per head (fillers included, the free slot not)."""
-        if not self.is_initialized or self.keys.numel() == 0:
-            return 0
-        return self.keys.shape[-2] - (self.free is not None)
-
-    def nbytes(self) -> int:
-        """Bytes of keys and values held, the free slot included."""
-        return layer_kv_bytes(self)
-
-    def spare_bytes(self) -> int:
-        """Bytes of the free slot (0 without one)."""
-        return 0 if self.free is None else self.nbytes() // self.keys.shape[-2]
-
-    def position_table(self) -> torch.Tensor:
-        """Positions of the stored entries, materialised if the layer is untouched."""
-        if self.positions is not None:
-            return self.positions
-        batch, heads, length = self.keys.shape[:3]
-        return torch.arange(length, device=self.keys.device).expand(batch, heads, length)
-
-    def keep(self, keep_counts: list[int] | torch.Tensor, scores: torch.Tensor) -> None:
-        """Keep, per row (or per row and KV head), the ``keep_counts`` highest-ranked entries.
-
-        ``keep_counts`` is a list with one count per row, or a tensor ``(B, Hkv)`` (head-wise allocation). Ties are
-        broken by the earlier position (stable sort), so repeated evictions with the same scores are nested: keeping
-        the top k of the top k' (k <= k') equals keeping the top k at once. Kept entries stay in position order;
-        heads or rows that keep fewer than the longest are padded in front with filler slots (position -1).
-        A layer in slot order is gathered straight from its slots (one copy), and is in position order afterwards.
-        """
-        length = self.length
-        device = self.keys.device
-        counts = torch.as_tensor(keep_counts, device=device)
-        if counts.dim() == 1:
-            counts = counts[:, None].expand(-1, self.keys.shape[1])
-        if length == 0 or int(counts.min()) >= length:
-            return
-        k_max = min(int(counts.max()), length)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k_max]
-        positions = self.position_table().gather(-1, order)
-        kept = torch.arange(k_max, device=device).view(1, 1, -1) < counts[..., None]
-        positions = torch.where(kept, positions, torch.full_like(positions, FILLER))
-        positions, perm = torch.sort(positions, dim=-1, stable=True)
-        index = order.gather(-1, perm)
-        slots = index if self.order is None else self.order.gather(-1, index)
-        self.keys, self.values = take(self.keys, slots), take(self.values, slots)
-        self.order = self.free = None
-        if self.scores is not None:
-            self.scores = self.scores.gather(-1, index).masked_fill(positions == FILLER, float("-inf"))
-        self.positions = positions
-        kept_per_row = counts.clamp_max(length).sum(-1) // counts.shape[1]
-        self.valid_counts = [min(int(c), v) for c, v in zip(kept_per_row.tolist(), self.valid_counts)]
-        self.has_fillers = self.has_fillers or bool((counts < k_max).any())
-
-    def drop_lowest(self, scores: torch.Tensor, window: int) -> None:
-        """Drop, in every row and KV head, the lowest-scored entry outside the last ``window`` (decode-time
-        eviction's common case). ``scores`` are per entry in position order, like ``positions``.
-
-        An argmin, then bookkeeping on ``(B, Hkv, L)`` integers: the entry's slot becomes the free slot that the
-        next token is written into, so keys and values are neither copied nor moved.
-        """
-        batch, heads, length = scores.shape
-        if self.free is not None or self.keys.shape[-2] != length:
-            raise RuntimeError("drop_lowest needs a layer whose slots all hold entries")
-        lowest = scores[..., : max(1, length - window)].argmin(dim=-1, keepdim=True)  # (B, H, 1)
-        base, flat_base, flat_next = self._drop_index(batch, heads, length, scores.device)
-        flat = torch.where(base >= lowest, flat_next, flat_base)  # entries after the dropped one move down by one
-        order = self.order if self.order is not None else base_order(batch, heads, length, scores.device)
-        self.free = order.gather(-1, lowest)
-        # torch.take reads the tensors flattened: one operator each, no reshapes.
-        self.order = torch.take(order, flat)
-        self.positions = torch.take(self.position_table(), flat)
-        if self.scores is not None:
-            self.scores = torch.take(self.scores, flat)
-        self.valid_counts = [v - 1 for v in self.valid_counts]
-
-    def _drop_index(self, batch: int, heads: int, length: int, device):
-        """For :meth:`drop_lowest`, cached per shape: ``base`` ``(1, 1, length - 1)`` = 0, 1, ..., length-2, the same
-        as flat indices into ``(B, H, length)``, and those plus one: taking the first below the lowest entry and the
-        second from it on skips that entry."""
-        key = (batch, heads, length, device)
-        if self._drop_plan is None or self._drop_plan[0] != key:
-            base = torch.arange(length - 1, device=device).view(1, 1, length - 1)
-            flat = base + torch.arange(batch * heads, device=device).view(batch, heads, 1) * length
-            self._drop_plan = (key, base, flat, flat + 1)
-        return self._drop_plan[1:]
-
-    def ranking(self, scores: torch.Tensor, window: int) -> torch.Tensor:
-        """``scores`` with the last ``window`` stored entries protected (+inf): what eviction sorts by."""
-        ranked = scores.clone()
-        ranked[..., max(0, ranked.shape[-1] - window):] = float("inf")
-        return ranked
-
-    def layer_mask(self, attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
-        """Bool mask ``(B, Hkv, q_len, L)`` for the current queries over the stored entries.
-
-        Built from each entry's original position: causal by position, fillers excluded, and the padding columns of
-        transformers' own (logical-length) mask taken at the kept positions.
-        """
-        positions = self.position_table()
-        q_pos = torch.arange(self.seen - q_len, self.seen, device=positions.device)
-        pos = positions.unsqueeze(2)  # (B, H, 1, L)
-        allowed = (pos >= 0) & (pos <= q_pos.view(1, 1, -1, 1))
-        logical = _logical_allowed(attention_mask, q_len, self.seen)
-        if logical is not None:
-            logical = logical.to(positions.device)
-            batch, heads, length = positions.shape
-            index = pos.clamp_min(0).expand(batch, heads, q_len, length)
-            allowed &= logical.unsqueeze(1).expand(batch, heads, q_len, logical.shape[-1]).gather(-1, index)
-        return allowed
-
-
-def _logical_allowed(attention_mask: torch.Tensor | None, q_len: int, logical_len: int) -> torch.Tensor | None:
-    """Transformers' mask as bool ``(B, q_len, logical_len)`` (True = may attend), or None when there is none."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() == 2:  # flash-attention style: (B, logical_len) padding mask
-        mask = attention_mask.bool()[:, None, :].expand(-1, q_len, -1)
-    elif attention_mask.dim() == 4:
-        mask = attention_mask[:, 0]
-        mask = mask if mask.dtype == torch.bool else mask == 0
-    else:
-        raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
-    if mask.shape[-1] != logical_len:
-        raise ValueError(
-            f"attention mask covers {mask.shape[-1]} positions but the sequence has {logical_len}; kvcake needs the "
-            "mask of the full logical sequence"
-        )
-    return mask[:, -q_len:]
+    key: torch.Tensor
+    value: torch.Tensor
+    query: torch.Tensor | None = None  # None for layers kvcake leaves alone (sliding-window)
+    key_valid: torch.Tensor | None = None
+    scaling: float | None = None
+    softcap: float | None = None
 
 
 class KVCakeCache(DynamicCache):
     """Dynamic cache whose full-attention layers are compressed by a kvcake method.
 
-    Sliding-window layers (Gemma-2/3, Mistral with a window) keep transformers' own bounded cache and are left out of
-    the allocation. Create it through :func:`kvcake.compress` or :meth:`Compression.new_cache`.
+    Create it through :func:`kvcake.compress` or :meth:`Compression.new_cache`.
     """
 
-    def __init__(self, config, method):
+    def __init__(self, config: Any, method: Method) -> None:
         super().__init__(config=config)
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:
@@ -366,37 +48,42 @@ class KVCakeCache(DynamicCache):
         self.method = method
         self.compressible = [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
         self._slot = {layer_idx: n for n, layer_idx in enumerate(self.compressible)}
-        # Per-request state, filled during prefill.
-        self.prompt_tokens: list[int] | None = None  # real tokens per row
-        self.prefill_length = 0  # padded prompt length
-        self.totals: list[int] = []  # evictable budget per row
-        self.preferences: list[list[float]] = []  # per row, per compressible layer seen so far
-        self.budgets: list[list[int]] = []  # per row, per compressible layer: evictable tokens allowed now
+        self.plan: RequestBudget | None = None  # the request's budgets, from its first prefilled layer on
         self.prefill_kept: list[list[int]] | None = None
         self.peak_kv_bytes = 0
-        self._decode_targets: tuple[int, list[list[int]]] | None = None
         self._scored_this_step = False
-        #: Set to a dict to have the prefill record every layer's attention inputs (see :mod:`kvcake.integration.replay`).
+        #: A dict here makes the prefill record every layer's attention inputs (:mod:`kvcake.integration.replay`).
         self.recorder: dict | None = None
         #: With a recorder: keep only the last this-many queries of each layer (None: all of them).
         self.record_queries: int | None = None
 
+    # -- the request -------------------------------------------------------------------------------------------------
+    @property
+    def prompt_tokens(self) -> list[int] | None:
+        """Real (non-padding) prompt tokens per row, once the prefill has started."""
+        return None if self.plan is None else self.plan.prompt_tokens
+
+    def compressed_layer(self, layer_idx: int) -> CompressedLayer | None:
+        """The layer's storage if kvcake compresses it (None for sliding-window and unknown layers)."""
+        return self.layers[layer_idx] if layer_idx in self._slot else None  # type: ignore[return-value]
+
+    def layers_in_order(self) -> list[CompressedLayer]:
+        return [self.layers[i] for i in self.compressible]  # type: ignore[misc]
+
     def reset(self) -> None:
         """Empty every layer and forget the request (prompt, budgets, scores), ready for a new prefill."""
         super().reset()
-        self.prompt_tokens, self.prefill_length, self.prefill_kept = None, 0, None
-        self.totals, self.preferences, self.budgets = [], [], []
-        self.peak_kv_bytes, self._decode_targets = 0, None
+        self.plan, self.prefill_kept = None, None
+        self.peak_kv_bytes = 0
         self._scored_this_step = False
 
     def _reorder_rows(self, rows: list[int]) -> None:
         """Keep the per-row request state in step with the rows of the tensors (beam search, batch selection)."""
-        if self.prompt_tokens is None:
+        if self.plan is None:
             return
-        pick = lambda values: [values[i] for i in rows] if values else values  # noqa: E731
-        self.prompt_tokens, self.totals = pick(self.prompt_tokens), pick(self.totals)
-        self.preferences, self.budgets, self.prefill_kept = pick(self.preferences), pick(self.budgets), pick(self.prefill_kept)
-        self._decode_targets = None
+        self.plan.select_rows(rows)
+        if self.prefill_kept is not None:
+            self.prefill_kept = [self.prefill_kept[i] for i in rows]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -406,7 +93,106 @@ class KVCakeCache(DynamicCache):
         super().batch_select_indices(indices)
         self._reorder_rows(torch.as_tensor(indices).tolist())
 
-    # -- numerical safety --------------------------------------------------------------------------------------------
+    # -- memory accounting -------------------------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held now, all layers."""
+        return cache_kv_bytes(self)
+
+    def metadata_bytes(self) -> int:
+        """Bytes of kvcake's own bookkeeping (kept positions, slot order)."""
+        tables = [table for layer in self.layers_in_order() for table in (layer.positions, layer.order)
+                  if table is not None]
+        return sum(t.numel() * t.element_size() for t in tables)
+
+    def kv_bytes_full(self) -> int:
+        """What the same cache would hold without eviction."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer) and layer.is_initialized:
+                batch, heads, _, k_dim = layer.keys.shape
+                v_dim = layer.values.shape[-1]
+                per_token = k_dim * layer.keys.element_size() + v_dim * layer.values.element_size()
+                total += batch * heads * layer.seen * per_token
+            else:
+                total += layer_kv_bytes(layer)
+        return total
+
+    def _track_peak(self) -> None:
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.prefill_kept is None:  # peak is a prefill figure
+            self._track_peak()
+        return out
+
+    # -- prefill -----------------------------------------------------------------------------------------------------
+    def record(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None,
+               key_valid: torch.Tensor | None = None, scaling: float | None = None,
+               softcap: float | None = None) -> None:
+        """With a recorder set, keep a copy of what the layer's prefill attention saw (once per layer)."""
+        if self.recorder is None or layer_idx in self.recorder:
+            return
+        if query is not None and self.record_queries is not None and self.record_queries < query.shape[2]:
+            # A slice keeps the whole tensor alive: copy the rows kept so the full queries can be freed.
+            query = query[:, :, -self.record_queries:].clone()
+        self.recorder[layer_idx] = PrefillLayer(key.clone(), value.clone(), query, key_valid, scaling, softcap)
+
+    @torch.no_grad()
+    def prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None,
+                      key_valid: torch.Tensor | None, scaling: float, softcap: float | None) -> None:
+        """Score a prefilled layer under the method, then evict (cascade) or wait for the last layer."""
+        if self.plan is None:
+            prompt = [key.shape[2]] * key.shape[0] if key_valid is None else [int(n) for n in key_valid.sum(-1)]
+            self.plan = RequestBudget(self.method, len(self.compressible), prompt, key.shape[2])
+        method = self.method
+        slot = self._slot[layer_idx]
+        view = LayerView(query=query, keys=key, scaling=scaling, key_valid=key_valid, softcap=softcap, layer=slot,
+                         num_layers=len(self.compressible), values=value)
+        preference = method.allocator.preference(view, method.window)
+        scores = method.scorer.prefill(view, method.window)
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid.to(scores.device)[:, None, :], float("-inf"))
+        layer = self.layers[layer_idx]
+        assert isinstance(layer, CompressedLayer)
+        layer.scores = scores
+        layer.valid_counts = list(self.plan.prompt_tokens)
+        if self.plan.add_layer(None if preference is None else preference.tolist()):
+            self._evict_seen()
+        if self.plan.seen == len(self.compressible):
+            self._finish_prefill()
+
+    def _evict_seen(self) -> None:
+        """Evict every layer seen so far down to its share at the latest stage."""
+        assert self.plan is not None
+        for slot in range(self.plan.seen):
+            if self.plan.keeps_everything(slot):
+                continue  # the layer keeps every real token: leave it untouched (bit-identical to a full cache)
+            layer = self.layers[self.compressible[slot]]
+            assert isinstance(layer, CompressedLayer) and layer.scores is not None
+            ranked = layer.ranking(layer.scores, self.method.window)
+            layer.keep(self.plan.keep_counts(slot, ranked), ranked)
+        self._track_peak()
+
+    def _finish_prefill(self) -> None:
+        keep_scores = self.method.decode_eviction and self.method.scorer.keeps_scores
+        layers = self.layers_in_order()
+        for layer in layers:
+            if not keep_scores:
+                layer.scores = None
+        assert self.plan is not None
+        self.prefill_kept = [[layer.valid_counts[row] for layer in layers]  # type: ignore[index]
+                             for row in range(self.plan.rows)]
+
+    # -- decoding ----------------------------------------------------------------------------------------------------
+    def decoding(self) -> bool:
+        """Whether the prefill is over and the method holds the budget while decoding."""
+        return self.method.decode_eviction and self.prefill_kept is not None
+
+    def decode_targets(self, logical_len: int) -> list[list[int]]:
+        assert self.plan is not None
+        return self.plan.decode_targets(logical_len)
+
     def end_layer(self, layer_idx: int, scored: bool, out) -> None:
         """After a compressed layer's decoding step: note whether it scored its entries and, after the last one,
         check the step (one host sync per step, not one per layer).
@@ -422,134 +208,35 @@ class KVCakeCache(DynamicCache):
             if not bool(torch.isfinite(hidden.sum())):
                 raise NonFiniteAttentionError("attention at decode time produced NaN or inf")
 
-    # -- memory accounting -------------------------------------------------------------------------------------------
-    def kv_bytes(self) -> int:
-        """Bytes of keys and values held now, all layers."""
-        return cache_kv_bytes(self)
-
-    def metadata_bytes(self) -> int:
-        """Bytes of kvcake's own bookkeeping (kept positions, slot order)."""
-        tables = [
-            table
-            for layer in self.layers if isinstance(layer, CompressedLayer)
-            for table in (layer.positions, layer.order) if table is not None
-        ]
-        return sum(t.numel() * t.element_size() for t in tables)
-
-    def kv_bytes_full(self) -> int:
-        """What the same cache would hold without eviction."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, CompressedLayer) and layer.is_initialized:
-                batch, heads, _, k_dim = layer.keys.shape
-                v_dim = layer.values.shape[-1]
-                total += batch * heads * layer.seen * (k_dim * layer.keys.element_size() + v_dim * layer.values.element_size())
-            else:
-                total += layer_kv_bytes(layer)
-        return total
-
-    def _track_peak(self) -> None:
-        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if self.prefill_kept is None:  # peak is a prefill figure
-            self._track_peak()
-        return out
-
-    # -- prefill -----------------------------------------------------------------------------------------------------
-    def start_prefill(self, key_valid: torch.Tensor | None, prefill_length: int, batch: int) -> None:
-        """Record the prompt: real tokens per row and the budget each row gets."""
-        if key_valid is None:
-            self.prompt_tokens = [prefill_length] * batch
-        else:
-            self.prompt_tokens = [int(n) for n in key_valid.sum(-1).tolist()]
-        if min(self.prompt_tokens) == 0:
-            raise ValueError("empty prompt: a row has no tokens to attend to")
-        self.prefill_length = prefill_length
-        n_layers = len(self.compressible)
-        self.totals = [self.method.total_budget(n, n_layers) for n in self.prompt_tokens]
-        self.preferences = [[] for _ in range(batch)]
-        self.budgets = [[] for _ in range(batch)]
-
-    def caps(self) -> list[int]:
-        """Per row, the most evictable tokens a layer can keep (its real tokens outside the window)."""
-        return [max(0, n - self.method.window) for n in self.prompt_tokens]
-
-    def add_layer_scores(self, layer_idx: int, preference: torch.Tensor | None, scores: torch.Tensor,
-                         key_valid: torch.Tensor | None) -> None:
-        """Store a prefilled layer's preference and raw scores ``(B, Hkv, S)``, then evict (cascade) or wait."""
-        layer = self.layers[layer_idx]
-        prefs = [1.0] * len(self.prompt_tokens) if preference is None else preference.tolist()
-        for row, p in enumerate(prefs):
-            if p != p or p in (float("inf"), float("-inf")):
-                raise NonFiniteAttentionError(f"layer {layer_idx}: preference is {p} for row {row}")
-            self.preferences[row].append(p)
-        if key_valid is not None:
-            scores = scores.masked_fill(~key_valid.to(scores.device)[:, None, :], float("-inf"))
-        layer.scores = scores
-        layer.valid_counts = list(self.prompt_tokens)
-        last = self._slot[layer_idx] == len(self.compressible) - 1
-        if self.method.cascade or last:
-            self._rebalance()
-        if last:
-            self.finish_prefill()
-
-    def split(self, preferences: list[float], total: int, cap: int) -> list[int]:
-        """The allocator's split of ``total`` over the layers seen so far (capped, exact)."""
-        return self.method.allocator.split(preferences, total, cap, len(self.compressible))
-
-    def _rebalance(self) -> None:
-        """Re-split the budget over the layers seen so far and evict each down to its share."""
-        caps = self.caps()
-        seen = len(self.preferences[0])
-        window = self.method.window
-        self.budgets = [self.split(p, total, cap) for p, total, cap in zip(self.preferences, self.totals, caps)]
-        for slot in range(seen):
-            layer = self.layers[self.compressible[slot]]
-            shares = [b[slot] for b in self.budgets]
-            if all(share >= cap for share, cap in zip(shares, caps)):
-                continue  # the layer keeps every real token: leave it untouched (bit-identical to a full cache)
-            ranked = layer.ranking(layer.scores, window)
-            protected = [min(window, n) for n in self.prompt_tokens]
-            if self.method.head_alpha is None:
-                layer.keep([share + p for share, p in zip(shares, protected)], ranked)
-                continue
-            evictable = ranked[..., : max(0, ranked.shape[-1] - window)]
-            counts = torch.stack([
-                head_counts(evictable[row], share, self.method.head_alpha) + protected[row]
-                for row, share in enumerate(shares)
-            ])
-            layer.keep(counts, ranked)
-        self._track_peak()
-
-    def finish_prefill(self) -> None:
-        keep_scores = self.method.decode_eviction and self.method.scorer.keeps_scores
-        for idx in self.compressible:
-            if not keep_scores:
-                self.layers[idx].scores = None
-        self.prefill_kept = [
-            [self.layers[idx].valid_counts[row] for idx in self.compressible] for row in range(len(self.prompt_tokens))
-        ]
-
-    # -- decoding ------------------------------------------------------------------------------------------------------
-    def decode_targets(self, logical_len: int) -> list[list[int]]:
-        """Per row and compressible layer, the entries a layer may hold at this step (budget plus window).
-
-        The budget is re-split with the caps grown by the generated tokens: a layer that was capped by a short
-        prompt may fill up to its share, and nothing is evicted until the whole budget is used.
-        """
-        if self._decode_targets is not None and self._decode_targets[0] == logical_len:
-            return self._decode_targets[1]
-        grown = logical_len - self.prefill_length
-        window = self.method.window
-        targets = []
-        for prefs, total, n in zip(self.preferences, self.totals, self.prompt_tokens):
-            shares = self.split(prefs, total, max(0, n + grown - window))
-            targets.append([s + min(window, n + grown) for s in shares])
-        self._decode_targets = (logical_len, targets)
-        return targets
-
     # -- reading what happened -----------------------------------------------------------------------------------------
     def report(self) -> Report:
-        return Report.from_cache(self)
+        """What the request did: budgets, kept lengths and memory (see :class:`~kvcake.integration.report.Report`)."""
+        plan, layers = self.plan, self.layers_in_order()
+        rows = 0 if plan is None else plan.rows
+        entry_bytes = max((layer.keys.shape[1] * (layer.keys.shape[-1] * layer.keys.element_size()
+                                                  + layer.values.shape[-1] * layer.values.element_size())
+                           for layer in layers if layer.is_initialized), default=0)
+        other = self.kv_bytes() - sum(layer.nbytes() for layer in layers)
+        bound = 0
+        if plan is not None:
+            worst = max(plan.totals) + (len(layers) - 1) * self.method.window
+            bound = rows * entry_bytes * (worst + plan.prefill_length) + other
+        padding = sum(int((layer.positions < 0).sum()) * layer.nbytes() // max(layer.positions.numel(), 1)
+                      for layer in layers if layer.positions is not None)
+        return Report(
+            method=self.method.parameters(), layers=list(self.compressible),
+            prompt_tokens=[] if plan is None else list(plan.prompt_tokens),
+            total_budget=[] if plan is None else list(plan.totals),
+            preferences=[] if plan is None else [list(p) for p in plan.preferences],
+            budgets=[] if plan is None else plan.budgets(),
+            kept_after_prefill=[list(r) for r in (self.prefill_kept or [])],
+            kept_now=[[layer.valid_counts[row] if layer.valid_counts else layer.length for layer in layers]
+                      for row in range(rows)],
+            layer_lengths=[layer.length for layer in layers], kv_bytes=self.kv_bytes(),
+            kv_bytes_full=self.kv_bytes_full(), peak_kv_bytes=self.peak_kv_bytes, peak_bound_bytes=bound,
+            metadata_bytes=self.metadata_bytes(), padding_bytes=padding,
+            spare_bytes=sum(layer.spare_bytes() for layer in layers),
+        )
+
+
+__all__ = ["CompressedLayer", "KVCakeCache", "PrefillLayer", "cache_kv_bytes"]

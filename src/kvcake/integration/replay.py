@@ -14,14 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from kvcake.integration.attention import PrefillLayer, score_prefill
-from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.session import (
-    cache_keyword,
-    compress,
-    output_cache,
-    text_config,
-)
+from kvcake.integration.cache import KVCakeCache, PrefillLayer
+from kvcake.integration.compat import cache_keyword, output_cache, text_config
+from kvcake.integration.session import compress
 
 
 @dataclass
@@ -80,6 +75,8 @@ def replay(model, record: PrefillRecord, method) -> DynamicCache:
         layer = record.layers[layer_idx]
         # Entries may be reordered or shrunk in place while decoding: give every cache its own copy.
         key, _ = cache.update(layer.key.clone(), layer.value.clone(), layer_idx)
-        if method is not None and layer.query is not None and layer_idx in cache._slot:
-            score_prefill(cache, layer_idx, layer.query, key, layer.key_valid, layer.scaling, layer.softcap)
+        if isinstance(cache, KVCakeCache) and layer.query is not None and cache.compressed_layer(layer_idx):
+            assert layer.scaling is not None
+            cache.prefill_layer(layer_idx, layer.query, key, layer.value, layer.key_valid, layer.scaling,
+                                layer.softcap)
     return cache

@@ -1,12 +1,9 @@
-"""What a compression did: budgets, kept lengths and memory, as plain data."""
+"""What a compression did: budgets, kept lengths and memory, as plain data (built by ``KVCakeCache.report()``)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from kvcake.integration.cache import KVCakeCache
+from typing import Any
 
 
 @dataclass
@@ -71,47 +68,6 @@ class Report:
     padding_bytes: int = 0
     spare_bytes: int = 0
     notes: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_cache(cls, cache: KVCakeCache) -> Report:
-        method = cache.method
-        layers = [cache.layers[i] for i in cache.compressible]
-        rows = len(cache.prompt_tokens or [])
-        window = method.window
-        budgets = [[share + min(window, n) for share in shares] for shares, n in zip(cache.budgets, cache.prompt_tokens or [])]
-        entry_bytes = max(
-            (layer.keys.shape[1] * (layer.keys.shape[-1] * layer.keys.element_size()
-                                    + layer.values.shape[-1] * layer.values.element_size())
-             for layer in layers if layer.is_initialized),
-            default=0,
-        )
-        other = cache.kv_bytes() - sum(layer.nbytes() for layer in layers)
-        bound = 0
-        if rows:
-            worst = max(cache.totals) + (len(layers) - 1) * window
-            bound = rows * entry_bytes * (worst + cache.prefill_length) + other
-        return cls(
-            method=method.parameters(),
-            layers=list(cache.compressible),
-            prompt_tokens=list(cache.prompt_tokens or []),
-            total_budget=list(cache.totals),
-            preferences=[list(p) for p in cache.preferences],
-            budgets=budgets,
-            kept_after_prefill=[list(r) for r in (cache.prefill_kept or [])],
-            kept_now=[[layer.valid_counts[row] if layer.valid_counts else layer.length for layer in layers]
-                      for row in range(rows)],
-            layer_lengths=[layer.length for layer in layers],
-            kv_bytes=cache.kv_bytes(),
-            kv_bytes_full=cache.kv_bytes_full(),
-            peak_kv_bytes=cache.peak_kv_bytes,
-            peak_bound_bytes=bound,
-            metadata_bytes=cache.metadata_bytes(),
-            padding_bytes=sum(
-                int((layer.positions < 0).sum()) * layer.nbytes() // max(layer.positions.numel(), 1)
-                for layer in layers if layer.positions is not None
-            ),
-            spare_bytes=sum(layer.spare_bytes() for layer in layers),
-        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,45 +4,25 @@
 ...     out = model.generate(**inputs, max_new_tokens=32)
 >>> press.report.kept_after_prefill
 
-While the block is active, the model's attention modules dispatch to the kvcake wrapper of their own backend and
-every forward that starts a new sequence gets a fresh :class:`KVCakeCache` (the one ``generate`` creates is swapped
-for it by a forward pre-hook). Nothing is stored on the model beyond the block: on exit the backend name and the
-hook are restored, so requests never leak into one another.
+While the block is active, the model's attention modules dispatch to the kvcake wrapper of their own backend, and a
+forward pre-hook on the model gives every forward that starts a new sequence a fresh :class:`KVCakeCache` (the one
+``generate`` creates is swapped for it) and hands the request's cache to the attention calls. On exit the backend
+name and the hook are restored, so requests never leak into one another and nothing stays on the model.
 """
 
 from __future__ import annotations
 
-import inspect
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
 from kvcake.integration import attention
 from kvcake.integration.cache import KVCakeCache
+from kvcake.integration.compat import cache_argument, cache_keyword, output_cache, text_config
 from kvcake.integration.report import Report
 
 SUPPORTED_BACKENDS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
-
-
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The name the model's forward takes its cache under: ``cache`` in newer transformers, ``past_key_values``
-    before."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def text_config(model: torch.nn.Module):
-    """The decoder's configuration (the text part of a multimodal model's)."""
-    config = model.config
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def output_cache(out):
-    """The cache a model forward or ``generate(return_dict_in_generate=True)`` returned, under either name."""
-    for name in ("cache", "past_key_values"):
-        if name in out and out[name] is not None:
-            return out[name]
-    return None
 
 
 class UnsupportedModelError(TypeError):
@@ -63,15 +43,14 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 class Compression:
     """A method attached to a model; use as a context manager (see :func:`kvcake.compress`)."""
 
-    def __init__(self, model: torch.nn.Module, method):
+    def __init__(self, model: torch.nn.Module, method: Any) -> None:
         self.model = model
         self.method = method
         self.active_cache: KVCakeCache | None = None
         self.last_cache: KVCakeCache | None = None
         self._report: Report | None = None
-        self._saved: list[tuple[object, str]] = []
-        self._hook = None
-        self._modules: list[torch.nn.Module] = []
+        self._saved: list[tuple[Any, str]] = []
+        self._hook: Any = None
         self._cache_name: str | None = None
 
     # -- attach / detach ---------------------------------------------------------------------------------------------
@@ -82,35 +61,29 @@ class Compression:
                 f"{type(self.model).__name__}: no standard attention layers found (kvcake needs decoder attention "
                 "modules with a layer_idx and q/o projections, as in Llama, Mistral, Qwen, Gemma and Phi-3 models)"
             )
-        if any(id(m) in attention.ACTIVE for m in modules):
+        configs = {id(m.config): m.config for m in modules}.values()
+        if any(attention.base_name(c._attn_implementation) for c in configs):
             raise RuntimeError("a kvcake compression is already active on this model; nest none")
-        configs = {id(m.config): m.config for m in modules}
-        for config in configs.values():
+        for config in configs:
             base = config._attn_implementation or "eager"
             if base not in SUPPORTED_BACKENDS:
                 raise ValueError(
                     f"attention backend {base!r} is not supported by kvcake; use one of {', '.join(SUPPORTED_BACKENDS)}"
                 )
-        for config in configs.values():
-            base = config._attn_implementation or "eager"
+        for config in configs:
+            # transformers reads the attention function by this name at every call: dispatch to the wrapper.
             self._saved.append((config, config._attn_implementation))
-            config._attn_implementation = attention.registered_name(base)
-        self._modules = modules
-        for m in modules:
-            attention.ACTIVE[id(m)] = self
+            config._attn_implementation = attention.registered_name(config._attn_implementation or "eager")
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         for config, name in reversed(self._saved):
             config._attn_implementation = name
         self._saved.clear()
-        for m in self._modules:
-            attention.ACTIVE.pop(id(m), None)
-        self._modules = []
         if self.last_cache is not None and self.last_cache.prompt_tokens is not None:
             self._report = self.last_cache.report()
         self.active_cache = None
@@ -122,24 +95,14 @@ class Compression:
         return KVCakeCache(config=text_config(self.model), method=self.method)
 
     def _cache_kwarg(self) -> str:
-        """The name the model's forward takes its cache under (``cache`` since transformers 5.3ish, before
-        ``past_key_values``), read once per model."""
+        """The name the model's forward takes its cache under, read once per model."""
         if self._cache_name is None:
             self._cache_name = cache_keyword(self.model)
         return self._cache_name
 
     def _before_forward(self, module, args, kwargs):
-        # The cache keyword is ``cache`` in newer transformers and ``past_key_values`` before: accept either from the
-        # caller and hand it to the model under the name its forward takes (an unknown one would be ignored by the
-        # model and sent on to the attention functions in ``**kwargs``).
         own_name = self._cache_kwarg()
-        for alias in ("cache", "past_key_values"):
-            if alias != own_name and alias in kwargs:
-                value = kwargs.pop(alias)
-                if kwargs.get(own_name) is None:
-                    kwargs[own_name] = value
-        names = [n for n in ("cache", "past_key_values") if kwargs.get(n) is not None]
-        cache = kwargs[names[0]] if names else None
+        cache = cache_argument(kwargs, own_name)
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
@@ -150,11 +113,13 @@ class Compression:
         elif kwargs.get("use_cache") is False:
             self.active_cache = None
         elif cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0):
-            fresh = self.new_cache()
-            kwargs[names[0] if names else self._cache_kwarg()] = fresh
-            self._use(fresh)
+            cache = self.new_cache()
+            kwargs[own_name] = cache
+            self._use(cache)
         else:
             self.active_cache = None  # a filled cache of another kind: leave it alone
+        if self.active_cache is not None:
+            kwargs[attention.CACHE_KWARG] = self.active_cache
         return args, kwargs
 
     def _use(self, cache: KVCakeCache) -> None:
@@ -177,6 +142,10 @@ class Compression:
         return self._report
 
 
-def compress(model: torch.nn.Module, method) -> Compression:
+def compress(model: torch.nn.Module, method: Any) -> Compression:
     """Attach ``method`` to ``model`` for a ``with`` block; ``generate``/forward calls inside it are compressed."""
     return Compression(model, method)
+
+
+__all__ = ["Compression", "UnsupportedModelError", "attention_modules", "cache_keyword", "compress", "output_cache",
+           "text_config"]

@@ -1,15 +1,47 @@
-"""The method layer: scoring and allocation, pure torch, no transformers imports."""
+"""The method layer: scorers, allocators and the budget policy, pure torch, no transformers imports.
+
+Every module of this package is imported here, so each method file registers itself (see
+:mod:`kvcake.methods.registry`) and its public names are exported from ``kvcake.methods`` (and ``kvcake``): a new
+method is one new file. torch is imported on first use only (:mod:`kvcake._lazy`), so the command line can read the
+methods and check arguments without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
 
 from kvcake.methods.allocation import allocate, head_counts, uniform
-from kvcake.methods.allocators import Preference, Pyramid, Uniform
-from kvcake.methods.baselines import H2O, TOVA, AdaKV, PyramidKV, SnapKV, StreamingLLM
-from kvcake.methods.cake import CAKE, TAU_PRESETS, tau_preset
-from kvcake.methods.method import Method
-from kvcake.methods.scorers import CakeScores, H2OScores, SnapKVScores, StreamingScores, TOVAScores
-from kvcake.methods.scoring import NonFiniteAttentionError, window_attention, window_statistics
+from kvcake.methods.attention import NonFiniteAttentionError, window_attention
+from kvcake.methods.base import Allocator, Method, Scorer, Uniform
+from kvcake.methods.budget import RequestBudget
+from kvcake.methods.registry import METHODS, build, method_names, register, register_composition
+from kvcake.methods.views import DecodeView, LayerView
+
+_INFRASTRUCTURE = {"allocation", "attention", "base", "budget", "registry", "views"}
+
+
+def _discover() -> dict[str, Any]:
+    """Import every method module and collect what each exports in ``__all__``."""
+    exported: dict[str, Any] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in _INFRASTRUCTURE or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for name in getattr(module, "__all__", ()):
+            if name in exported and exported[name] is not getattr(module, name):
+                raise ImportError(f"kvcake.methods: {name!r} is exported by two method modules")
+            exported[name] = getattr(module, name)
+    return exported
+
+
+_METHOD_EXPORTS = _discover()
+globals().update(_METHOD_EXPORTS)
 
 __all__ = [
-    "CAKE", "H2O", "TAU_PRESETS", "TOVA", "AdaKV", "CakeScores", "H2OScores", "Method", "NonFiniteAttentionError",
-    "Preference", "Pyramid", "PyramidKV", "SnapKV", "SnapKVScores", "StreamingLLM", "StreamingScores", "TOVAScores",
-    "Uniform", "allocate", "head_counts", "tau_preset", "uniform", "window_attention", "window_statistics",
+    "METHODS", "Allocator", "DecodeView", "LayerView", "Method", "NonFiniteAttentionError", "RequestBudget", "Scorer",
+    "Uniform", "allocate", "build", "head_counts", "method_names", "register", "register_composition", "uniform",
+    "window_attention",
 ]
+__all__ += sorted(_METHOD_EXPORTS)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
+from kvcake._lazy import torch
 
 
 def _key(prefs: Sequence[float], layer: int, k: int) -> tuple[float, float, int]:

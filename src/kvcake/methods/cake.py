@@ -1,17 +1,35 @@
-"""CAKE: Cascading and Adaptive KV cache Eviction (Qin et al., ICLR 2025, arXiv 2503.12491).
+"""CAKE: Cascading and Adaptive KV cache Eviction (Qin et al., ICLR 2025, arXiv 2503.12491), all in one file.
 
-Defaults are the paper's: observation window S_w = 32, pooling kernel 5, gamma = 200, tau1 = tau2 = 1 unless a
-published preset applies, cascading prefill, and decode-time budget maintenance.
+* §3.1 layer preference: spatial dispersion H and temporal shift V of each layer's window attention,
+  P = H^(1/tau1) * V^(1/tau2) — :func:`window_statistics`, :func:`layer_preference`, :class:`Preference`;
+* §3.2 budget allocation: B_l = P_l / sum P * B_total, made exact and capped by the divisor method shared by every
+  allocator (:func:`kvcake.methods.allocation.allocate`);
+* §3.3 cascading memory management: the split is redone after every layer during prefill and earlier layers are
+  evicted to their new share (:class:`kvcake.methods.budget.RequestBudget` runs it; ``cascade=True``);
+* §3.3 eviction indicator: mean + gamma * var of window attention, average-pooled and GQA-averaged —
+  :class:`CakeScores`;
+* §3.4 decoding: each layer stays at its budget, dropping the entry the current query attends least (pooled,
+  GQA-averaged, no variance term) — :meth:`CakeScores.decode` (``decode_eviction=True``).
+
+Defaults are the paper's: observation window 32, pooling kernel 5, gamma 200, tau1 = tau2 = 1 unless a published
+preset applies, cascading prefill, decode-time budget maintenance.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
-from kvcake.methods.allocators import Preference
-from kvcake.methods.method import Method
-from kvcake.methods.scorers import CakeScores
+from kvcake._lazy import torch
+from kvcake.methods.attention import check_kernel, group_mean, pool_scores
+from kvcake.methods.base import Allocator, Method, Scorer, Uniform, check_positive
+from kvcake.methods.h2o import H2OScores
+from kvcake.methods.registry import register, register_composition
+from kvcake.methods.snapkv import SnapKV, SnapKVScores
+
+if TYPE_CHECKING:
+    from kvcake.methods.views import DecodeView, LayerView
 
 #: The authors' published temperatures (tau1, tau2) per model at 128 and 1024 tokens per layer.
 TAU_PRESETS: dict[str, dict[int, tuple[float, float]]] = {
@@ -37,45 +55,135 @@ def tau_preset(model: str, budget: int) -> tuple[float, float]:
     return table[nearest]
 
 
+# -- §3.1 statistics of the window attention --------------------------------------------------------------------------
+@dataclass
+class WindowStatistics:
+    """What CAKE needs from one layer's window attention.
+
+    Attributes
+    ----------
+    entropy : Tensor ``(B,)`` float64
+        Spatial dispersion H = -sum W log W over heads, window rows and non-window keys.
+    variance : Tensor ``(B,)`` float64
+        Temporal shift V = sum over heads and keys of the unbiased variance across window rows.
+    mean, row_var : Tensor ``(B, Hq, S - W)`` float32
+        Per query head and non-window key: mean and unbiased variance over the window rows.
+    """
+
+    entropy: torch.Tensor
+    variance: torch.Tensor
+    mean: torch.Tensor
+    row_var: torch.Tensor
+
+    def indicator(self, gamma: float, kernel: int, kv_heads: int) -> torch.Tensor:
+        """CAKE's eviction indicator ``(B, Hkv, S - W)``: mean + gamma * var, pooled, GQA-averaged (§3.3)."""
+        return group_mean(pool_scores(self.mean + gamma * self.row_var, kernel), kv_heads)
+
+
+def window_statistics(attn: torch.Tensor) -> WindowStatistics:
+    """CAKE's layer statistics from window attention ``(B, Hq, W, S)`` (§3.1).
+
+    W = A[..., :S-W] (window rows, keys before the window), not renormalised. Padding columns carry exactly zero
+    probability, so they add nothing to H or V and look like the zero padding of the pooling: a padded row gets the
+    same statistics as when run alone.
+    """
+    window, seq = attn.shape[2], attn.shape[3]
+    past = attn[..., : seq - window]
+    entropy = -torch.xlogy(past, past).sum(dim=(1, 2, 3)).double()
+    # Unbiased variance across the window rows, per query head and key (B, Hq, S - W).
+    row_var = past.var(dim=2, unbiased=True) if window > 1 and past.shape[-1] > 0 else torch.zeros_like(past[:, :, 0])
+    variance = row_var.sum(dim=(1, 2)).double()
+    return WindowStatistics(entropy=entropy, variance=variance, mean=past.mean(dim=2), row_var=row_var)
+
+
+def layer_preference(entropy: torch.Tensor, variance: torch.Tensor, tau1: float, tau2: float) -> torch.Tensor:
+    """P = H^(1/tau1) * V^(1/tau2) (CAKE eq. 4; note the exponents are 1/tau)."""
+    return entropy.clamp_min(0).pow(1.0 / tau1) * variance.clamp_min(0).pow(1.0 / tau2)
+
+
+def _statistics(view: LayerView, window: int) -> WindowStatistics:
+    """The layer's statistics, computed once and shared by CAKE's scorer and allocator."""
+    w = min(window, view.seq)
+    return view.memo(("cake-statistics", w), lambda: window_statistics(view.window_attention(w)))
+
+
+# -- §3.3 / §3.4 the indicator ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class CakeScores(Scorer):
+    """CAKE's indicator mean + gamma * var of window attention, average-pooled, GQA-averaged (§3.3).
+
+    At decode time: the current query's attention, pooled and GQA-averaged (§3.4).
+    """
+
+    gamma: float = field(default=200.0, metadata={"help": "CAKE: weight of the variance in mean + gamma * var"})
+    kernel: int = field(default=5, metadata={"help": "pooling kernel along keys (odd)"})
+
+    name: ClassVar[str] = "cake"
+
+    def __post_init__(self) -> None:
+        check_kernel(self.kernel)
+        if not (isinstance(self.gamma, (int, float)) and 0 <= self.gamma < math.inf):
+            raise ValueError(f"gamma must be finite and non-negative, got {self.gamma}")
+
+    def prefill(self, view: LayerView, window: int) -> torch.Tensor:
+        return view.with_window(_statistics(view, window).indicator(self.gamma, self.kernel, view.kv_heads))
+
+    def decode(self, view: DecodeView) -> torch.Tensor:
+        # Average pooling and the group mean are both linear: averaging the group first pools G times fewer rows.
+        return pool_scores(group_mean(view.attention(), view.kv_heads), self.kernel)
+
+
+# -- §3.1 / §3.2 the allocation ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preference(Allocator):
+    """CAKE's layer preference P = H^(1/tau1) * V^(1/tau2) of window attention (§3.1-3.2)."""
+
+    tau1: float = field(default=1.0, metadata={"help": "CAKE: temperature of the spatial dispersion H"})
+    tau2: float = field(default=1.0, metadata={"help": "CAKE: temperature of the temporal shift V"})
+
+    name: ClassVar[str] = "preference"
+
+    def __post_init__(self) -> None:
+        check_positive("tau1", self.tau1)
+        check_positive("tau2", self.tau2)
+
+    def weights(self, num_layers: int) -> list[float] | None:
+        return None
+
+    def preference(self, view: LayerView, window: int) -> torch.Tensor:
+        stats = _statistics(view, window)
+        return layer_preference(stats.entropy, stats.variance, self.tau1, self.tau2)
+
+
+@register("cake", about="CAKE: preference allocation, cascade, mean+gamma*var indicator")
 class CAKE(Method):
     """Cascading and Adaptive KV cache Eviction.
 
-    Layer budgets follow the preference P = H^(1/tau1) * V^(1/tau2) of each layer's window attention (spatial
-    dispersion H, temporal shift V); tokens are kept by mean + gamma * var of the window attention, average-pooled
-    (kernel) and GQA-averaged; the split is redone after every layer during prefill (the cascade). See
-    :class:`kvcake.methods.method.Method` for budget, ratio, window, cascade, decode_eviction and composition.
-
-    Parameters
-    ----------
-    kernel : int
-        Average-pooling kernel along keys (odd), default 5.
-    gamma : float
-        Weight of the variance in the indicator, default 200.
-    tau1, tau2 : float
-        Temperatures of the layer preference, default 1.
+    Layer budgets follow the preference P = H^(1/tau1) * V^(1/tau2) of each layer's window attention; tokens are kept
+    by mean + gamma * var of the window attention, pooled and GQA-averaged; the split is redone after every layer
+    during prefill (the cascade) and every layer is held at its budget while decoding. Takes the parameters of
+    :class:`~kvcake.methods.base.Method` and ``kernel``, ``gamma`` (:class:`CakeScores`), ``tau1``, ``tau2``
+    (:class:`Preference`).
     """
 
-    decode_eviction: bool = True
-    kernel: int = 5
-    gamma: float = 200.0
-    tau1: float = 1.0
-    tau2: float = 1.0
-
-    name = "cake"
-
-    def __post_init__(self) -> None:
-        CakeScores(self.gamma, self.kernel), Preference(self.tau1, self.tau2)  # validate even when overridden
-        super().__post_init__()
-
-    def default_scorer(self):
-        return CakeScores(gamma=self.gamma, kernel=self.kernel)
-
-    def default_allocator(self):
-        return Preference(tau1=self.tau1, tau2=self.tau2)
+    scorer_type = CakeScores
+    allocator_type = Preference
+    default_decode_eviction = True
 
     @classmethod
     def from_preset(cls, model: str, budget: int, **kwargs) -> CAKE:
         """CAKE with the authors' published temperatures for ``model`` (see :data:`TAU_PRESETS`)."""
         tau1, tau2 = tau_preset(model, budget)
         return cls(budget=budget, tau1=tau1, tau2=tau2, **kwargs)
+
+
+register_composition("cake-snapkv", "CAKE's allocation with SnapKV's scores (the paper's compatibility experiment)",
+                     CAKE, scorer=SnapKVScores)
+register_composition("cake-h2o", "CAKE's allocation with H2O's accumulated scores", CAKE, scorer=H2OScores)
+register_composition("uniform-cake", "CAKE's indicator with a uniform split (the paper's ablation)", CAKE,
+                     allocator=Uniform)
+register_composition("snapkv-cake-alloc", "SnapKV with CAKE's preference allocation (tau1 = tau2 = 1)", SnapKV,
+                     allocator=Preference)
+
+__all__ = ["CAKE", "TAU_PRESETS", "CakeScores", "Preference", "WindowStatistics", "layer_preference", "tau_preset",
+           "window_statistics"]

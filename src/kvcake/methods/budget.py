@@ -1,0 +1,156 @@
+"""The budget state of one request: what each compressed layer may keep, during the cascade and while decoding.
+
+This is the policy half of the engine, with no transformers in it: the cache (the integration layer) stores the
+tensors and asks a :class:`RequestBudget` how many entries each layer keeps.
+
+* Prefill (CAKE §3.3): every compressed layer, once prefilled, hands in its preference; in the cascade the whole
+  evictable budget is re-split over the layers seen so far (:meth:`RequestBudget.add_layer`), and every seen layer is
+  evicted to its share plus the window. Shares come from the allocator's exact capped divisor method, so they never
+  grow from one stage to the next and the last stage is the one-shot split.
+* Head-wise (Ada-KV): a layer's count per KV head comes from :func:`kvcake.methods.allocation.head_counts`.
+* Decoding (CAKE §3.4): each layer's target is its share plus the window, re-split with caps that grow with the
+  generated tokens (:meth:`RequestBudget.decode_targets`), so a layer capped by a short prompt may fill up to its
+  share and a budget covering prompt and answer evicts nothing.
+
+Every row of a batch is budgeted on its own, as if it ran alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from kvcake._lazy import torch
+from kvcake.methods.allocation import head_counts
+from kvcake.methods.attention import NonFiniteAttentionError
+
+if TYPE_CHECKING:
+    from kvcake.methods.base import Method
+
+
+class RequestBudget:
+    """The budgets of one request (one prefill and the decoding after it).
+
+    Parameters
+    ----------
+    method : Method
+        The eviction method (its allocator, window, cascade and head-wise options).
+    num_layers : int
+        Number of compressed layers.
+    prompt_tokens : list of int
+        Real (non-padding) prompt tokens per row.
+    prefill_length : int
+        The padded prompt length (the logical length after prefill).
+
+    Attributes
+    ----------
+    totals : list of int
+        Evictable budget per row (window excluded).
+    preferences : list of list of float
+        Per row, the preference of each layer seen so far.
+    shares : list of list of int
+        Per row, each seen layer's evictable share at the latest stage.
+    """
+
+    def __init__(self, method: Method, num_layers: int, prompt_tokens: list[int], prefill_length: int) -> None:
+        if not prompt_tokens or min(prompt_tokens) == 0:
+            raise ValueError("empty prompt: a row has no tokens to attend to")
+        self.method = method
+        self.num_layers = num_layers
+        self.prompt_tokens = list(prompt_tokens)
+        self.prefill_length = prefill_length
+        self.totals = [method.total_budget(n, num_layers) for n in self.prompt_tokens]
+        self.preferences: list[list[float]] = [[] for _ in self.prompt_tokens]
+        self.shares: list[list[int]] = [[] for _ in self.prompt_tokens]
+        self._targets: tuple[int, list[list[int]]] | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def seen(self) -> int:
+        """Layers whose preference has been handed in."""
+        return len(self.preferences[0])
+
+    def caps(self) -> list[int]:
+        """Per row, the most evictable tokens a layer can keep (its real tokens outside the window)."""
+        return [max(0, n - self.method.window) for n in self.prompt_tokens]
+
+    def protected(self) -> list[int]:
+        """Per row, the window entries every layer keeps on top of its share."""
+        return [min(self.method.window, n) for n in self.prompt_tokens]
+
+    def budgets(self) -> list[list[int]]:
+        """Per row and seen layer, the entries it is allowed after the latest stage (share plus window)."""
+        return [[share + p for share in shares] for shares, p in zip(self.shares, self.protected(), strict=True)]
+
+    # -- prefill -----------------------------------------------------------------------------------------------------
+    def add_layer(self, preference: list[float] | None) -> bool:
+        """Record the next layer's preference per row (None: the allocator has fixed weights).
+
+        Returns whether the seen layers must be evicted now: after every layer in the cascade, else after the last.
+        """
+        prefs = [1.0] * self.rows if preference is None else [float(p) for p in preference]
+        for row, p in enumerate(prefs):
+            if not math.isfinite(p):
+                raise NonFiniteAttentionError(f"layer {self.seen}: preference is {p} for row {row}")
+        for row, p in enumerate(prefs):
+            self.preferences[row].append(p)
+        last = self.seen == self.num_layers
+        if self.method.cascade or last:
+            self.shares = [self.split(p, total, cap)
+                           for p, total, cap in zip(self.preferences, self.totals, self.caps(), strict=True)]
+            return True
+        return False
+
+    def split(self, preferences: list[float], total: int, cap: int) -> list[int]:
+        """The allocator's split of ``total`` over the layers seen so far (capped, exact)."""
+        return self.method.allocator.split(preferences, total, cap, self.num_layers)
+
+    def keeps_everything(self, slot: int) -> bool:
+        """Whether layer ``slot`` keeps every real token of every row at the latest stage (nothing to evict)."""
+        return all(s[slot] >= cap for s, cap in zip(self.shares, self.caps(), strict=True))
+
+    def keep_counts(self, slot: int, ranked: torch.Tensor) -> list[int] | torch.Tensor:
+        """How many entries layer ``slot`` keeps: one count per row, or ``(B, Hkv)`` counts with head-wise budgets.
+
+        ``ranked`` ``(B, Hkv, L)`` are the layer's scores with the window protected (+inf), as eviction sorts them.
+        """
+        shares = [s[slot] for s in self.shares]
+        protected = self.protected()
+        alpha = self.method.head_alpha
+        if alpha is None:
+            return [share + p for share, p in zip(shares, protected, strict=True)]
+        evictable = ranked[..., : max(0, ranked.shape[-1] - self.method.window)]
+        return torch.stack([head_counts(evictable[row], share, alpha) + protected[row]
+                            for row, share in enumerate(shares)])
+
+    # -- decoding ----------------------------------------------------------------------------------------------------
+    def decode_targets(self, logical_len: int) -> list[list[int]]:
+        """Per row and layer, the entries a layer may hold at this step (budget plus window).
+
+        The budget is re-split with the caps grown by the generated tokens: a layer that was capped by a short
+        prompt may fill up to its share, and nothing is evicted until the whole budget is used.
+        """
+        if self._targets is not None and self._targets[0] == logical_len:
+            return self._targets[1]
+        grown = logical_len - self.prefill_length
+        window = self.method.window
+        targets = []
+        for prefs, total, n in zip(self.preferences, self.totals, self.prompt_tokens, strict=True):
+            shares = self.split(prefs, total, max(0, n + grown - window))
+            targets.append([s + min(window, n + grown) for s in shares])
+        self._targets = (logical_len, targets)
+        return targets
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Follow a reordering or selection of the batch rows (beam search)."""
+        self.prompt_tokens = [self.prompt_tokens[i] for i in rows]
+        self.totals = [self.totals[i] for i in rows]
+        self.preferences = [self.preferences[i] for i in rows]
+        self.shares = [self.shares[i] for i in rows]
+        self._targets = None
+
+
+__all__ = ["RequestBudget"]
