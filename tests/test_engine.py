@@ -238,40 +238,45 @@ def _decoding(steps, prompt_tokens=80, budget=20):
         yield model, cache, _decode_steps(model, cache, token, prompt_tokens, steps)
 
 
-def test_decode_eviction_writes_in_place_and_keeps_slot_order_consistent():
-    # After the first eviction, each step writes the new token into the freed slot: the stored tensors are never
-    # reallocated, yet entries() (position order) equals the slots read through the order table.
-    with _decoding(2) as (model, cache, token):
-        storage = [layer.keys.data_ptr() for layer in cache.layers]
-        _decode_steps(model, cache, token, 82, 10)
-        assert [layer.keys.data_ptr() for layer in cache.layers] == storage
-        for layer in cache.layers:
-            assert layer.order is not None and layer.free is not None
-            assert layer.keys.shape[-2] == layer.length + 1  # the free slot
+def _slot_tensors(layer):
+    slots = layer.slots
+    return [t for t in (slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.targets)
+            if t is not None]
+
+
+def test_decoding_state_keeps_fixed_shapes_and_addresses_over_64_steps():
+    # After prefill every layer decodes in buffers of its final size: no tensor is reallocated or reshaped, the new
+    # token goes to the slot the last eviction freed, and the entries read in position order stay consistent.
+    with _decoding(1) as (model, cache, token):
+        before = [[(t.data_ptr(), tuple(t.shape)) for t in _slot_tensors(layer)] for layer in cache.layers]
+        _decode_steps(model, cache, token, 81, 64)
+        after = [[(t.data_ptr(), tuple(t.shape)) for t in _slot_tensors(layer)] for layer in cache.layers]
+        assert after == before
+        budgets = cache.report().budgets[0]
+        for layer, budget in zip(cache.layers, budgets):
+            slots = layer.slots
+            assert slots.capacity == budget + 1  # the budget plus the slot the next token is written into
+            assert int(slots.count.min()) == int(slots.count.max()) == budget
             keys, values, positions = layer.entries()
+            assert positions.shape[-1] == budget and bool((positions >= 0).all())
             assert torch.equal(positions, positions.sort(dim=-1).values)
-            assert torch.equal(keys, layer.keys.gather(2, layer.order[..., None].expand_as(keys)))
-            assert torch.equal(values, layer.values.gather(2, layer.order[..., None].expand_as(values)))
-            slots = torch.cat([layer.order, layer.free], dim=-1).sort(dim=-1).values
-            assert torch.equal(slots[0, 0], torch.arange(layer.keys.shape[-2]))  # every slot used once
+            assert int(positions.max()) == 80 + 64  # the newest token is held
+            slot_of = [slots.positions[0, 0].tolist().index(p) for p in positions[0, 0].tolist()]
+            assert torch.equal(keys[0, 0], slots.keys[0, 0, slot_of])
 
 
-def test_keep_on_a_layer_in_slot_order_equals_keep_in_position_order():
-    # keep() gathers straight from the slots: the same entries as putting the layer in position order first.
+def test_thawing_the_decoding_state_keeps_the_entries():
+    # Feeding several tokens at once puts a layer back in the prefill layout: the same entries, in position order.
     import copy
 
     with _decoding(6) as (_, cache, _):
         layer = cache.layers[1]
-        assert layer.order is not None
-        scores = torch.rand(layer.positions.shape, generator=torch.Generator().manual_seed(0))
-        ordered = copy.deepcopy(layer)
-        ordered.in_position_order()
-        assert ordered.order is None and ordered.keys.shape[-2] == layer.length
-        for target in (ordered, layer):
-            target.keep([layer.length - 3], target.ranking(scores, WINDOW))
-        assert layer.order is None and layer.free is None
-        assert torch.equal(layer.keys, ordered.keys) and torch.equal(layer.values, ordered.values)
-        assert torch.equal(layer.positions, ordered.positions) and layer.length == ordered.length
+        frozen = copy.deepcopy(layer)
+        layer.thaw()
+        assert layer.slots is None
+        for got, expected in zip(layer.entries(), frozen.entries()):
+            assert torch.equal(got, expected)
+        assert layer.valid_counts == frozen.kept_per_row(1) and layer.seen == frozen.logical_length()
 
 
 @pytest.mark.parametrize("mode", ["inference_mode prefill", "grad enabled"])
@@ -290,7 +295,7 @@ def test_slot_order_falls_back_to_copies_where_in_place_writes_are_not_allowed(m
                 for step in range(3):
                     token = model(token, cache=cache, position_ids=torch.tensor([[70 + step]])).logits[:, -1:].argmax(-1)
                     tokens.append(int(token))
-            assert all(layer.free is not None for layer in cache.layers)
+            assert all(layer.slots is not None for layer in cache.layers)
             with decode_ctx():
                 for step in range(3, 8):
                     token = model(token, cache=cache, position_ids=torch.tensor([[70 + step]])).logits[:, -1:].argmax(-1)

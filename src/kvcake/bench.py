@@ -364,7 +364,7 @@ def _run_full(model, ids, decode_tokens, device, measure: bool) -> dict[str, Any
 @torch.no_grad()
 def _run_method(model, ids, method, decode_tokens, device, measure: bool) -> dict[str, Any]:
     pre, dec = PhaseMemory(device), PhaseMemory(device)
-    with compress(model, method) as press:
+    with compress(model, method, max_new_tokens=decode_tokens) as press:
         with pre if measure else _null():
             out, prefill_s = _prefill(model, ids, device)
         cache = press.cache

@@ -22,7 +22,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.decode import attend_compressed
+from kvcake.integration.decode import attend_compressed, attend_slots
 from kvcake.integration.masks import key_valid
 
 PREFIX = "kvcake_"
@@ -68,6 +68,8 @@ def _make_wrapper(base: str) -> Callable:
         q_len = query.shape[2]
         scaling = kwargs.get("scaling", getattr(module, "scaling", query.shape[-1] ** -0.5))
         softcap = kwargs.get("softcap")
+        if layer.slots is not None:  # decoding one token at a time, in fixed-shape slots
+            return attend_slots(cache, layer_idx, base, query, scaling, softcap)
         if layer.seen == q_len and layer.positions is None and layer.valid_counts is None:  # the layer's prefill
             out = own(module, query, key, value, attention_mask, *args, **kwargs)
             valid = key_valid(attention_mask, key.shape[2])

@@ -34,6 +34,10 @@ class PrefillLayer:
     softcap: float | None = None
 
 
+#: Generated tokens the decoding buffers are sized for when the caller does not say.
+HORIZON = 32
+
+
 class KVCakeCache(DynamicCache):
     """Dynamic cache whose full-attention layers are compressed by a kvcake method.
 
@@ -49,7 +53,15 @@ class KVCakeCache(DynamicCache):
         self.compressible = [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
         self._slot = {layer_idx: n for n, layer_idx in enumerate(self.compressible)}
         self.plan: RequestBudget | None = None  # the request's budgets, from its first prefilled layer on
+        self.prompt_valid: torch.Tensor | None = None  # (B, S) False on the prompt's padding
         self.prefill_kept: list[list[int]] | None = None
+        #: Tokens the caller will generate, when known (``generate``'s ``max_new_tokens``): the decoding buffers are
+        #: sized for them once. Unknown (None): sized for :data:`HORIZON` and regrown outside compiled code.
+        self.decode_horizon: int | None = None
+        #: Freeze into the fixed-shape decoding layout as soon as prefill ends (compiled decoding needs it then).
+        self.freeze_after_prefill = False
+        self._frozen_for: int | None = None  # generated tokens the decoding buffers are sized for
+        self._nonfinite: torch.Tensor | None = None
         self.peak_kv_bytes = 0
         self._scored_this_step = False
         #: A dict here makes the prefill record every layer's attention inputs (:mod:`kvcake.integration.replay`).
@@ -73,9 +85,10 @@ class KVCakeCache(DynamicCache):
     def reset(self) -> None:
         """Empty every layer and forget the request (prompt, budgets, scores), ready for a new prefill."""
         super().reset()
-        self.plan, self.prefill_kept = None, None
+        self.plan, self.prefill_kept, self.prompt_valid = None, None, None
         self.peak_kv_bytes = 0
         self._scored_this_step = False
+        self._frozen_for, self._nonfinite = None, None
 
     def _reorder_rows(self, rows: list[int]) -> None:
         """Keep the per-row request state in step with the rows of the tensors (beam search, batch selection)."""
@@ -100,8 +113,9 @@ class KVCakeCache(DynamicCache):
 
     def metadata_bytes(self) -> int:
         """Bytes of kvcake's own bookkeeping (kept positions, slot order)."""
-        tables = [table for layer in self.layers_in_order() for table in (layer.positions, layer.order)
-                  if table is not None]
+        tables = [table for layer in self.layers_in_order() for table in (
+            (layer.positions,) if layer.slots is None else
+            (layer.slots.positions, layer.slots.count, layer.slots.stored, layer.slots.targets)) if table is not None]
         return sum(t.numel() * t.element_size() for t in tables)
 
     def kv_bytes_full(self) -> int:
@@ -112,7 +126,7 @@ class KVCakeCache(DynamicCache):
                 batch, heads, _, k_dim = layer.keys.shape
                 v_dim = layer.values.shape[-1]
                 per_token = k_dim * layer.keys.element_size() + v_dim * layer.values.element_size()
-                total += batch * heads * layer.seen * per_token
+                total += batch * heads * layer.logical_length() * per_token
             else:
                 total += layer_kv_bytes(layer)
         return total
@@ -121,6 +135,11 @@ class KVCakeCache(DynamicCache):
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.prefill_kept is not None and not torch.compiler.is_compiling() and layer_idx in self._slot:
+            if key_states.shape[2] == 1 and self._slot[layer_idx] == 0:
+                self._ensure_frozen()
+            else:
+                self._frozen_for = None  # the layers go back to the prefill layout for a multi-token feed
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.prefill_kept is None:  # peak is a prefill figure
             self._track_peak()
@@ -145,6 +164,7 @@ class KVCakeCache(DynamicCache):
         if self.plan is None:
             prompt = [key.shape[2]] * key.shape[0] if key_valid is None else [int(n) for n in key_valid.sum(-1)]
             self.plan = RequestBudget(self.method, len(self.compressible), prompt, key.shape[2])
+            self.prompt_valid = key_valid
         method = self.method
         slot = self._slot[layer_idx]
         view = LayerView(query=query, keys=key, scaling=scaling, key_valid=key_valid, softcap=softcap, layer=slot,
@@ -183,6 +203,48 @@ class KVCakeCache(DynamicCache):
         assert self.plan is not None
         self.prefill_kept = [[layer.valid_counts[row] for layer in layers]  # type: ignore[index]
                              for row in range(self.plan.rows)]
+        if self.freeze_after_prefill:
+            self._freeze(self.decode_horizon or HORIZON)
+
+    # -- the decoding layout -----------------------------------------------------------------------------------------
+    def _ensure_frozen(self) -> None:
+        """Before a single-token step reaches the first compressed layer: the layers in fixed-shape buffers with room
+        for the step (host-side checks only; nothing here runs inside compiled code)."""
+        if self._frozen_for is None:
+            self._freeze(self.decode_horizon or HORIZON)
+            return
+        first = self.layers_in_order()[0]
+        done = first.seen - (self.plan.prefill_length if self.plan is not None else 0)
+        if done >= self._frozen_for:  # the buffers are full: regrow them (a copy, outside compiled code)
+            for layer in self.layers_in_order():
+                layer.thaw()
+            self._freeze(max(2 * self._frozen_for, HORIZON) - done)
+
+    def _freeze(self, horizon: int) -> None:
+        """Size each layer's decoding buffers for ``horizon`` more tokens and move its entries there."""
+        plan = self.plan
+        assert plan is not None
+        layers = self.layers_in_order()
+        grown = layers[0].seen - plan.prefill_length if layers else 0
+        schedule = plan.decode_schedule(grown + horizon) if self.method.decode_eviction else None
+        keep_scores = self.method.decode_eviction and self.method.scorer.keeps_scores
+        for slot, layer in enumerate(layers):
+            length = layer.length
+            if schedule is None:
+                layer.freeze(length + horizon, None, plan.prefill_length, 0, keep_scores, self.prompt_valid)
+                continue
+            layer.freeze(schedule.capacity(slot, length), schedule.layer(slot), plan.prefill_length,
+                         schedule.max_drops(slot), keep_scores, self.prompt_valid)
+        self._frozen_for = grown + (horizon if schedule is None or not schedule.stable else 1 << 62)
+        if layers and layers[0].keys is not None and self._nonfinite is None:
+            self._nonfinite = torch.zeros((), dtype=torch.bool, device=layers[0].keys.device)
+            torch._dynamo.mark_static_address(self._nonfinite)
+
+    def check_finite(self) -> None:
+        """Raise if a compiled decoding step saw NaN or inf (compiled code cannot raise mid-step)."""
+        if self._nonfinite is not None and bool(self._nonfinite):
+            self._nonfinite.zero_()
+            raise NonFiniteAttentionError("attention at decode time produced NaN or inf")
 
     # -- decoding ----------------------------------------------------------------------------------------------------
     def decoding(self) -> bool:
@@ -201,8 +263,16 @@ class KVCakeCache(DynamicCache):
         every later layer (residual additions, norms, projections), so the last compressed layer's attention output
         is finite exactly when no layer scored on garbage this step.
         """
-        self._scored_this_step = self._scored_this_step or scored
-        if self._slot[layer_idx] == len(self.compressible) - 1 and self._scored_this_step:
+        if self._slot[layer_idx] != len(self.compressible) - 1:
+            if not torch.compiler.is_compiling():
+                self._scored_this_step = self._scored_this_step or scored
+            return
+        if torch.compiler.is_compiling():  # no host sync in compiled code: flag it, raise at the next check
+            if self._nonfinite is not None:
+                hidden = out[0] if isinstance(out, tuple) else out
+                self._nonfinite.logical_or_(~torch.isfinite(hidden.sum()))
+            return
+        if self._scored_this_step or scored:
             self._scored_this_step = False
             hidden = out[0] if isinstance(out, tuple) else out
             if not bool(torch.isfinite(hidden.sum())):
@@ -221,8 +291,7 @@ class KVCakeCache(DynamicCache):
         if plan is not None:
             worst = max(plan.totals) + (len(layers) - 1) * self.method.window
             bound = rows * entry_bytes * (worst + plan.prefill_length) + other
-        padding = sum(int((layer.positions < 0).sum()) * layer.nbytes() // max(layer.positions.numel(), 1)
-                      for layer in layers if layer.positions is not None)
+        padding = sum(layer.padding_bytes() for layer in layers)
         return Report(
             method=self.method.parameters(), layers=list(self.compressible),
             prompt_tokens=[] if plan is None else list(plan.prompt_tokens),
@@ -230,8 +299,8 @@ class KVCakeCache(DynamicCache):
             preferences=[] if plan is None else [list(p) for p in plan.preferences],
             budgets=[] if plan is None else plan.budgets(),
             kept_after_prefill=[list(r) for r in (self.prefill_kept or [])],
-            kept_now=[[layer.valid_counts[row] if layer.valid_counts else layer.length for layer in layers]
-                      for row in range(rows)],
+            kept_now=[list(row) for row in zip(*(layer.kept_per_row(rows) for layer in layers), strict=True)]
+            if layers and rows else [],
             layer_lengths=[layer.length for layer in layers], kv_bytes=self.kv_bytes(),
             kv_bytes_full=self.kv_bytes_full(), peak_kv_bytes=self.peak_kv_bytes, peak_bound_bytes=bound,
             metadata_bytes=self.metadata_bytes(), padding_bytes=padding,

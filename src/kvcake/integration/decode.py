@@ -1,10 +1,16 @@
 """Attention over a compressed layer after its prefill, and decode-time eviction.
 
-Layers now have different lengths and transformers' mask is built for the logical sequence, so each compressed layer
-builds its own mask from the original positions of the entries it kept. On decoding steps where the layer must score
-its entries anyway (decode-time eviction, H2O's accumulation), the single query's attention is computed once, in
-float32, and both the layer's output and the eviction scores come from it. What to keep is the method's decision
-(:mod:`kvcake.methods.budget` for the targets, the scorer for the scores); this module applies it to the storage.
+Layers now hold different entries than the logical sequence, so transformers' mask does not fit them:
+
+* one token at a time (the decoding step), a layer is in fixed-shape slots (:mod:`kvcake.integration.slots`): the
+  query's attention over every slot is computed once, in float32, with the free slots masked; the layer's output and
+  the eviction scores both come from it, and the entries the method drops are freed in place
+  (:func:`attend_slots`: no host synchronisation, no changing shape, so the step compiles);
+* several tokens at once after prefill (a question fed after a compressed context), the layer is in the prefill
+  layout and builds its own mask from the original positions of its entries (:func:`attend_compressed`).
+
+What to keep is the method's decision (the decode schedule of :mod:`kvcake.methods.budget`, the scorer's scores,
+:func:`kvcake.methods.decoding.select_drops`); this module applies it to the storage.
 """
 
 from __future__ import annotations
@@ -15,14 +21,68 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcake.integration.cache import KVCakeCache
+from kvcake.integration.slots import Slots
 from kvcake.integration.storage import CompressedLayer
 from kvcake.methods.attention import attention_probs
+from kvcake.methods.decoding import select_drops
 from kvcake.methods.views import DecodeView
 
 
+# -- one token at a time: fixed-shape slots ----------------------------------------------------------------------------
+def attend_slots(cache: KVCakeCache, layer_idx: int, base: str, query: torch.Tensor, scaling: float,
+                 softcap: float | None):
+    """The decoding step of a frozen layer: attention over its slots, then the method's decode-time eviction."""
+    layer = cache.layers[layer_idx]
+    assert isinstance(layer, CompressedLayer) and layer.slots is not None
+    slots = layer.slots
+    method = cache.method
+    occupied = slots.positions >= 0  # (B, Hkv, C)
+    batch, q_heads = query.shape[:2]
+    kv_heads, capacity = occupied.shape[1], occupied.shape[2]
+    groups = q_heads // kv_heads
+    probs = attention_probs(query, slots.keys, scaling, occupied[:, :, None, None, :], softcap, check=False)[:, :, 0]
+    weights = probs.view(batch, kv_heads, groups, capacity).to(slots.values.dtype)
+    out = torch.matmul(weights, slots.values).view(batch, 1, q_heads, -1).to(query.dtype)
+    evict = slots.targets is not None
+    track = cache.decoding() and method.scorer.keeps_scores  # H2O accumulates at every step, evicting or not
+    ordered_probs = None
+    if evict or track or base == "eager":
+        order = slots.order()
+        ordered_probs = probs.view(batch, kv_heads, groups, capacity).gather(
+            -1, order.unsqueeze(2).expand(batch, kv_heads, groups, capacity)).view(batch, q_heads, capacity)
+        if evict or track:
+            with torch.no_grad():
+                _score_and_drop(cache, slots, query, scaling, softcap, order, ordered_probs, evict, track)
+    cache.end_layer(layer_idx, evict or track, out)
+    # eager also returns the weights (output_attentions): over the slots in position order, free slots first.
+    return out, (ordered_probs.unsqueeze(2).to(query.dtype) if base == "eager" and ordered_probs is not None else None)
+
+
+def _score_and_drop(cache: KVCakeCache, slots: Slots, query, scaling, softcap, order, ordered_probs, evict: bool,
+                    track: bool) -> None:
+    """Score the entries in position order; keep the scores (H2O) and free the slots the method drops."""
+    method = cache.method
+    positions = slots.positions.gather(-1, order)
+    occupied = positions >= 0
+    stored = None if slots.stored is None else slots.stored.gather(-1, order)
+    index = order.unsqueeze(-1)
+    view = DecodeView(query=query, scaling=scaling, softcap=softcap, positions=positions, allowed=occupied,
+                      stored=stored, probs=ordered_probs,
+                      read_keys=lambda: slots.keys.gather(2, index.expand_as(slots.keys)),
+                      read_values=lambda: slots.values.gather(2, index.expand_as(slots.values)))
+    scores = method.scorer.decode(view)
+    if track and slots.stored is not None:
+        slots.stored.scatter_(-1, order, scores.to(slots.stored.dtype))
+    if evict:
+        drops = (slots.count - slots.target()).clamp_min(0)  # (B, Hkv)
+        dropped = select_drops(scores, occupied, drops, method.window, slots.max_drops)
+        slots.drop(torch.zeros_like(dropped).scatter(-1, order, dropped))
+
+
+# -- several tokens at once: the prefill layout -----------------------------------------------------------------------
 def attend_compressed(cache: KVCakeCache, layer_idx: int, base: str, own: Callable, score_args: tuple, module,
                       query, key, value, attention_mask, /, *args, **kwargs):
-    """The attention call of a compressed layer after its prefill (and the layer's decode-time eviction)."""
+    """The attention call of a compressed layer in the prefill layout after its prefill (and its eviction)."""
     scaling, softcap = score_args
     layer = cache.layers[layer_idx]
     assert isinstance(layer, CompressedLayer)
@@ -32,75 +92,28 @@ def attend_compressed(cache: KVCakeCache, layer_idx: int, base: str, own: Callab
     if cache.decoding():
         targets = [row[cache._slot[layer_idx]] for row in cache.decode_targets(layer.seen)]
         evict = any(v > t for v, t in zip(layer.valid_counts or [], targets, strict=True))
-    track = cache.decoding() and method.scorer.keeps_scores  # H2O accumulates at every step, evicting or not
+    track = cache.decoding() and method.scorer.keeps_scores
     if layer.positions is None and not (evict or track):
         # Untouched layer: transformers' own mask is right for it.
         out = own(module, query, key, value, attention_mask, *args, **kwargs)
         cache.end_layer(layer_idx, False, out)
         return out
-
-    # A single new query of a one-row batch without filler slots sees every stored entry: no mask to build.
-    plain = q_len == 1 and query.shape[0] == 1 and not layer.has_fillers
-    allowed = None if plain else layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L), entries in position order
-    # Keys and values may sit in slot order (see storage.py); a single query only ever meets such a layer.
-    in_slots = layer.to_slots(allowed)
-    probs = None
-    if (evict or track) and q_len == 1 and layer.positions is not None:
-        # The scorer needs this query's attention anyway: compute it once and the output from it.
-        out, slot_probs = _attend_one_query(query, key, value, in_slots, scaling, softcap)
-        probs = layer.from_slots(slot_probs)
-        # eager also returns the weights (output_attentions): over the entries in position order, like the mask.
-        out = (out, probs.unsqueeze(2).to(query.dtype) if base == "eager" else None)
-    elif layer.positions is None:
-        out = own(module, query, key, value, attention_mask, *args, **kwargs)
-    else:
-        out = _run_masked(base, own, module, query, key, value, in_slots, *args, **kwargs)
+    allowed = layer.layer_mask(attention_mask, q_len)  # (B, Hkv, q, L), entries in position order
+    out = _run_masked(base, own, module, query, key, value, allowed, *args, **kwargs)
     if evict or track:
         with torch.no_grad():
-            _score_and_evict(cache, layer, query, score_args, allowed, probs, evict, track, targets)
+            last = allowed[:, :, -1]
+            view = DecodeView(query=query, scaling=scaling, softcap=softcap, positions=layer.position_table(),
+                              allowed=last, stored=layer.scores, read_keys=lambda: key, read_values=lambda: value)
+            scores = method.scorer.decode(view)
+            if track:
+                layer.scores = scores
+            if evict:
+                assert targets is not None and layer.valid_counts is not None
+                keep = [min(v, t) for v, t in zip(layer.valid_counts, targets, strict=True)]
+                layer.keep(keep, layer.ranking(scores.masked_fill(~last, float("-inf")), method.window))
     cache.end_layer(layer_idx, evict or track, out)
     return out
-
-
-def _score_and_evict(cache: KVCakeCache, layer: CompressedLayer, query, score_args, allowed, probs, evict: bool,
-                     track: bool, targets: list[int] | None) -> None:
-    """Score the layer's entries (in position order) and drop what exceeds the targets."""
-    scaling, softcap = score_args
-    method = cache.method
-    last = None if allowed is None else allowed[:, :, -1]
-    view = DecodeView(query=query, scaling=scaling, softcap=softcap, positions=layer.position_table(), allowed=last,
-                      stored=layer.scores, probs=probs, read_keys=lambda: layer.entries()[0],
-                      read_values=lambda: layer.entries()[1])
-    scores = method.scorer.decode(view)
-    if track:
-        layer.scores = scores
-    if not evict:
-        return
-    assert targets is not None and layer.valid_counts is not None
-    if last is not None:
-        scores = scores.masked_fill(~last, float("-inf"))
-    keep = [min(v, t) for v, t in zip(layer.valid_counts, targets, strict=True)]
-    if not layer.has_fillers and all(v - k == 1 for v, k in zip(layer.valid_counts, keep, strict=True)):
-        layer.drop_lowest(scores, method.window)
-    else:
-        layer.keep(keep, layer.ranking(scores, method.window))
-
-
-def _attend_one_query(query, key, value, allowed, scaling, softcap):
-    """Attention of a single new query over the stored entries, float32 probabilities, KV heads never repeated.
-
-    Returns the backend-shaped output ``(B, 1, Hq, D)`` and the probabilities ``(B, Hq, L)`` for the scorer.
-    """
-    batch, q_heads, _, _ = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    mask = None if allowed is None else allowed[:, :, None, -1:, :]
-    probs = attention_probs(query, key, scaling, mask, softcap, check=False)[:, :, 0]  # (B, Hq, L)
-    grouped = probs.view(batch, kv_heads, q_heads // kv_heads, length)
-    if value.dtype != grouped.dtype:
-        grouped = grouped.to(value.dtype)
-    # (B, Hkv, G, D) is laid out as (B, Hq, D): the backend shape (B, 1, Hq, D) is a view of it.
-    out = torch.matmul(grouped, value).view(batch, 1, q_heads, -1)
-    return (out if out.dtype == query.dtype else out.to(query.dtype)), probs
 
 
 def _run_masked(base, own, module, query, key, value, allowed, /, *args, **kwargs):
@@ -121,4 +134,4 @@ def _run_masked(base, own, module, query, key, value, allowed, /, *args, **kwarg
     return own(module, query, key, value, mask, *args, **kwargs)
 
 
-__all__ = ["attend_compressed"]
+__all__ = ["attend_compressed", "attend_slots"]

@@ -43,9 +43,13 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 class Compression:
     """A method attached to a model; use as a context manager (see :func:`kvcake.compress`)."""
 
-    def __init__(self, model: torch.nn.Module, method: Any) -> None:
+    def __init__(self, model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None) -> None:
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         self.model = model
         self.method = method
+        self.max_new_tokens = max_new_tokens
+        self._call_tokens: int | None = None  # max_new_tokens of the generate call in progress
         self.active_cache: KVCakeCache | None = None
         self.last_cache: KVCakeCache | None = None
         self._report: Report | None = None
@@ -75,9 +79,15 @@ class Compression:
             self._saved.append((config, config._attn_implementation))
             config._attn_implementation = attention.registered_name(config._attn_implementation or "eager")
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        if callable(getattr(self.model, "generate", None)):
+            # An instance attribute for the block's duration (removed on exit), so that each generate call tells its
+            # cache how many tokens it will generate.
+            self.model.generate = self._generate  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.model.__dict__.get("generate") == self._generate:
+            del self.model.__dict__["generate"]
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -90,9 +100,24 @@ class Compression:
         self.last_cache = None
 
     # -- caches ------------------------------------------------------------------------------------------------------
-    def new_cache(self) -> KVCakeCache:
-        """A fresh compressed cache for this model and method (pass it as the model's cache yourself if you like)."""
-        return KVCakeCache(config=text_config(self.model), method=self.method)
+    def new_cache(self, max_new_tokens: int | None = None) -> KVCakeCache:
+        """A fresh compressed cache for this model and method (pass it as the model's cache yourself if you like).
+
+        ``max_new_tokens``: how many tokens will be generated, if known, so that the decoding buffers are sized once
+        (default: the block's, or the ``generate`` call's).
+        """
+        cache = KVCakeCache(config=text_config(self.model), method=self.method)
+        cache.decode_horizon = max_new_tokens or self._call_tokens or self.max_new_tokens
+        return cache
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` inside the block: the model's own, told how many tokens it will generate."""
+        original = type(self.model).generate.__get__(self.model)  # type: ignore[attr-defined]
+        self._call_tokens = _new_tokens(self.model, args, kwargs)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self._call_tokens = None
 
     def _cache_kwarg(self) -> str:
         """The name the model's forward takes its cache under, read once per model."""
@@ -142,9 +167,26 @@ class Compression:
         return self._report
 
 
-def compress(model: torch.nn.Module, method: Any) -> Compression:
-    """Attach ``method`` to ``model`` for a ``with`` block; ``generate``/forward calls inside it are compressed."""
-    return Compression(model, method)
+def _new_tokens(model: Any, args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """How many tokens a ``generate(*args, **kwargs)`` call may generate (None if it cannot be told)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if isinstance(new, int):
+        return new
+    length = kwargs.get("max_length", getattr(config, "max_length", None))
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(length, int) and isinstance(inputs, torch.Tensor):
+        return max(0, length - inputs.shape[-1])
+    return None
+
+
+def compress(model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None) -> Compression:
+    """Attach ``method`` to ``model`` for a ``with`` block; ``generate``/forward calls inside it are compressed.
+
+    ``max_new_tokens``: tokens hand-written loops will generate per request, if known, so that each layer's decoding
+    buffers are sized once (``generate`` calls tell it themselves).
+    """
+    return Compression(model, method, max_new_tokens=max_new_tokens)
 
 
 __all__ = ["Compression", "UnsupportedModelError", "attention_modules", "cache_keyword", "compress", "output_cache",

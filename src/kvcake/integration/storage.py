@@ -1,19 +1,18 @@
 """Storage of one compressed full-attention layer: keys and values per KV head, and the bookkeeping beside them.
 
-Each compressed layer stores keys and values per KV head, ``(batch, kv_heads, length, head_dim)``, and beside them
-the original position of every kept entry, ``(batch, kv_heads, length)``. The logical sequence length (what
-``generate`` and the mask builders see) is kept apart from each layer's physical length, so positions and RoPE stay
-right after eviction. Rows of a batch may keep different numbers of tokens; the shorter rows are padded with
-"filler" slots (position -1) that are masked out and counted honestly in the memory figures.
+Two layouts:
 
-Decode-time eviction drops one entry per head and step. Rather than compacting keys and values (a copy of the whole
-layer per step), the dropped entry's slot is left free and the next token is written into it in place, so keys and
-values are stored in *slot order* while positions (and kept scores) stay in *position order*; ``order`` maps the
-one to the other. Attention does not depend on the order of its keys, so the only per-step costs are index
-bookkeeping on ``(batch, kv_heads, length)`` integers and a one-entry write. :meth:`CompressedLayer.entries` gives
-keys and values back in position order.
+* **During prefill** (and when several tokens are fed at once after it) the layer is a growing
+  ``(batch, kv_heads, length, head_dim)`` tensor pair in position order, with the original position of every kept
+  entry beside it, ``(batch, kv_heads, length)``. Rows of a batch may keep different numbers of tokens; the shorter
+  rows are padded in front with "filler" slots (position -1) that are masked out and counted in the memory figures.
+  The cascade's evictions compact it (:meth:`CompressedLayer.keep`).
+* **While decoding one token at a time** the layer is frozen into fixed-shape buffers (:class:`Slots`): every table
+  is a device tensor updated in place, so a decoding step has no host synchronisation and no changing shape, and can
+  be compiled and run under CUDA graphs.
 
-This module decides nothing: which entries to keep comes from the method layer (:mod:`kvcake.methods.budget`).
+The logical sequence length (what ``generate`` and RoPE see) is kept apart from each layer's physical length, so
+positions stay right after eviction. This module decides nothing: which entries to keep comes from the method layer.
 """
 
 from __future__ import annotations
@@ -22,34 +21,22 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvcake.integration.masks import allowed_columns
+from kvcake.integration.slots import Slots
 
-FILLER = -1  # position of a slot that only pads a row to the layer's physical length
-
-
-def flat_index(index: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions ``index`` ``(B, H, K)`` along an axis of ``length`` as indices into the flattened ``(B*H*length)``."""
-    batch, heads = index.shape[:2]
-    offsets = (torch.arange(batch * heads, device=index.device) * length).view(batch, heads, 1)
-    return (index + offsets).reshape(-1)
+FILLER = -1  # position of a slot that only pads a row to the layer's physical length, or of a free slot
 
 
-def take(x: torch.Tensor, index: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x`` ``(B, H, L, ...)`` taken at ``index`` ``(B, H, K)`` along L -> ``(B, H, K, ...)``.
 
-    One ``index_select`` on the flattened tensor: several times faster on CPU than ``gather`` with an index
-    expanded over the feature axis, and it never materialises that expanded index. ``flat`` (from
-    :func:`flat_index`) can be passed to reuse it for several tensors of the same shape.
+    One ``index_select`` on the flattened tensor: several times faster on CPU than ``gather`` with an index expanded
+    over the feature axis, and it never materialises that expanded index.
     """
     batch, heads, length = x.shape[:3]
-    if flat is None:
-        flat = flat_index(index.to(x.device), length)
+    offsets = (torch.arange(batch * heads, device=x.device) * length).view(batch, heads, 1)
+    flat = (index.to(x.device) + offsets).reshape(-1)
     rest = x.shape[3:]
     return x.reshape(batch * heads * length, *rest).index_select(0, flat).view(batch, heads, index.shape[-1], *rest)
-
-
-def base_order(batch: int, heads: int, length: int, device) -> torch.Tensor:
-    """The identity slot order ``(B, H, length)``."""
-    return torch.arange(length, device=device).expand(batch, heads, length)
 
 
 def layer_kv_bytes(layer) -> int:
@@ -71,45 +58,43 @@ class CompressedLayer(DynamicLayer):
     Attributes
     ----------
     positions : Tensor ``(B, Hkv, L)`` int64 or None
-        Original position of every stored entry; None while the layer is untouched (entry i is at position i).
+        Prefill layout: original position of every stored entry; None while the layer is untouched.
     seen : int
-        Logical number of tokens appended so far.
+        Logical number of tokens appended so far (kept up to date on the host outside compiled code; see
+        :meth:`logical_length`).
     valid_counts : list[int] or None
-        Per row, how many stored entries are real tokens of that row (host-side, no device sync).
+        Prefill layout: per row, how many stored entries are real tokens of that row.
     scores : Tensor ``(B, Hkv, L)`` or None
-        Prefill eviction indicator, kept aligned with the entries during the cascade (+inf window, -inf padding).
-    order : Tensor ``(B, Hkv, L)`` int64 or None
-        Slot of ``keys``/``values`` holding the i-th entry in position order; None while slots are in position order.
-        ``positions`` and ``scores`` are always in position order.
-    free : Tensor ``(B, Hkv, 1)`` int64 or None
-        The slot decode-time eviction freed, which the next token is written into (keys and values then hold one
-        slot more than the entries).
+        Prefill layout: the eviction indicator, kept aligned with the entries during the cascade (+inf window,
+        -inf padding).
+    slots : Slots or None
+        Decoding layout (fixed shapes); None in the prefill layout.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.positions: torch.Tensor | None = None
         self.seen = 0
         self.valid_counts: list[int] | None = None
         self.scores: torch.Tensor | None = None
         self.has_fillers = False  # host-side: some slot is a filler (position -1)
-        self.order: torch.Tensor | None = None
-        self.free: torch.Tensor | None = None
-        self._drop_plan: tuple | None = None
+        self.slots: Slots | None = None
 
     # -- transformers' layer interface ------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
-        batch, heads, new = key_states.shape[:3]
-        if self.free is not None and new == 1 and self._writable(key_states, value_states):
-            keys, values = self._fill_free_slot(key_states, value_states)
-        else:
-            self.in_position_order()
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.positions is not None:
+        new = key_states.shape[2]
+        if self.slots is not None:
             if new == 1:
-                fresh = self.positions.new_full((batch, heads, 1), self.seen)
-            else:
-                fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device).expand(batch, heads, new)
+                self.slots.writable()
+                self.slots.write(key_states, value_states)
+                if not torch.compiler.is_compiling():
+                    self.seen += 1
+                return self.slots.keys, self.slots.values
+            self.thaw()
+        batch, heads = key_states.shape[:2]
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.positions is not None:
+            fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device).expand(batch, heads, new)
             self.positions = torch.cat([self.positions, fresh], dim=-1)
         if self.valid_counts is not None:
             self.valid_counts = [v + new for v in self.valid_counts]
@@ -118,61 +103,16 @@ class CompressedLayer(DynamicLayer):
         self.seen += new
         return keys, values
 
-    def _writable(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
-        """Whether the new token may be written into the stored tensors in place: no autograd history to break and
-        no inference tensor written outside inference mode (else the layer falls back to concatenation)."""
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            return False
-        return not (self.keys.is_inference() and not torch.is_inference_mode_enabled())
-
-    def _fill_free_slot(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """Write one new token into the free slot of every row and head (no copy of the layer); it becomes the last
-        entry in position order. The position, count and score bookkeeping is :meth:`update`'s."""
-        free, self.free = self.free, None
-        slot = free.unsqueeze(-1).expand_as(key_states)
-        self.keys.scatter_(2, slot, key_states)
-        self.values.scatter_(2, slot if value_states.shape == key_states.shape else
-                             free.unsqueeze(-1).expand_as(value_states), value_states)
-        self.order = torch.cat([self.order, free], dim=-1)
-        return self.keys, self.values
-
-    def in_position_order(self) -> None:
-        """Store keys and values in position order again (one copy of the layer; the free slot goes). Every path
-        but decoding one token at a time with one eviction per step starts here."""
-        if self.order is not None:
-            self.keys, self.values, _ = self.entries()
-            self.order = self.free = None
-
-    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values ``(B, Hkv, L, D)`` and positions ``(B, Hkv, L)`` of the stored entries in position order
-        (fillers, at position -1, first), without changing the layer."""
-        if self.order is None:
-            return self.keys, self.values, self.position_table()
-        flat = flat_index(self.order, self.keys.shape[-2])
-        return take(self.keys, self.order, flat), take(self.values, self.order, flat), self.positions
-
-    def to_slots(self, allowed: torch.Tensor | None) -> torch.Tensor | None:
-        """A bool mask ``(B, Hkv, q, L)`` over the entries in position order, laid over the slots (the free slot
-        masked out)."""
-        if allowed is None or self.order is None:
-            return allowed
-        slots = allowed.new_zeros(*allowed.shape[:-1], self.keys.shape[-2])
-        return slots.scatter_(-1, self.order.unsqueeze(2).expand(allowed.shape), allowed)
-
-    def from_slots(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-slot values ``(B, H, slots)`` (H a multiple of the KV heads) as per-entry values in position order."""
-        if self.order is None:
-            return values
-        batch, heads, slots = values.shape
-        kv_heads, length = self.order.shape[1], self.order.shape[-1]
-        groups = heads // kv_heads
-        index = self.order.view(batch * kv_heads, 1, length).expand(-1, groups, -1)
-        return values.view(batch * kv_heads, groups, slots).gather(-1, index).view(batch, heads, length)
-
-    def get_seq_length(self) -> int:
+    def get_seq_length(self):
+        if self.slots is not None and torch.compiler.is_compiling():
+            return self.slots.cursor
         return self.seen
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
+        if self.slots is not None:
+            # Frozen layers build their own mask from their slots: transformers' mask goes unused, and a constant
+            # size keeps it from changing shape (and a compiled step from recompiling) as the sequence grows.
+            return 1, 0
         # transformers >= 5.x passes the query length (int); older 5.x releases pass ``cache_position`` (a tensor
         # of the new tokens' positions), whose length is the query length.
         if isinstance(query_length, torch.Tensor):
@@ -186,26 +126,28 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = False
         self.positions, self.seen, self.valid_counts, self.scores = None, 0, None, None
         self.has_fillers = False
-        self.order = self.free = None
+        self.slots = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.positions is not None:
+        if self.positions is not None or self.slots is not None:
             raise NotImplementedError("cropping a compressed KV cache (assisted decoding) is not supported by kvcake")
         super().crop(tokens_to_remove)
-        self.seen = self.keys.shape[-2] if self.is_initialized else 0
+        self.seen = self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.in_position_order()
+        if self.slots is not None:
+            self.slots.select_rows(beam_idx)  # in place: the buffers keep their addresses
+            return
         super().reorder_cache(beam_idx)
         self._select_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.in_position_order()
+        self.thaw()
         super().batch_select_indices(indices)
         self._select_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.in_position_order()
+        self.thaw()
         super().batch_repeat_interleave(repeats)
         if self.positions is not None:
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
@@ -215,41 +157,127 @@ class CompressedLayer(DynamicLayer):
     def _select_rows(self, rows: torch.Tensor) -> None:
         if self.positions is not None:
             self.positions = self.positions[rows.to(self.positions.device)]
+        if self.scores is not None:
+            self.scores = self.scores[rows.to(self.scores.device)]
         if self.valid_counts is not None:
             self.valid_counts = [self.valid_counts[i] for i in rows.tolist()]
 
+    # -- the decoding layout -------------------------------------------------------------------------------------------
+    def freeze(self, capacity: int, targets: list[list[int]] | None, start: int, max_drops: int,
+               keep_scores: bool, prompt_valid: torch.Tensor | None = None) -> None:
+        """Move the entries into fixed-shape buffers of ``capacity`` slots (see :class:`Slots`).
+
+        ``prompt_valid`` ``(B, S)`` marks the prompt's padding (False): padding entries a layer still holds become
+        free slots, since no query ever attends to them.
+        """
+        if self.slots is not None or not self.is_initialized or self.keys is None or self.values is None:
+            return
+        positions = self.position_table()
+        if prompt_valid is not None:
+            batch, heads, length = positions.shape
+            inside = (positions >= 0) & (positions < prompt_valid.shape[1])
+            where = positions.clamp(0, prompt_valid.shape[1] - 1).reshape(batch, -1)
+            real = prompt_valid.to(positions.device).gather(1, where).view(batch, heads, length)
+            positions = positions.masked_fill(inside & ~real, FILLER)
+        scores = self.scores if keep_scores else None
+        self.slots = Slots.build(self.keys, self.values, positions, scores, capacity, self.seen, targets, start,
+                                 max_drops)
+        self.keys, self.values = self.slots.keys, self.slots.values
+        self.positions, self.valid_counts, self.scores = None, None, None
+
+    def thaw(self) -> None:
+        """Back to the prefill layout (position order, trimmed to the longest row), e.g. to feed several tokens."""
+        if self.slots is None:
+            return
+        slots, self.slots = self.slots, None
+        counts = slots.count.tolist()
+        longest = max(max(row) for row in counts)
+        keys, values, positions = slots.entries()
+        self.keys, self.values = keys[:, :, -longest:].clone(), values[:, :, -longest:].clone()
+        self.positions = positions[..., -longest:].clone()
+        self.scores = None
+        if slots.stored is not None:
+            self.scores = slots.stored.gather(-1, slots.order())[..., -longest:].masked_fill(self.positions < 0,
+                                                                                            float("-inf"))
+        self.valid_counts = [row[0] for row in counts]
+        self.has_fillers = any(c < longest for row in counts for c in row)
+        self.seen = int(slots.cursor)
+
     # -- kvcake ------------------------------------------------------------------------------------------------------
+    def logical_length(self) -> int:
+        """Tokens appended so far (read from the device cursor while decoding: it is exact after compiled steps)."""
+        return int(self.slots.cursor) if self.slots is not None else self.seen
+
     @property
     def length(self) -> int:
-        """Number of stored entries per head (fillers included, the free slot not)."""
-        if not self.is_initialized or self.keys.numel() == 0:
+        """Stored entries per head of the longest row and head (fillers included, free decoding slots not)."""
+        if self.slots is not None:
+            return int(self.slots.count.max())
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
             return 0
-        return self.keys.shape[-2] - (self.free is not None)
+        return self.keys.shape[-2]
+
+    def kept_per_row(self, rows: int) -> list[int]:
+        """Real tokens each of the ``rows`` rows holds now."""
+        if self.slots is not None:
+            return [int(c) for c in self.slots.count.max(dim=-1).values]
+        return list(self.valid_counts) if self.valid_counts is not None else [self.length] * rows
 
     def nbytes(self) -> int:
-        """Bytes of keys and values held, the free slot included."""
+        """Bytes of keys and values held, free slots included."""
         return layer_kv_bytes(self)
 
+    def slot_bytes(self) -> int:
+        """Bytes of one slot (one entry of every row and head)."""
+        keys = self.keys
+        return 0 if keys is None or keys.shape[-2] == 0 else self.nbytes() // keys.shape[-2]
+
     def spare_bytes(self) -> int:
-        """Bytes of the free slot (0 without one)."""
-        return 0 if self.free is None else self.nbytes() // self.keys.shape[-2]
+        """Bytes of the decoding slots that hold no entry of any row: the slot the next token goes to, and room
+        reserved for the tokens still to be generated."""
+        if self.slots is None:
+            return 0
+        return (self.slots.capacity - self.length) * self.slot_bytes()
+
+    def padding_bytes(self) -> int:
+        """Bytes of filler slots: rows (or heads) keeping fewer entries than the longest."""
+        if self.slots is not None:
+            short = self.length - self.slots.count
+            return int(short.sum()) * self.slot_bytes() // max(short.numel(), 1)
+        if self.positions is None:
+            return 0
+        return int((self.positions < 0).sum()) * self.nbytes() // max(self.positions.numel(), 1)
 
     def position_table(self) -> torch.Tensor:
-        """Positions of the stored entries, materialised if the layer is untouched."""
+        """Positions ``(B, Hkv, L)`` of the stored entries in position order (fillers first), materialised if the
+        layer is untouched; while decoding, trimmed to the longest row and head."""
+        if self.slots is not None:
+            return self.slots.entries()[2][..., -self.length:]
         if self.positions is not None:
             return self.positions
+        assert self.keys is not None
         batch, heads, length = self.keys.shape[:3]
         return torch.arange(length, device=self.keys.device).expand(batch, heads, length)
 
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``(B, Hkv, L, D)`` and positions ``(B, Hkv, L)`` of the stored entries in position order
+        (fillers, at position -1, first), without changing the layer."""
+        if self.slots is not None:
+            keys, values, positions = self.slots.entries()
+            n = self.length
+            return keys[:, :, -n:], values[:, :, -n:], positions[..., -n:]
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values, self.position_table()
+
     def keep(self, keep_counts: list[int] | torch.Tensor, scores: torch.Tensor) -> None:
-        """Keep, per row (or per row and KV head), the ``keep_counts`` highest-ranked entries.
+        """Keep, per row (or per row and KV head), the ``keep_counts`` highest-ranked entries (prefill layout).
 
         ``keep_counts`` is a list with one count per row, or a tensor ``(B, Hkv)`` (head-wise allocation). Ties are
         broken by the earlier position (stable sort), so repeated evictions with the same scores are nested: keeping
         the top k of the top k' (k <= k') equals keeping the top k at once. Kept entries stay in position order;
         heads or rows that keep fewer than the longest are padded in front with filler slots (position -1).
-        A layer in slot order is gathered straight from its slots (one copy), and is in position order afterwards.
         """
+        assert self.keys is not None and self.values is not None and self.valid_counts is not None
         length = self.length
         device = self.keys.device
         counts = torch.as_tensor(keep_counts, device=device)
@@ -264,48 +292,13 @@ class CompressedLayer(DynamicLayer):
         positions = torch.where(kept, positions, torch.full_like(positions, FILLER))
         positions, perm = torch.sort(positions, dim=-1, stable=True)
         index = order.gather(-1, perm)
-        slots = index if self.order is None else self.order.gather(-1, index)
-        self.keys, self.values = take(self.keys, slots), take(self.values, slots)
-        self.order = self.free = None
+        self.keys, self.values = take(self.keys, index), take(self.values, index)
         if self.scores is not None:
             self.scores = self.scores.gather(-1, index).masked_fill(positions == FILLER, float("-inf"))
         self.positions = positions
         kept_per_row = counts.clamp_max(length).sum(-1) // counts.shape[1]
         self.valid_counts = [min(int(c), v) for c, v in zip(kept_per_row.tolist(), self.valid_counts, strict=True)]
         self.has_fillers = self.has_fillers or bool((counts < k_max).any())
-
-    def drop_lowest(self, scores: torch.Tensor, window: int) -> None:
-        """Drop, in every row and KV head, the lowest-scored entry outside the last ``window`` (decode-time
-        eviction's common case). ``scores`` are per entry in position order, like ``positions``.
-
-        An argmin, then bookkeeping on ``(B, Hkv, L)`` integers: the entry's slot becomes the free slot that the
-        next token is written into, so keys and values are neither copied nor moved.
-        """
-        batch, heads, length = scores.shape
-        if self.free is not None or self.keys.shape[-2] != length:
-            raise RuntimeError("drop_lowest needs a layer whose slots all hold entries")
-        lowest = scores[..., : max(1, length - window)].argmin(dim=-1, keepdim=True)  # (B, H, 1)
-        base, flat_base, flat_next = self._drop_index(batch, heads, length, scores.device)
-        flat = torch.where(base >= lowest, flat_next, flat_base)  # entries after the dropped one move down by one
-        order = self.order if self.order is not None else base_order(batch, heads, length, scores.device)
-        self.free = order.gather(-1, lowest)
-        # torch.take reads the tensors flattened: one operator each, no reshapes.
-        self.order = torch.take(order, flat)
-        self.positions = torch.take(self.position_table(), flat)
-        if self.scores is not None:
-            self.scores = torch.take(self.scores, flat)
-        self.valid_counts = [v - 1 for v in self.valid_counts]
-
-    def _drop_index(self, batch: int, heads: int, length: int, device):
-        """For :meth:`drop_lowest`, cached per shape: ``base`` ``(1, 1, length - 1)`` = 0, 1, ..., length-2, the same
-        as flat indices into ``(B, H, length)``, and those plus one: taking the first below the lowest entry and the
-        second from it on skips that entry."""
-        key = (batch, heads, length, device)
-        if self._drop_plan is None or self._drop_plan[0] != key:
-            base = torch.arange(length - 1, device=device).view(1, 1, length - 1)
-            flat = base + torch.arange(batch * heads, device=device).view(batch, heads, 1) * length
-            self._drop_plan = (key, base, flat, flat + 1)
-        return self._drop_plan[1:]
 
     def ranking(self, scores: torch.Tensor, window: int) -> torch.Tensor:
         """``scores`` with the last ``window`` stored entries protected (+inf): what eviction sorts by."""
@@ -314,7 +307,7 @@ class CompressedLayer(DynamicLayer):
         return ranked
 
     def layer_mask(self, attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
-        """Bool mask ``(B, Hkv, q_len, L)`` for the current queries over the stored entries.
+        """Bool mask ``(B, Hkv, q_len, L)`` for the current queries over the stored entries (prefill layout).
 
         Built from each entry's original position: causal by position, fillers excluded, and the padding columns of
         transformers' own (logical-length) mask taken at the kept positions.
@@ -332,4 +325,4 @@ class CompressedLayer(DynamicLayer):
         return allowed
 
 
-__all__ = ["FILLER", "CompressedLayer", "cache_kv_bytes", "flat_index", "layer_kv_bytes", "take"]
+__all__ = ["FILLER", "CompressedLayer", "cache_kv_bytes", "layer_kv_bytes", "take"]

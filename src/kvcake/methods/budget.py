@@ -28,6 +28,38 @@ if TYPE_CHECKING:
     from kvcake.methods.base import Method
 
 
+class DecodeSchedule:
+    """Per generated token, per row and layer, the entries a layer may hold (budget plus window).
+
+    ``targets[s][row][layer]`` is the target once ``s`` tokens have been generated (``s = 0``: after prefill);
+    ``stable`` says the last step holds for every later one.
+    """
+
+    def __init__(self, targets: list[list[list[int]]], stable: bool) -> None:
+        self.targets = targets
+        self.stable = stable
+
+    @property
+    def steps(self) -> int:
+        """Generated tokens covered (the last index)."""
+        return len(self.targets) - 1
+
+    def layer(self, slot: int) -> list[list[int]]:
+        """``[step][row]`` targets of one layer."""
+        return [[row[slot] for row in step] for step in self.targets]
+
+    def capacity(self, slot: int, kept: int) -> int:
+        """Slots a layer needs: the most it ever holds (its entries after prefill, or any later target), plus the
+        one the next token is written into."""
+        return max(kept, *(t for step in self.layer(slot) for t in step)) + 1
+
+    def max_drops(self, slot: int) -> int:
+        """The most entries any row of a layer drops in one step (usually 1: the new token pushes one out)."""
+        targets = self.layer(slot)
+        return max((max(0, before + 1 - after) for prev, cur in zip(targets, targets[1:], strict=False)
+                    for before, after in zip(prev, cur, strict=True)), default=1)
+
+
 class RequestBudget:
     """The budgets of one request (one prefill and the decoding after it).
 
@@ -144,6 +176,29 @@ class RequestBudget:
         self._targets = (logical_len, targets)
         return targets
 
+    def decode_schedule(self, horizon: int) -> DecodeSchedule:
+        """The decode targets of every layer for the next ``horizon`` generated tokens, for fixed-shape decoding.
+
+        Targets change only while some layer is capped by the generated length (a short prompt); once no layer is,
+        they are constant, so the schedule stops there (``stable``) and its last step holds for ever after.
+        """
+        window = self.method.window
+        steps: list[list[list[int]]] = []  # [step][row][layer], step 0 = after prefill
+        stable = False
+        for grown in range(horizon + 1):
+            row_targets = []
+            binding = False
+            for prefs, total, n in zip(self.preferences, self.totals, self.prompt_tokens, strict=True):
+                cap = max(0, n + grown - window)
+                shares = self.split(prefs, total, cap)
+                binding = binding or any(s >= cap for s in shares)
+                row_targets.append([s + min(window, n + grown) for s in shares])
+            steps.append(row_targets)
+            if not binding and grown > 0:
+                stable = True  # no cap binds: more generated tokens change no share
+                break
+        return DecodeSchedule(steps, stable)
+
     def select_rows(self, rows: list[int]) -> None:
         """Follow a reordering or selection of the batch rows (beam search)."""
         self.prompt_tokens = [self.prompt_tokens[i] for i in rows]
@@ -153,4 +208,4 @@ class RequestBudget:
         self._targets = None
 
 
-__all__ = ["RequestBudget"]
+__all__ = ["DecodeSchedule", "RequestBudget"]

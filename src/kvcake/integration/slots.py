@@ -1,0 +1,131 @@
+"""The fixed-shape state of a compressed layer while it decodes one token at a time.
+
+After prefill every compressed layer keeps a constant size while decoding (CAKE §3.4), which is what makes decoding
+compilable: the layer's entries move into buffers allocated once at their final size ``C`` — the most entries the
+layer will hold, plus the slot the next token is written into — and every table beside them is a device tensor of
+fixed shape updated in place (StaticLayer's pattern in transformers):
+
+* ``keys``, ``values`` ``(B, Hkv, C, D)``: the entries, in *slot order* (a new token goes to a free slot);
+* ``positions`` ``(B, Hkv, C)`` int64: each slot's original position, -1 for a free slot;
+* ``count`` ``(B, Hkv)``: tokens held; ``cursor`` ``()``: the logical length;
+* ``stored`` ``(B, Hkv, C)``: the scores kept beside the entries by scorers that keep them (H2O);
+* ``targets`` ``(S + 1, B)``: the layer's decode schedule (entries allowed once ``s`` tokens were generated).
+
+A step writes the new token into the first free slot, attends over all ``C`` slots with the free ones masked, and
+frees the slots decode-time eviction drops: no host synchronisation, no tensor that grows, no data-dependent shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _static(*tensors: torch.Tensor | None) -> None:
+    """Tell torch.compile these buffers keep their address (CUDA graphs read them in place)."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_static_address(t)
+
+
+@dataclass
+class Slots:
+    """The buffers and tables of one layer (see the module docstring)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    count: torch.Tensor
+    cursor: torch.Tensor
+    stored: torch.Tensor | None
+    targets: torch.Tensor | None  # None: the layer evicts nothing while decoding
+    start: int  # logical length when the schedule starts
+    max_drops: int  # the most entries a step drops (a host constant of the schedule)
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor | None,
+              capacity: int, cursor: int, targets: list[list[int]] | None, start: int, max_drops: int) -> Slots:
+        """Buffers of ``capacity`` slots holding the given entries (position order, fillers at -1) first."""
+        batch, heads, length = positions.shape
+        if capacity <= length:
+            raise ValueError(f"capacity {capacity} leaves no free slot for {length} entries")
+        device = keys.device
+        k = keys.new_zeros(batch, heads, capacity, keys.shape[-1])
+        v = values.new_zeros(batch, heads, capacity, values.shape[-1])
+        k[:, :, :length] = keys
+        v[:, :, :length] = values
+        pos = positions.new_full((batch, heads, capacity), -1)
+        pos[..., :length] = positions
+        stored = None
+        if scores is not None:
+            stored = scores.new_zeros(batch, heads, capacity)
+            stored[..., :length] = scores
+        table = None if targets is None else torch.tensor(targets, dtype=torch.long, device=device)
+        slots = cls(k, v, pos, (pos >= 0).sum(-1), torch.tensor(cursor, dtype=torch.long, device=device), stored,
+                    table, start, max_drops)
+        _static(slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.stored, slots.targets)
+        return slots
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[-1]
+
+    def writable(self) -> None:
+        """Buffers made under ``torch.inference_mode`` cannot be written outside it: copy them once if so."""
+        if self.keys.is_inference() and not torch.is_inference_mode_enabled():
+            for name in ("keys", "values", "positions", "count", "cursor", "stored", "targets"):
+                value = getattr(self, name)
+                if value is not None:
+                    setattr(self, name, value.clone())
+            _static(self.keys, self.values, self.positions, self.count, self.cursor, self.stored, self.targets)
+
+    def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot, at the logical cursor."""
+        free = (self.positions < 0).to(torch.int32).argmax(dim=-1, keepdim=True)  # (B, H, 1): the first free slot
+        self.keys.scatter_(2, free.unsqueeze(-1).expand(key.shape), key)
+        self.values.scatter_(2, free.unsqueeze(-1).expand(value.shape), value.to(self.values.dtype))
+        self.positions.scatter_(2, free, self.cursor.expand(free.shape))
+        if self.stored is not None:
+            self.stored.scatter_(2, free, torch.zeros_like(free, dtype=self.stored.dtype))
+        self.count.add_(1)
+        self.cursor.add_(1)
+
+    def order(self) -> torch.Tensor:
+        """Slots ``(B, Hkv, C)`` by increasing position: free slots (-1) first, then the tokens."""
+        return torch.sort(self.positions, dim=-1, stable=True).indices
+
+    def target(self) -> torch.Tensor:
+        """Entries allowed per row ``(B, 1)`` at this step (the schedule's last step holds after its end)."""
+        assert self.targets is not None
+        step = (self.cursor - self.start).clamp(0, self.targets.shape[0] - 1)
+        return self.targets.index_select(0, step.view(1)).view(-1, 1)
+
+    def drop(self, dropped: torch.Tensor) -> None:
+        """Free the slots marked in ``dropped`` ``(B, Hkv, C)``."""
+        self.positions.masked_fill_(dropped, -1)
+        self.count.sub_(dropped.sum(dim=-1))
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``(B, Hkv, C, D)`` and positions ``(B, Hkv, C)`` in position order (free slots first)."""
+        order = self.order()
+        take = order.unsqueeze(-1)
+        return (self.keys.gather(2, take.expand_as(self.keys)), self.values.gather(2, take.expand_as(self.values)),
+                self.positions.gather(-1, order))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Follow a reordering of the batch (beam search), in place so that buffer addresses stay."""
+        for name in ("keys", "values", "positions", "count", "stored"):
+            value = getattr(self, name)
+            if value is not None:
+                value.copy_(value.index_select(0, rows.to(value.device)))
+        if self.targets is not None:
+            self.targets.copy_(self.targets.index_select(1, rows.to(self.targets.device)))
+
+
+__all__ = ["Slots"]
