@@ -60,6 +60,8 @@ class KVCakeCache(DynamicCache):
         self.decode_horizon: int | None = None
         #: Freeze into the fixed-shape decoding layout as soon as prefill ends (compiled decoding needs it then).
         self.freeze_after_prefill = False
+        #: Decoding runs compiled: transformers may treat the cache as compileable (fixed shapes after prefill).
+        self.compiled = False
         self._frozen_for: int | None = None  # generated tokens the decoding buffers are sized for
         self._nonfinite: torch.Tensor | None = None
         self.peak_kv_bytes = 0
@@ -68,6 +70,11 @@ class KVCakeCache(DynamicCache):
         self.recorder: dict | None = None
         #: With a recorder: keep only the last this-many queries of each layer (None: all of them).
         self.record_queries: int | None = None
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        """Compileable when compiled decoding was asked for and every layer can decode in fixed shapes."""
+        return self.compiled and all(getattr(layer, "is_compileable", False) for layer in self.layers)
 
     # -- the request -------------------------------------------------------------------------------------------------
     @property

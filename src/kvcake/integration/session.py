@@ -23,6 +23,8 @@ from kvcake.integration.compat import cache_argument, cache_keyword, output_cach
 from kvcake.integration.report import Report
 
 SUPPORTED_BACKENDS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+#: torch.compile modes for compiled decoding; None picks "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class UnsupportedModelError(TypeError):
@@ -43,12 +45,18 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 class Compression:
     """A method attached to a model; use as a context manager (see :func:`kvcake.compress`)."""
 
-    def __init__(self, model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None,
+                 compile: bool = False, compile_mode: str | None = None) -> None:
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile_mode!r}; use one of {', '.join(COMPILE_MODES)}")
         self.model = model
         self.method = method
         self.max_new_tokens = max_new_tokens
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self._compiled: Any = None
         self._call_tokens: int | None = None  # max_new_tokens of the generate call in progress
         self.active_cache: KVCakeCache | None = None
         self.last_cache: KVCakeCache | None = None
@@ -108,14 +116,54 @@ class Compression:
         """
         cache = KVCakeCache(config=text_config(self.model), method=self.method)
         cache.decode_horizon = max_new_tokens or self._call_tokens or self.max_new_tokens
+        if self.compile:
+            cache.compiled = True
+            cache.freeze_after_prefill = True
         return cache
+
+    # -- compiled decoding ---------------------------------------------------------------------------------------------
+    def mode(self) -> str:
+        """The torch.compile mode of compiled decoding on this model's device."""
+        if self.compile_mode is not None:
+            return self.compile_mode
+        return "reduce-overhead" if _device(self.model).type == "cuda" else "default"
+
+    @property
+    def forward(self) -> Any:
+        """The model's forward, compiled once (``fullgraph=True``) when the block compiles, for hand-written decoding
+        loops: ``press.forward(token, cache=cache, position_ids=...)``. Without ``compile=True``, the model itself."""
+        if not self.compile:
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model, fullgraph=True, mode=self.mode())
+        return self._compiled
+
+    def _compile_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What ``generate`` needs to compile its decoding steps with our cache (transformers' own mechanism)."""
+        from transformers import CompileConfig
+
+        own = self._cache_kwarg()
+        given = cache_argument(kwargs, own)
+        if given is not None and not isinstance(given, KVCakeCache):
+            raise ValueError("compiled decoding under kvcake needs kvcake's cache; pass none (or press.new_cache())")
+        cache = given if given is not None else self.new_cache()
+        cache.compiled, cache.freeze_after_prefill = True, True
+        config = kwargs.get("compile_config") or CompileConfig(fullgraph=True, mode=self.mode())
+        if _device(self.model).type not in ("cuda", "xpu"):
+            config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        return {**kwargs, own: cache, "compile_config": config}
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` inside the block: the model's own, told how many tokens it will generate."""
         original = type(self.model).generate.__get__(self.model)  # type: ignore[attr-defined]
         self._call_tokens = _new_tokens(self.model, args, kwargs)
         try:
-            return original(*args, **kwargs)
+            if self.compile:
+                kwargs = self._compile_kwargs(kwargs)
+            out = original(*args, **kwargs)
+            if self.last_cache is not None:
+                self.last_cache.check_finite()
+            return out
         finally:
             self._call_tokens = None
 
@@ -167,6 +215,10 @@ class Compression:
         return self._report
 
 
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _new_tokens(model: Any, args: tuple, kwargs: dict[str, Any]) -> int | None:
     """How many tokens a ``generate(*args, **kwargs)`` call may generate (None if it cannot be told)."""
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
@@ -180,13 +232,17 @@ def _new_tokens(model: Any, args: tuple, kwargs: dict[str, Any]) -> int | None:
     return None
 
 
-def compress(model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None) -> Compression:
+def compress(model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None, compile: bool = False,
+             compile_mode: str | None = None) -> Compression:
     """Attach ``method`` to ``model`` for a ``with`` block; ``generate``/forward calls inside it are compressed.
 
     ``max_new_tokens``: tokens hand-written loops will generate per request, if known, so that each layer's decoding
-    buffers are sized once (``generate`` calls tell it themselves).
+    buffers are sized once (``generate`` calls tell it themselves). ``compile=True``: decoding steps run compiled
+    (``torch.compile(fullgraph=True)``; CUDA graphs on CUDA with the default ``compile_mode``): ``generate`` compiles
+    them through transformers' own mechanism, hand-written loops call ``press.forward``. The first compiled step
+    costs the compile (tens of seconds); later steps reuse it.
     """
-    return Compression(model, method, max_new_tokens=max_new_tokens)
+    return Compression(model, method, max_new_tokens=max_new_tokens, compile=compile, compile_mode=compile_mode)
 
 
 __all__ = ["Compression", "UnsupportedModelError", "attention_modules", "cache_keyword", "compress", "output_cache",

@@ -75,6 +75,8 @@ class Slots:
 
     def writable(self) -> None:
         """Buffers made under ``torch.inference_mode`` cannot be written outside it: copy them once if so."""
+        if torch.compiler.is_compiling():
+            return  # compiled steps write the buffers made before compiling
         if self.keys.is_inference() and not torch.is_inference_mode_enabled():
             for name in ("keys", "values", "positions", "count", "cursor", "stored", "targets"):
                 value = getattr(self, name)

@@ -71,6 +71,8 @@ class CompressedLayer(DynamicLayer):
         Decoding layout (fixed shapes); None in the prefill layout.
     """
 
+    is_compileable = True  # decodes in fixed-shape slots after prefill
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.positions: torch.Tensor | None = None
