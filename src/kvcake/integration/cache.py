@@ -34,6 +34,10 @@ class PrefillLayer:
     softcap: float | None = None
 
 
+class UnsupportedCacheError(ValueError):
+    """A cache kvcake cannot compress (another kind, or one that already holds tokens)."""
+
+
 #: Generated tokens the decoding buffers are sized for when the caller does not say.
 HORIZON = 32
 
@@ -43,6 +47,29 @@ class KVCakeCache(DynamicCache):
 
     Create it through :func:`kvcake.compress` or :meth:`Compression.new_cache`.
     """
+
+    @classmethod
+    def adopt(cls, cache: DynamicCache, config: Any, method: Method) -> KVCakeCache:
+        """Turn an empty :class:`DynamicCache` the caller passed in into a kvcake cache, in place.
+
+        The caller's object itself becomes compressed (its class and layers change), so a hand-written loop that
+        keeps passing its own cache keeps its context. A cache of another kind, or one that already holds tokens,
+        cannot be compressed: :class:`UnsupportedCacheError`.
+        """
+        if type(cache) is not DynamicCache:
+            raise UnsupportedCacheError(
+                f"kvcake compresses a DynamicCache or its own cache; got a {type(cache).__name__}: pass no cache, a "
+                "DynamicCache, or press.new_cache()")
+        held = cache.get_seq_length()
+        if held:
+            raise UnsupportedCacheError(
+                f"the cache passed in already holds {held} tokens (a prefix from an earlier forward); kvcake compresses "
+                "a request from its first token: pass an empty cache, or the kvcake cache of that earlier request")
+        fresh = cls(config, method)
+        cache.__class__ = cls
+        cache.__dict__.clear()
+        cache.__dict__.update(fresh.__dict__)
+        return cache  # type: ignore[return-value]
 
     def __init__(self, config: Any, method: Method) -> None:
         super().__init__(config=config)
@@ -315,4 +342,4 @@ class KVCakeCache(DynamicCache):
         )
 
 
-__all__ = ["CompressedLayer", "KVCakeCache", "PrefillLayer", "cache_kv_bytes"]
+__all__ = ["CompressedLayer", "KVCakeCache", "PrefillLayer", "UnsupportedCacheError", "cache_kv_bytes"]

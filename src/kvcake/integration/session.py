@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvcake.integration import attention
-from kvcake.integration.cache import KVCakeCache
+from kvcake.integration.cache import KVCakeCache, UnsupportedCacheError
 from kvcake.integration.compat import cache_argument, cache_keyword, output_cache, text_config
 from kvcake.integration.report import Report
 
@@ -115,10 +115,9 @@ class Compression:
         (default: the block's, or the ``generate`` call's).
         """
         cache = KVCakeCache(config=text_config(self.model), method=self.method)
-        cache.decode_horizon = max_new_tokens or self._call_tokens or self.max_new_tokens
-        if self.compile:
-            cache.compiled = True
-            cache.freeze_after_prefill = True
+        self._prepare(cache)
+        if max_new_tokens is not None:
+            cache.decode_horizon = max_new_tokens
         return cache
 
     # -- compiled decoding ---------------------------------------------------------------------------------------------
@@ -181,19 +180,29 @@ class Compression:
             inputs = kwargs.get("inputs_embeds")
         if inputs is not None and inputs.shape[1] == 0:
             raise ValueError("empty prompt: there are no tokens to prefill")
-        if isinstance(cache, KVCakeCache):
-            self._use(cache)
-        elif kwargs.get("use_cache") is False:
+        if cache is None and kwargs.get("use_cache") is False:
+            # No cache is kept, so there is nothing to compress (a scoring forward): it runs as without kvcake and
+            # is no request of the block's (the report still describes the latest one).
             self.active_cache = None
-        elif cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0):
+            return args, kwargs
+        if cache is None:
             cache = self.new_cache()
             kwargs[own_name] = cache
-            self._use(cache)
-        else:
-            self.active_cache = None  # a filled cache of another kind: leave it alone
-        if self.active_cache is not None:
-            kwargs[attention.CACHE_KWARG] = self.active_cache
+        elif not isinstance(cache, KVCakeCache):
+            if not isinstance(cache, Cache):
+                raise UnsupportedCacheError(f"unexpected cache of type {type(cache).__name__}")
+            cache = KVCakeCache.adopt(cache, text_config(self.model), self.method)  # the caller's object, in place
+            self._prepare(cache)
+        self._use(cache)
+        kwargs[attention.CACHE_KWARG] = cache
         return args, kwargs
+
+    def _prepare(self, cache: KVCakeCache) -> None:
+        """Settings a cache of this block gets (the ones new_cache gives)."""
+        cache.decode_horizon = self._call_tokens or self.max_new_tokens
+        if self.compile:
+            cache.compiled = True
+            cache.freeze_after_prefill = True
 
     def _use(self, cache: KVCakeCache) -> None:
         self.active_cache = cache
@@ -245,5 +254,5 @@ def compress(model: torch.nn.Module, method: Any, *, max_new_tokens: int | None 
     return Compression(model, method, max_new_tokens=max_new_tokens, compile=compile, compile_mode=compile_mode)
 
 
-__all__ = ["Compression", "UnsupportedModelError", "attention_modules", "cache_keyword", "compress", "output_cache",
+__all__ = ["Compression", "UnsupportedCacheError", "UnsupportedModelError", "attention_modules", "cache_keyword", "compress", "output_cache",
            "text_config"]

@@ -1,0 +1,101 @@
+"""The request contract of a compress block: every forward is compressed as documented or refused, a cache the
+caller passes is honoured, and the report always describes the latest request."""
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import kvcake
+from conftest import prompt, tiny_llama
+from kvcake.integration.cache import UnsupportedCacheError
+
+
+def hand_written_loop(model, ids, cache, steps):
+    """Greedy decoding the way a user writes it: one forward per token on the caller's own cache."""
+    tokens = []
+    with torch.no_grad():
+        out = model(ids, cache=cache)
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+            out = model(token, cache=cache)
+    return tokens
+
+
+def test_a_hand_written_loop_on_its_own_dynamic_cache_keeps_its_context():
+    # The block used to swap the caller's DynamicCache for a fresh kvcake cache on every forward: the caller's object
+    # stayed empty and every later step ran with no context. Now the caller's object is compressed in place.
+    model = tiny_llama("sdpa")
+    ids = prompt(60)
+    expected = hand_written_loop(model, ids, DynamicCache(), 12)
+    with kvcake.compress(model, kvcake.CAKE(budget=10**6, window=8)) as press:
+        cache = DynamicCache()
+        assert hand_written_loop(model, ids, cache, 12) == expected
+        assert isinstance(cache, kvcake.KVCakeCache) and press.cache is cache
+        assert press.report.kept_after_prefill == [[60] * 4]
+
+
+def test_a_hand_written_loop_at_a_small_budget_holds_the_budget_in_the_callers_cache():
+    model = tiny_llama("sdpa")
+    with kvcake.compress(model, kvcake.CAKE(budget=20, window=8)) as press:
+        cache = DynamicCache()
+        hand_written_loop(model, prompt(80), cache, 10)
+        report = press.report
+    assert cache.get_seq_length() == 90
+    assert report.kept_now == report.budgets and sum(report.budgets[0]) == 20 * 4
+
+
+def test_a_cache_holding_a_prefix_is_refused_not_run_uncompressed():
+    # A prefix cache (prefix caching, a chat's earlier turns) used to run uncompressed without a word, and the report
+    # then described the previous request.
+    model = tiny_llama("sdpa")
+    prefix = DynamicCache()
+    with torch.no_grad():
+        model(prompt(30, seed=4), cache=prefix)
+    with kvcake.compress(model, kvcake.CAKE(budget=20, window=8)) as press:
+        model.generate(prompt(50, seed=5), max_new_tokens=2, do_sample=False)
+        with pytest.raises(UnsupportedCacheError, match="already holds 30 tokens"):
+            model.generate(torch.cat([prompt(30, seed=4), prompt(20, seed=6)], dim=1), cache=prefix,
+                           max_new_tokens=2, do_sample=False)
+        assert press.report.prompt_tokens == [50]  # still the latest request that ran
+
+
+@pytest.mark.parametrize("kind", ["static"])
+def test_a_cache_of_another_kind_is_refused(kind):
+    model = tiny_llama("sdpa")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with kvcake.compress(model, kvcake.CAKE(budget=20, window=8)), pytest.raises(UnsupportedCacheError,
+                                                                                 match="StaticCache"):
+        model(prompt(40), cache=cache)
+
+
+def test_a_kvcake_cache_continues_its_request_across_turns():
+    # A chat's second turn fed on the first turn's kvcake cache: appended and held to the budget, and the report is
+    # that cache's.
+    model = tiny_llama("sdpa")
+    with kvcake.compress(model, kvcake.CAKE(budget=20, window=8)) as press, torch.no_grad():
+        cache = press.new_cache()
+        model(prompt(70, seed=2), cache=cache)
+        turn = prompt(9, seed=3)
+        positions = torch.arange(70, 79)[None]
+        model(turn, cache=cache, position_ids=positions)
+        report = press.report
+    assert cache.get_seq_length() == 79
+    assert report.kept_now == report.budgets
+
+
+def test_the_report_is_the_latest_requests():
+    model = tiny_llama("sdpa")
+    with kvcake.compress(model, kvcake.CAKE(budget=20, window=8)) as press:
+        model.generate(prompt(50), max_new_tokens=2, do_sample=False)
+        model.generate(prompt(64, seed=9), max_new_tokens=2, do_sample=False)
+        assert press.report.prompt_tokens == [64]
+    assert press.report.prompt_tokens == [64]
+
+
+def test_plain_import_reaches_models_and_methods():
+    # The README's library example: `import kvcake` then `kvcake.models.load` (used to raise AttributeError).
+    import importlib
+
+    fresh = importlib.reload(kvcake)
+    assert callable(fresh.models.load) and fresh.CAKE is kvcake.methods.CAKE
