@@ -99,3 +99,18 @@ def test_plain_import_reaches_models_and_methods():
 
     fresh = importlib.reload(kvcake)
     assert callable(fresh.models.load) and fresh.CAKE is kvcake.methods.CAKE
+
+
+def test_a_model_with_only_sliding_window_layers_is_entered_with_a_warning_and_reports_why():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                              max_position_embeddings=256)
+    model = tf.MistralForCausalLM(config).eval()
+    with pytest.warns(UserWarning, match="sliding-window"), kvcake.compress(model, kvcake.CAKE(budget=20, window=8)) \
+            as press:
+        model.generate(prompt(40), max_new_tokens=2, do_sample=False)
+        with pytest.raises(RuntimeError, match="nothing was compressed"):
+            press.report

@@ -90,6 +90,9 @@ def answer(model, tokenizer, context: str, question: str, method, max_new_tokens
                        method={"name": "full"}, report=None)
     else:
         with compress(model, method) as press:
+            if not press.new_cache().compressible:
+                raise ValueError(f"{type(model).__name__} has only sliding-window attention layers, which kvcake "
+                                 "does not compress; use --method full")
             out = model.generate(ids, **settings)
             report = press.report
         summary = dict(layer_budgets=report.kept_after_prefill[0], kv_bytes=report.kv_bytes,

@@ -12,6 +12,7 @@ name and the hook are restored, so requests never leak into one another and noth
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -86,6 +87,10 @@ class Compression:
             # transformers reads the attention function by this name at every call: dispatch to the wrapper.
             self._saved.append((config, config._attn_implementation))
             config._attn_implementation = attention.registered_name(config._attn_implementation or "eager")
+        if not self.new_cache().compressible:
+            warnings.warn(f"{type(self.model).__name__}: every attention layer is sliding-window, and kvcake leaves "
+                          "those to transformers' own bounded cache: nothing will be compressed", UserWarning,
+                          stacklevel=2)
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         if callable(getattr(self.model, "generate", None)):
             # An instance attribute for the block's duration (removed on exit), so that each generate call tells its
@@ -217,6 +222,8 @@ class Compression:
     @property
     def report(self) -> Report:
         """What the latest request did (per-layer budgets, kept lengths, memory now, peak and full)."""
+        if self.last_cache is not None and not self.last_cache.compressible:
+            raise RuntimeError("nothing was compressed: every attention layer of this model is sliding-window")
         if self.last_cache is not None and self.last_cache.prompt_tokens is not None:
             return self.last_cache.report()
         if self._report is None:
