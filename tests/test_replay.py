@@ -11,7 +11,7 @@ from kvcake.eval.runner import feed, greedy
 from kvcake.integration.replay import queries_needed, record_prefill, replay
 from kvcake.methods import registry
 
-METHODS = ["cake", "snapkv", "pyramidkv", "h2o", "tova", "streamingllm", "ada-snapkv", "uniform-cake", "full"]
+METHODS = registry.method_names()  # every registered method (and the full cache)
 
 
 def _same_cache(a, b) -> None:
