@@ -1,0 +1,80 @@
+"""Compiled decoding (torch.compile, fullgraph) of a compressed model: one graph, no graph break, no recompilation
+over 64 steps, and exactly the tokens of eager decoding (float32, CPU). Compiling costs seconds on CPU: these tests are
+few and use a two-layer model; the whole method matrix is marked slow."""
+
+import pytest
+import torch
+
+import kvcake
+from conftest import prompt, tiny_llama
+from kvcake.integration.compiled import CompileCounts
+from kvcake.methods import registry
+
+STEPS = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama("sdpa", layers=2)
+
+
+def _make(name, budget):
+    method = registry.entry(name).method
+    window = {"window": 8} if method.default_window == 32 and method.window_for(budget) == 32 else {}
+    return registry.build(name, budget=budget, **window)
+
+
+def _generate(model, ids, mask, method, compiled):
+    kwargs = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    with kvcake.compress(model, method, compile=compiled) as press:
+        out = model.generate(ids, **kwargs)
+        return out[:, ids.shape[1]:], press.report
+
+
+def _padded_batch():
+    ids = prompt(70, batch=3, seed=11)
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0
+    mask[2, :40] = 0
+    return ids, mask
+
+
+def check(model, name, batch):
+    ids, mask = _padded_batch() if batch == 3 else (prompt(70, seed=5), None)
+    method = _make(name, 20)
+    eager, eager_report = _generate(model, ids, mask, method, compiled=False)
+    CompileCounts.start()
+    compiled, report = _generate(model, ids, mask, method, compiled=True)
+    counts = CompileCounts.read()
+    assert torch.equal(compiled, eager), f"{name}: compiled decoding changed the tokens"
+    assert counts.graph_breaks == 0 and counts.recompiles == 0 and counts.graphs == 1, counts
+    assert report.kept_now == eager_report.kept_now and report.budgets == eager_report.budgets
+
+
+@pytest.mark.parametrize("name, batch", [("cake", 1), ("cake", 3), ("snapkv", 1), ("h2o", 3)])
+def test_compiled_decoding_equals_eager_with_one_graph(model, name, batch):
+    check(model, name, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", [m for m in registry.method_names() if m != "full"])
+def test_every_method_compiles_to_one_graph_and_the_eager_tokens(model, name, batch):
+    check(model, name, batch)
+
+
+def test_compiled_decoding_keeps_the_buffers_in_place(model):
+    # What CUDA graphs need: the decoding buffers are written in place at fixed addresses, step after step.
+    ids = prompt(70, seed=5)
+    CompileCounts.start()
+    with kvcake.compress(model, _make("cake", 20), compile=True) as press, torch.no_grad():
+        cache = press.new_cache()
+        token = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+        addresses = [(layer.slots.keys.data_ptr(), layer.slots.positions.data_ptr()) for layer in cache.layers]
+        for step in range(8):
+            token = press.forward(token, cache=cache, position_ids=torch.tensor([[70 + step]])).logits[:, -1:].argmax(-1)
+        assert [(layer.slots.keys.data_ptr(), layer.slots.positions.data_ptr()) for layer in cache.layers] == addresses
+        assert int(cache.layers[0].slots.cursor) == 78
+    assert CompileCounts.read().graphs == 1
