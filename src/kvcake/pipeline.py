@@ -86,7 +86,7 @@ def answer(model, tokenizer, context: str, question: str, method, max_new_tokens
         cache = output_cache(out)
         full = cache_kv_bytes(cache)
         n_layers = len(getattr(cache, "layers", []))
-        summary = dict(layer_budgets=[ids.shape[1]] * n_layers, kv_bytes=full, kv_bytes_full=full, peak_kv_bytes=full,
+        summary: dict[str, Any] = dict(layer_budgets=[ids.shape[1]] * n_layers, kv_bytes=full, kv_bytes_full=full, peak_kv_bytes=full,
                        method={"name": "full"}, report=None)
     else:
         with compress(model, method) as press:

@@ -35,9 +35,12 @@ def base_function(name: str, module: torch.nn.Module) -> Callable:
     if name == "eager":
         own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if own is None:
-            from transformers.models.llama.modeling_llama import eager_attention_forward as own
+            from transformers.models.llama.modeling_llama import eager_attention_forward
+
+            return eager_attention_forward
         return own
-    return ALL_ATTENTION_FUNCTIONS[name]
+    function: Callable = ALL_ATTENTION_FUNCTIONS[name]
+    return function
 
 
 def registered_name(base: str) -> str:
@@ -59,7 +62,7 @@ def _make_wrapper(base: str) -> Callable:
     def kvcake_attention(module, query, key, value, attention_mask, *args, **kwargs):
         cache = kwargs.pop(CACHE_KWARG, None)
         own = base_function(base, module)
-        layer_idx = getattr(module, "layer_idx", None)
+        layer_idx: int = module.layer_idx
         layer = cache.compressed_layer(layer_idx) if isinstance(cache, KVCakeCache) else None
         if layer is None or kwargs.get("sliding_window") is not None:
             if isinstance(cache, KVCakeCache):

@@ -99,7 +99,7 @@ class KVCakeCache(DynamicCache):
         self.record_queries: int | None = None
 
     @property
-    def is_compileable(self) -> bool:  # type: ignore[override]
+    def is_compileable(self) -> bool:
         """Compileable when compiled decoding was asked for and every layer can decode in fixed shapes."""
         return self.compiled and all(getattr(layer, "is_compileable", False) for layer in self.layers)
 
@@ -156,7 +156,7 @@ class KVCakeCache(DynamicCache):
         """What the same cache would hold without eviction."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, CompressedLayer) and layer.is_initialized:
+            if isinstance(layer, CompressedLayer) and layer.keys is not None and layer.values is not None:
                 batch, heads, _, k_dim = layer.keys.shape
                 v_dim = layer.values.shape[-1]
                 per_token = k_dim * layer.keys.element_size() + v_dim * layer.values.element_size()
@@ -317,9 +317,7 @@ class KVCakeCache(DynamicCache):
         """What the request did: budgets, kept lengths and memory (see :class:`~kvcake.integration.report.Report`)."""
         plan, layers = self.plan, self.layers_in_order()
         rows = 0 if plan is None else plan.rows
-        entry_bytes = max((layer.keys.shape[1] * (layer.keys.shape[-1] * layer.keys.element_size()
-                                                  + layer.values.shape[-1] * layer.values.element_size())
-                           for layer in layers if layer.is_initialized), default=0)
+        entry_bytes = max((layer.slot_bytes() // max(rows, 1) for layer in layers), default=0)
         other = self.kv_bytes() - sum(layer.nbytes() for layer in layers)
         bound = 0
         if plan is not None:

@@ -74,7 +74,7 @@ class Compression:
                 f"{type(self.model).__name__}: no standard attention layers found (kvcake needs decoder attention "
                 "modules with a layer_idx and q/o projections, as in Llama, Mistral, Qwen, Gemma and Phi-3 models)"
             )
-        configs = {id(m.config): m.config for m in modules}.values()
+        configs: list[Any] = list({id(m.config): m.config for m in modules}.values())
         if any(attention.base_name(c._attn_implementation) for c in configs):
             raise RuntimeError("a kvcake compression is already active on this model; nest none")
         for config in configs:
@@ -95,7 +95,7 @@ class Compression:
         if callable(getattr(self.model, "generate", None)):
             # An instance attribute for the block's duration (removed on exit), so that each generate call tells its
             # cache how many tokens it will generate.
-            self.model.generate = self._generate  # type: ignore[method-assign]
+            self.model.generate = self._generate  # type: ignore[assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -196,7 +196,8 @@ class Compression:
         elif not isinstance(cache, KVCakeCache):
             if not isinstance(cache, Cache):
                 raise UnsupportedCacheError(f"unexpected cache of type {type(cache).__name__}")
-            cache = KVCakeCache.adopt(cache, text_config(self.model), self.method)  # the caller's object, in place
+            # The caller's own object becomes the compressed cache, in place (see KVCakeCache.adopt).
+            cache = KVCakeCache.adopt(cache, text_config(self.model), self.method)  # type: ignore[arg-type]
             self._prepare(cache)
         self._use(cache)
         kwargs[attention.CACHE_KWARG] = cache
