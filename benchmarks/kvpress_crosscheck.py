@@ -27,6 +27,10 @@ Parameter mapping (kvpress -> kvcake)
   (kvpress always average-pools; kvcake defaults are W=32, K=7, max pooling as in the SnapKV paper).
 * ``StreamingLLMPress(r, n_sink=s)`` <-> ``StreamingLLM(budget=n, sinks=s, decode_eviction=False)``.
 * ``TOVAPress(r)`` <-> ``TOVA(budget=n, decode_eviction=False)`` (both protect only the last token).
+* ``KnormPress(r)`` and ``ExpectedAttentionPress(r)`` <-> ``Method(budget=n, window=1, scorer=KNormScores())`` and
+  ``scorer=ExpectedAttentionScores()`` (the same defaults). kvpress protects no window, kvcake at least the last
+  token: kvcake must keep exactly the last token plus the n - 1 best others by kvpress's own scores, and be
+  identical wherever kvpress keeps the last token (rows "kvcake window 1"); the raw scores are also compared.
 * ``AdaKVPress(SnapKVPress(...), alpha_safeguard=a)`` <-> ``AdaKV(SnapKV(...), alpha=a')``. kvpress guarantees
   each head its top ``int(a * n)`` entries *counting the window* (which always ranks first); kvcake guarantees
   ``int(a' * (n - W))`` entries *beyond the window* (the original Ada-KV code also takes its floor from the budget
@@ -293,6 +297,90 @@ class ModelDtypeSnapKVScores:
         raise NotImplementedError
 
 
+# -- scorers kvpress applies without a window: KNorm, Expected Attention ---------------------------------------------
+class RecordingScorer:
+    """Wraps a kvcake scorer and keeps its raw prefill scores per layer (what the engine ranks), float32 on the CPU."""
+
+    def __init__(self, scorer):
+        self.scorer, self.scores = scorer, {}
+
+    def __getattr__(self, name):
+        return getattr(self.scorer, name)
+
+    def prefill(self, view, window: int) -> torch.Tensor:
+        scores = self.scorer.prefill(view, window)
+        self.scores[view.layer] = scores.detach().float().cpu().clone()
+        return scores
+
+
+@dataclass
+class LastTokenResult:
+    """kvpress (no window) against kvcake (window 1) at the same kept count n, per (layer, row, head).
+
+    ``rule``: kvcake keeps exactly the last token plus the n - 1 best other entries by kvpress's own scores (ties to
+    the earlier position). ``identical_where_expected`` of ``expected_identical``: the triples where kvpress keeps the
+    last token and its cut-off score is not tied, and the two sets are identical there. ``score_rel_diff``: the
+    largest relative difference between kvcake's and kvpress's raw scores.
+    """
+
+    triples: int
+    identical: int
+    rule: int
+    kvpress_top_n: int
+    expected_identical: int
+    identical_where_expected: int
+    score_rel_diff: float
+    jaccard: float
+
+
+def last_token_comparison(kept_press, kept_cake, press_scores, cake_scores, n: int) -> LastTokenResult:
+    """Compare per-layer kept masks ``(B, H, S)`` and raw scores of kvpress (no window) and kvcake (window 1)."""
+    triples = identical = rule = top_n = expected = matched = 0
+    inter = union = 0
+    rel = 0.0
+    for a, b, s, c in zip(kept_press, kept_cake, press_scores, cake_scores, strict=True):
+        rel = max(rel, float(((c - s).abs() / s.abs().clamp_min(torch.finfo(s.dtype).tiny)).max()))
+        last = s.shape[-1] - 1
+        inter, union = inter + int((a & b).sum()), union + int((a | b).sum())
+        for row in range(a.shape[0]):
+            for head in range(a.shape[1]):
+                pa, pb, ps = a[row, head], b[row, head], s[row, head]
+                triples += 1
+                same = torch.equal(pa, pb)
+                identical += int(same)
+                top_n += int(int(pa.sum()) == n and float(ps[pa].min()) >= float(ps[~pa].max()))
+                best = torch.sort(ps[:last], descending=True, stable=True).indices[: n - 1]
+                want = torch.zeros_like(pb)
+                want[best] = True
+                want[last] = True
+                rule += int(torch.equal(pb, want))
+                if bool(pa[last]) and int((ps == ps[pa].min()).sum()) == 1:
+                    expected += 1
+                    matched += int(same)
+    return LastTokenResult(triples, identical, rule, top_n, expected, matched, rel, inter / max(1, union))
+
+
+def run_last_token(model, press, scorer, input_ids) -> LastTokenResult:
+    """Prefill under ``press`` and under kvcake's ``scorer`` with window 1 at the count kvpress keeps."""
+    n = compute_n_kept(input_ids.shape[1], press.compression_ratio)
+    recorder = RecordingScorer(scorer)
+    kept_press, press_scores = kvpress_kept(model, press, input_ids)
+    kept_cake = kvcake_kept(model, kvcake.Method(budget=n, window=1, scorer=recorder), input_ids)
+    cake_scores = [recorder.scores[i] for i in sorted(recorder.scores)]
+    return last_token_comparison(kept_press, kept_cake, press_scores, cake_scores, n)
+
+
+def last_token_cases(ratio: float) -> list[tuple[str, Callable, Callable, float, bool]]:
+    """(name, kvpress press, kvcake scorer, largest relative score difference accepted in float32, whether both
+    sides also score alike in low precision). KnormPress takes the norm in float32 like kvcake;
+    ExpectedAttentionPress computes in the model dtype, so in bfloat16 it is only reported."""
+    return [
+        ("knorm", lambda: kvpress.KnormPress(compression_ratio=ratio), lambda: kvcake.KNormScores(), 0.0, True),
+        ("expected-attention", lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
+         lambda: kvcake.ExpectedAttentionScores(), 1e-4, False),
+    ]
+
+
 # -- the cases -------------------------------------------------------------------------------------------------------
 @dataclass
 class Case:
@@ -362,8 +450,7 @@ def build_cases(q_len: int, ratio: float, window: int, kernel: int, sinks: int, 
             cases.append(Case(
                 f"snapkv W={window} K={kernel}, kvcake scored in model dtype",
                 lambda: kvpress.SnapKVPress(compression_ratio=ratio, window_size=window, kernel_size=kernel),
-                lambda: kvcake.SnapKV(budget=n, window=window, kernel=kernel, pooling="avg",
-                                      scorer=ModelDtypeSnapKVScores(kernel)),
+                lambda: kvcake.SnapKV(budget=n, window=window, scorer=ModelDtypeSnapKVScores(kernel)),
                 "tie-consistent", score_based=False,
                 note="kvpress's arithmetic in kvcake: what is left is the choice among tied scores",
             ))
@@ -515,6 +602,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':52s} note: {case.note}")
             if problems:
                 failures.append((case.name, backend, problems))
+        for name, make_press, make_scorer, tolerance, low_precision_alike in last_token_cases(args.ratio):
+            res = run_last_token(model, make_press(), make_scorer(), ids)
+            checked = exact_scores or low_precision_alike
+            problems = []
+            if checked and (res.rule != res.triples or res.kvpress_top_n != res.triples):
+                problems.append(f"the last-token rule holds in {res.rule}/{res.triples}")
+            if checked and res.identical_where_expected != res.expected_identical:
+                problems.append("sets differ where kvpress keeps the last token")
+            if exact_scores and res.score_rel_diff > tolerance:
+                problems.append(f"scores differ by {res.score_rel_diff:.2e} (relative)")
+            status = "OK" if not problems else "FAIL: " + "; ".join(problems)
+            expect = "last-token" if checked else "report"
+            print(f"{name + ' (kvcake window 1)':52s} {backend:7s} {expect:14s} {res.identical:5d}/"
+                  f"{res.triples:<5d}{res.identical / res.triples:5.2f} {res.jaccard:8.4f} {'':9s}  {status}")
+            print(f"{'':52s} note: kvcake = last token + top-(n-1) of kvpress's scores in {res.rule}/{res.triples}; "
+                  f"scores within {res.score_rel_diff:.1e} (relative)")
+            if problems:
+                failures.append((name, backend, problems))
     if n < args.window:
         notes.append(f"snapkv/ada-snapkv skipped: kvpress keeps n = {n} < window {args.window} (only part of its "
                      "window, chosen among tied scores); kvcake requires budget >= window")

@@ -177,7 +177,48 @@ def test_bfloat16_differences_are_only_score_precision_and_ties(ids):
     position; kvpress: whatever torch.topk returns)."""
     model = xc.tiny_llama("sdpa", torch.bfloat16, layers=LAYERS)
     press = kvpress.SnapKVPress(compression_ratio=0.5, window_size=64, kernel_size=5)
-    res = run(model, press, avg_snapkv(N50, 64, scorer=xc.ModelDtypeSnapKVScores(5)), ids)
+    res = run(model, press, kvcake.SnapKV(budget=N50, window=64, scorer=xc.ModelDtypeSnapKVScores(5)), ids)
     assert res.tie_consistent == res.triples
     float32_scored = run(model, press, avg_snapkv(N50, 64), ids)
     assert float32_scored.identical < float32_scored.triples
+
+
+# -- KNorm and Expected Attention ----------------------------------------------------------------------------------
+
+NEW_SCORERS = [
+    *(case[:4] for case in xc.last_token_cases(0.5)),
+    ("expected-attention-no-cov-eps", lambda: kvpress.ExpectedAttentionPress(
+        compression_ratio=0.5, n_future_positions=64, n_sink=2, use_covariance=False, epsilon=0.01),
+     lambda: kvcake.ExpectedAttentionScores(n_future_positions=64, n_sink=2, use_covariance=False, epsilon=0.01),
+     1e-5),
+]
+NEW_PARAMS = [pytest.param(backend, press, scorer, rtol, id=f"{name}-{backend}")
+              for name, press, scorer, rtol in NEW_SCORERS for backend in ("eager", "sdpa")]
+
+
+@pytest.mark.parametrize("backend, make_press, make_scorer, rtol", NEW_PARAMS)
+def test_new_scorers_match_kvpress_and_differ_only_by_the_protected_last_token(models, ids, backend, make_press,
+                                                                                make_scorer, rtol):
+    """Same definition: kvcake's raw scores equal kvpress's (KNorm bit for bit; Expected Attention to float32
+    rounding, since kvcake un-rotates the post-RoPE queries where kvpress projects the hidden states again).
+
+    By design KnormPress and ExpectedAttentionPress protect no window, while kvcake always keeps the last
+    ``window >= 1`` tokens (default 1). So at the same kept count n, per (layer, row, head), kvcake keeps exactly the
+    last token plus the n - 1 best others by kvpress's own scores (ties to the earlier position) and kvpress a top-n
+    of the same scores: where kvpress keeps the last token and its cut-off is not tied, the sets are identical;
+    elsewhere kvcake keeps the last token instead of kvpress's lowest-scored kept entry. (Exact ties occur with KNorm
+    in the first layer: RoPE preserves norms, so a repeated token has the same key norm at every position.)"""
+    res = xc.run_last_token(models[backend], make_press(), make_scorer(), ids)
+    assert res.score_rel_diff <= rtol
+    assert res.kvpress_top_n == res.triples
+    assert res.rule == res.triples
+    assert res.identical_where_expected == res.expected_identical > 0
+    assert res.expected_identical <= res.identical < res.triples  # the last token is not always among kvpress's
+
+
+def test_expected_attention_keeps_the_sinks_like_kvpress(models, ids):
+    press = kvpress.ExpectedAttentionPress(compression_ratio=0.9)
+    kept_press, _ = xc.kvpress_kept(models["sdpa"], press, ids)
+    kept_cake = xc.kvcake_kept(models["sdpa"], kvcake.ExpectedAttention(budget=N90), ids)
+    for a, b in zip(kept_press, kept_cake, strict=True):
+        assert bool(a[..., :4].all()) and bool(b[..., :4].all())

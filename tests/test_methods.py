@@ -127,7 +127,8 @@ def _views(model, ids, method):
 
     record, _ = record_prefill(model, ids, method)
     return [LayerView(query=r.query, keys=r.key, scaling=r.scaling, key_valid=r.key_valid, softcap=r.softcap,
-                      layer=i, num_layers=LAYERS, values=r.value) for i, r in sorted(record.layers.items())]
+                      layer=i, num_layers=LAYERS, values=r.value, positions=r.positions, rotary=r.rotary)
+            for i, r in sorted(record.layers.items())]
 
 
 def reference_scores(name, attn, seq, view):

@@ -44,7 +44,9 @@ if TYPE_CHECKING:  # what static type checkers see; at run time the same names l
     from kvcake.methods.attention import NonFiniteAttentionError
     from kvcake.methods.base import Allocator, Method, Scorer, Uniform
     from kvcake.methods.cake import CAKE, TAU_PRESETS, CakeScores, Preference, tau_preset
+    from kvcake.methods.expected_attention import ExpectedAttention, ExpectedAttentionScores
     from kvcake.methods.h2o import H2O, H2OScores
+    from kvcake.methods.knorm import KNorm, KNormScores
     from kvcake.methods.pyramidkv import Pyramid, PyramidKV
     from kvcake.methods.snapkv import SnapKV, SnapKVScores
     from kvcake.methods.streamingllm import StreamingLLM, StreamingScores
@@ -71,8 +73,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "CAKE", "H2O", "TAU_PRESETS", "TOVA", "AdaKV", "Allocator", "CakeScores", "Compression", "H2OScores",
-    "KVCakeCache", "Method", "NonFiniteAttentionError", "Preference", "Pyramid", "PyramidKV", "Report", "Scorer",
+    "CAKE", "H2O", "TAU_PRESETS", "TOVA", "AdaKV", "Allocator", "CakeScores", "Compression", "ExpectedAttention",
+    "ExpectedAttentionScores", "H2OScores", "KNorm", "KNormScores", "KVCakeCache", "Method", "NonFiniteAttentionError", "Preference", "Pyramid", "PyramidKV", "Report", "Scorer",
     "SnapKV", "SnapKVScores", "StreamingLLM", "StreamingScores", "TOVAScores", "Uniform", "UnsupportedModelError",
     "allocate", "compress", "tau_preset",
 ]

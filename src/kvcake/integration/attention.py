@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvcake.integration.cache import KVCakeCache
 from kvcake.integration.decode import attend_compressed, attend_slots
 from kvcake.integration.masks import key_valid
+from kvcake.integration.rope import rotary_for
 
 PREFIX = "kvcake_"
 #: The keyword argument that carries the request's cache from the model's forward down to the attention calls.
@@ -76,8 +77,9 @@ def _make_wrapper(base: str) -> Callable:
         if layer.seen == q_len and layer.positions is None and layer.valid_counts is None:  # the layer's prefill
             out = own(module, query, key, value, attention_mask, *args, **kwargs)
             valid = key_valid(attention_mask, key.shape[2])
-            cache.record(layer_idx, key, value, query, valid, scaling, softcap)
-            cache.prefill_layer(layer_idx, query, key, value, valid, scaling, softcap)
+            positions, rotary = kwargs.get("position_ids"), rotary_for(module)
+            cache.record(layer_idx, key, value, query, valid, scaling, softcap, positions, rotary)
+            cache.prefill_layer(layer_idx, query, key, value, valid, scaling, softcap, positions, rotary)
             return out
         return attend_compressed(cache, layer_idx, base, own, (scaling, softcap), module, query, key, value,
                                  attention_mask, *args, **kwargs)

@@ -32,6 +32,8 @@ class PrefillLayer:
     key_valid: torch.Tensor | None = None
     scaling: float | None = None
     softcap: float | None = None
+    positions: torch.Tensor | None = None  # RoPE positions (position_ids) of the prompt, None: 0 .. S-1
+    rotary: Any = None  # the layer's rotary embedding (kvcake.integration.rope.Rotary), None if it has none
 
 
 class UnsupportedCacheError(ValueError):
@@ -181,19 +183,21 @@ class KVCakeCache(DynamicCache):
 
     # -- prefill -----------------------------------------------------------------------------------------------------
     def record(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None,
-               key_valid: torch.Tensor | None = None, scaling: float | None = None,
-               softcap: float | None = None) -> None:
+               key_valid: torch.Tensor | None = None, scaling: float | None = None, softcap: float | None = None,
+               positions: torch.Tensor | None = None, rotary: Any = None) -> None:
         """With a recorder set, keep a copy of what the layer's prefill attention saw (once per layer)."""
         if self.recorder is None or layer_idx in self.recorder:
             return
         if query is not None and self.record_queries is not None and self.record_queries < query.shape[2]:
             # A slice keeps the whole tensor alive: copy the rows kept so the full queries can be freed.
             query = query[:, :, -self.record_queries:].clone()
-        self.recorder[layer_idx] = PrefillLayer(key.clone(), value.clone(), query, key_valid, scaling, softcap)
+        self.recorder[layer_idx] = PrefillLayer(key.clone(), value.clone(), query, key_valid, scaling, softcap,
+                                                positions, rotary)
 
     @torch.no_grad()
     def prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None,
-                      key_valid: torch.Tensor | None, scaling: float, softcap: float | None) -> None:
+                      key_valid: torch.Tensor | None, scaling: float, softcap: float | None,
+                      positions: torch.Tensor | None = None, rotary: Any = None) -> None:
         """Score a prefilled layer under the method, then evict (cascade) or wait for the last layer."""
         if self.plan is None:
             prompt = [key.shape[2]] * key.shape[0] if key_valid is None else [int(n) for n in key_valid.sum(-1)]
@@ -202,7 +206,7 @@ class KVCakeCache(DynamicCache):
         method = self.method
         slot = self._slot[layer_idx]
         view = LayerView(query=query, keys=key, scaling=scaling, key_valid=key_valid, softcap=softcap, layer=slot,
-                         num_layers=len(self.compressible), values=value)
+                         num_layers=len(self.compressible), values=value, positions=positions, rotary=rotary)
         preference = method.allocator.preference(view, method.window)
         scores = method.scorer.prefill(view, method.window)
         if key_valid is not None:

@@ -74,9 +74,9 @@ def replay(model, record: PrefillRecord, method) -> DynamicCache:
     for layer_idx in sorted(record.layers):
         layer = record.layers[layer_idx]
         # Entries may be reordered or shrunk in place while decoding: give every cache its own copy.
-        key, _ = cache.update(layer.key.clone(), layer.value.clone(), layer_idx)
+        key, value = cache.update(layer.key.clone(), layer.value.clone(), layer_idx)
         if isinstance(cache, KVCakeCache) and layer.query is not None and cache.compressed_layer(layer_idx):
             assert layer.scaling is not None
-            cache.prefill_layer(layer_idx, layer.query, key, layer.value, layer.key_valid, layer.scaling,
-                                layer.softcap)
+            cache.prefill_layer(layer_idx, layer.query, key, value, layer.key_valid, layer.scaling,
+                                layer.softcap, layer.positions, layer.rotary)
     return cache

@@ -39,11 +39,13 @@ class Scorer:
     :class:`~kvcake.methods.views.DecodeView` (only called for methods that evict while decoding).
     ``keeps_scores``: the decode scores are stored beside the entries and passed back next step (H2O's sums).
     ``all_queries``: the prefill reads every prompt query, not only the window's (the engine keeps them all).
+    ``decodes``: the scorer defines decode-time scores (False: methods using it evict at prefill only).
     """
 
     name: ClassVar[str] = "scorer"
     keeps_scores: ClassVar[bool] = False
     all_queries: ClassVar[bool] = False
+    decodes: ClassVar[bool] = True
 
     def prefill(self, view: LayerView, window: int) -> torch.Tensor:
         raise NotImplementedError
@@ -212,6 +214,8 @@ class Method:
                 )
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")  # also rejects NaN
+        if self.decode_eviction and not getattr(self.scorer, "decodes", True):
+            raise ValueError(f"the {self.scorer.name} scorer evicts at prefill only; set decode_eviction=False")
         if self.head_alpha is not None:
             if not (isinstance(self.head_alpha, (int, float)) and 0 <= self.head_alpha <= 1):
                 raise ValueError(f"head_alpha must be in [0, 1], got {self.head_alpha}")

@@ -86,6 +86,8 @@ class Entry:
         given = {k: v for k, v in params.items() if v is not None}
         for key, value in self.fixed:
             if key in given and given.pop(key) != value:
+                if key == "decode_eviction" and value is False:
+                    raise ValueError(f"method {self.name!r} evicts at prefill only: decode_eviction is always False")
                 raise ValueError(f"method {self.name!r} always has {key}={value}")
         allowed = {p.name for p in self.parameters()}
         unknown = sorted(set(given) - allowed)

@@ -32,6 +32,12 @@ class LayerView:
         Number of compressed layers.
     values : Tensor ``(B, Hkv, S, Dv)`` or None
         The layer's values (for scorers that weigh entries by their values).
+    positions : int Tensor ``(B, S)`` or ``(1, S)``, or None
+        The RoPE position of every prompt token (None: ``0 .. S-1``).
+    rotary : callable or None
+        ``rotary(positions)`` with positions ``(B, N)`` gives ``(cos, sin)``, each float32 ``(B, N, R)``, of the
+        layer's rotary embedding as the model applies it (``x cos + rotate_half(x) sin`` on the first ``R`` dims of
+        each head); None when the model has no standard rotary embedding. For scorers that undo or extrapolate RoPE.
     """
 
     query: torch.Tensor
@@ -42,6 +48,8 @@ class LayerView:
     layer: int
     num_layers: int
     values: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
