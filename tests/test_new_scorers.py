@@ -15,7 +15,6 @@ from conftest import prompt, tiny_llama
 from kvcake.integration.replay import record_prefill, replay
 from kvcake.integration.rope import Rotary
 from kvcake.methods.expected_attention import rotate_half, unrotate
-from kvcake.methods.knorm import key_norm_scores
 from kvcake.methods.registry import build
 from reference import reference_logits, row_entries
 from test_methods import HEAD_DIM, KV_HEADS, LAYERS, OBSERVATION, prefill, reference_budgets

@@ -65,8 +65,9 @@ class KVCakeCache(DynamicCache):
         held = cache.get_seq_length()
         if held:
             raise UnsupportedCacheError(
-                f"the cache passed in already holds {held} tokens (a prefix from an earlier forward); kvcake compresses "
-                "a request from its first token: pass an empty cache, or the kvcake cache of that earlier request")
+                f"the cache passed in already holds {held} tokens (a prefix from an earlier forward); kvcake "
+                "compresses a request from its first token: pass an empty cache, or the kvcake cache of that earlier "
+                "request")
         fresh = cls(config, method)
         cache.__class__ = cls
         cache.__dict__.clear()

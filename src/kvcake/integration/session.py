@@ -262,5 +262,6 @@ def compress(model: torch.nn.Module, method: Any, *, max_new_tokens: int | None 
     return Compression(model, method, max_new_tokens=max_new_tokens, compile=compile, compile_mode=compile_mode)
 
 
-__all__ = ["Compression", "UnsupportedCacheError", "UnsupportedModelError", "attention_modules", "cache_keyword", "compress", "output_cache",
+__all__ = ["Compression", "UnsupportedCacheError", "UnsupportedModelError", "attention_modules", "cache_keyword",
+           "compress", "output_cache",
            "text_config"]
