@@ -443,3 +443,36 @@ def test_beam_search_runs_on_the_compressed_cache_and_matches_full_when_covering
         report = press.report
     assert out.shape == (1, 66)
     assert report.kept_now == report.budgets  # each beam held at its budget while decoding
+
+
+# -- the authors' decoding ---------------------------------------------------------------------------------------------
+
+def test_authors_decoding_keeps_every_layer_at_its_prefill_budget():
+    # kvcake's default re-split lets a layer capped by a short prompt grow while decoding; the authors' code keeps
+    # every layer at its prefill budget.
+    model = tiny_llama("sdpa")
+    ids = prompt(40)
+    budgets = {}
+    for rule in ("resplit", "prefill"):
+        with kvcake.compress(model, cake(budget=60, decode_budget=rule)) as press:
+            model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            budgets[rule] = press.report
+    assert budgets["prefill"].kept_now == budgets["prefill"].kept_after_prefill == [[40] * 4]
+    # Prompt and answer (the last token is never fed back: 40 + 11) fit in the budget: nothing is evicted.
+    assert budgets["resplit"].kept_now == [[51] * 4]
+
+
+def test_authors_decode_pooling_leaves_the_window_out_of_the_pooling():
+    from kvcake.methods.views import DecodeView
+
+    probs = torch.rand(1, 4, 12, generator=torch.Generator().manual_seed(0))
+    view = DecodeView(query=torch.zeros(1, 4, 1, 16), scaling=1.0, softcap=None, positions=torch.arange(12).expand(1, 2, 12),
+                      allowed=None, stored=None, probs=probs, window=4)
+    grouped = probs.view(1, 2, 2, 12).mean(2)
+    kvcake_scores = kvcake.CakeScores(kernel=3).decode(view)
+    authors = kvcake.CakeScores(kernel=3, decode_pooling="outside-window").decode(view)
+    padded = torch.nn.functional.pad(grouped[..., :8], (1, 1))
+    expected = (padded[..., :-2] + padded[..., 1:-1] + padded[..., 2:]) / 3
+    torch.testing.assert_close(authors[..., :8], expected)
+    assert not torch.allclose(kvcake_scores[..., 7], authors[..., 7])  # the last non-window entry differs
+    torch.testing.assert_close(kvcake_scores[..., :7], authors[..., :7])

@@ -67,7 +67,7 @@ def _score_and_drop(cache: KVCakeCache, slots: Slots, query, scaling, softcap, o
     stored = None if slots.stored is None else slots.stored.gather(-1, order)
     index = order.unsqueeze(-1)
     view = DecodeView(query=query, scaling=scaling, softcap=softcap, positions=positions, allowed=occupied,
-                      stored=stored, probs=ordered_probs,
+                      stored=stored, probs=ordered_probs, window=method.window,
                       read_keys=lambda: slots.keys.gather(2, index.expand_as(slots.keys)),
                       read_values=lambda: slots.values.gather(2, index.expand_as(slots.values)))
     scores = method.scorer.decode(view)
@@ -104,7 +104,8 @@ def attend_compressed(cache: KVCakeCache, layer_idx: int, base: str, own: Callab
         with torch.no_grad():
             last = allowed[:, :, -1]
             view = DecodeView(query=query, scaling=scaling, softcap=softcap, positions=layer.position_table(),
-                              allowed=last, stored=layer.scores, read_keys=lambda: key, read_values=lambda: value)
+                              allowed=last, stored=layer.scores, window=method.window, read_keys=lambda: key,
+                              read_values=lambda: value)
             scores = method.scorer.decode(view)
             if track:
                 layer.scores = scores

@@ -91,7 +91,11 @@ class Uniform(Allocator):
     name: ClassVar[str] = "uniform"
 
 
-METHOD_FIELDS = ("budget", "ratio", "window", "cascade", "decode_eviction", "scorer", "allocator", "head_alpha")
+METHOD_FIELDS = ("budget", "ratio", "window", "cascade", "decode_eviction", "decode_budget", "scorer", "allocator",
+                 "head_alpha")
+#: How decode-time eviction sets each layer's target: ``resplit`` (kvcake: the budget re-split with caps grown by the
+#: generated tokens) or ``prefill`` (the authors': every layer stays at its prefill budget).
+DECODE_BUDGETS = ("resplit", "prefill")
 
 
 def _is_int(value: Any) -> bool:
@@ -118,6 +122,10 @@ class Method:
     decode_eviction : bool, optional
         Keep each layer at its budget while generating, dropping the lowest-scored non-window entry per step;
         default: the method's own.
+    decode_budget : str
+        With decode-time eviction, each layer's target: ``resplit`` (default) re-splits the budget with caps grown
+        by the generated tokens, so a layer capped by a short prompt may grow and a budget covering prompt and
+        answer evicts nothing; ``prefill`` keeps every layer at its prefill budget, as the authors' code does.
     scorer, allocator : optional
         Override the method's default scorer or allocator (composition).
     head_alpha : float, optional
@@ -132,6 +140,7 @@ class Method:
     window: int
     cascade: bool
     decode_eviction: bool
+    decode_budget: str
     scorer: Scorer
     allocator: Allocator
     head_alpha: float | None
@@ -143,8 +152,9 @@ class Method:
     default_decode_eviction: ClassVar[bool] = False
 
     def __init__(self, budget: int | None = None, ratio: float | None = None, *, window: int | None = None,
-                 cascade: bool = True, decode_eviction: bool | None = None, scorer: Scorer | None = None,
-                 allocator: Allocator | None = None, head_alpha: float | None = None, **options: Any) -> None:
+                 cascade: bool = True, decode_eviction: bool | None = None, decode_budget: str = "resplit",
+                 scorer: Scorer | None = None, allocator: Allocator | None = None, head_alpha: float | None = None,
+                 **options: Any) -> None:
         if scorer is None:
             if self.scorer_type is None:
                 raise TypeError("Method needs a scorer: pass scorer=... or use a named method such as CAKE or SnapKV")
@@ -155,7 +165,7 @@ class Method:
         values = {"budget": budget, "ratio": ratio,
                   "window": self.window_for(budget) if window is None else window, "cascade": cascade,
                   "decode_eviction": self.default_decode_eviction if decode_eviction is None else decode_eviction,
-                  "scorer": scorer, "allocator": allocator, "head_alpha": head_alpha}
+                  "decode_budget": decode_budget, "scorer": scorer, "allocator": allocator, "head_alpha": head_alpha}
         for key, value in values.items():
             object.__setattr__(self, key, value)
         self.validate()
@@ -182,7 +192,7 @@ class Method:
             else:
                 unknown.append(key)
         if unknown:
-            takes = [*METHOD_FIELDS[:5], *(f.name for f in fields(scorer)), *(f.name for f in fields(allocator))]
+            takes = [*METHOD_FIELDS[:6], *(f.name for f in fields(scorer)), *(f.name for f in fields(allocator))]
             raise TypeError(f"{self.name} has no parameter(s) {', '.join(sorted(unknown))}; it takes: "
                             f"{', '.join(takes)}")
         return scorer, allocator
@@ -214,6 +224,8 @@ class Method:
                 )
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")  # also rejects NaN
+        if self.decode_budget not in DECODE_BUDGETS:
+            raise ValueError(f"decode_budget must be one of {', '.join(DECODE_BUDGETS)}, got {self.decode_budget!r}")
         if self.decode_eviction and not getattr(self.scorer, "decodes", True):
             raise ValueError(f"the {self.scorer.name} scorer evicts at prefill only; set decode_eviction=False")
         if self.head_alpha is not None:

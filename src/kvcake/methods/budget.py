@@ -10,7 +10,8 @@ tensors and asks a :class:`RequestBudget` how many entries each layer keeps.
 * Head-wise (Ada-KV): a layer's count per KV head comes from :func:`kvcake.methods.allocation.head_counts`.
 * Decoding (CAKE §3.4): each layer's target is its share plus the window, re-split with caps that grow with the
   generated tokens (:meth:`RequestBudget.decode_targets`), so a layer capped by a short prompt may fill up to its
-  share and a budget covering prompt and answer evicts nothing.
+  share and a budget covering prompt and answer evicts nothing; or, with ``decode_budget="prefill"`` (the authors'
+  code), every layer's prefill budget.
 
 Every row of a batch is budgeted on its own, as if it ran alone.
 """
@@ -167,6 +168,8 @@ class RequestBudget:
         """
         if self._targets is not None and self._targets[0] == logical_len:
             return self._targets[1]
+        if self.method.decode_budget == "prefill":  # the authors' decoding: every layer at its prefill budget
+            return self.budgets()
         grown = logical_len - self.prefill_length
         window = self.method.window
         targets = []
@@ -182,6 +185,8 @@ class RequestBudget:
         Targets change only while some layer is capped by the generated length (a short prompt); once no layer is,
         they are constant, so the schedule stops there (``stable``) and its last step holds for ever after.
         """
+        if self.method.decode_budget == "prefill":
+            return DecodeSchedule([self.budgets()], stable=True)
         window = self.method.window
         steps: list[list[list[int]]] = []  # [step][row][layer], step 0 = after prefill
         stable = False

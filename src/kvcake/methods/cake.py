@@ -112,11 +112,16 @@ def _statistics(view: LayerView, window: int) -> WindowStatistics:
 class CakeScores(Scorer):
     """CAKE's indicator mean + gamma * var of window attention, average-pooled, GQA-averaged (§3.3).
 
-    At decode time: the current query's attention, pooled and GQA-averaged (§3.4).
+    At decode time: the current query's attention, pooled and GQA-averaged (§3.4). ``decode_pooling`` says over
+    what: ``all`` (default) pools over every stored entry, the window included, and the window is then protected;
+    ``outside-window`` cuts the window off first and pools the rest with zero padding, as the authors' code does
+    (the entries next to the window then score without their window neighbours).
     """
 
     gamma: float = field(default=200.0, metadata={"help": "CAKE: weight of the variance in mean + gamma * var"})
     kernel: int = field(default=5, metadata={"help": "pooling kernel along keys (odd)"})
+    decode_pooling: str = field(default="all", metadata={
+        "help": "CAKE decoding: pool over all entries (all) or the entries outside the window (outside-window)"})
 
     name: ClassVar[str] = "cake"
 
@@ -124,13 +129,19 @@ class CakeScores(Scorer):
         check_kernel(self.kernel)
         if not (isinstance(self.gamma, (int, float)) and 0 <= self.gamma < math.inf):
             raise ValueError(f"gamma must be finite and non-negative, got {self.gamma}")
+        if self.decode_pooling not in ("all", "outside-window"):
+            raise ValueError(f"decode_pooling must be 'all' or 'outside-window', got {self.decode_pooling!r}")
 
     def prefill(self, view: LayerView, window: int) -> torch.Tensor:
         return view.with_window(_statistics(view, window).indicator(self.gamma, self.kernel, view.kv_heads))
 
     def decode(self, view: DecodeView) -> torch.Tensor:
         # Average pooling and the group mean are both linear: averaging the group first pools G times fewer rows.
-        return pool_scores(group_mean(view.attention(), view.kv_heads), self.kernel)
+        attention = group_mean(view.attention(), view.kv_heads)
+        if self.decode_pooling == "all" or view.window <= 0:
+            return pool_scores(attention, self.kernel)
+        cut = max(0, attention.shape[-1] - view.window)
+        return torch.cat([pool_scores(attention[..., :cut], self.kernel), attention[..., cut:]], dim=-1)
 
 
 # -- §3.1 / §3.2 the allocation ---------------------------------------------------------------------------------------
@@ -182,6 +193,9 @@ register_composition("cake-snapkv", "CAKE's allocation with SnapKV's scores (the
 register_composition("cake-h2o", "CAKE's allocation with H2O's accumulated scores", CAKE, scorer=H2OScores)
 register_composition("uniform-cake", "CAKE's indicator with a uniform split (the paper's ablation)", CAKE,
                      allocator=Uniform)
+register_composition("cake-authors-decoding", "CAKE decoding as the authors' code does: every layer at its prefill "
+                     "budget, decode scores pooled outside the window", CAKE, decode_budget="prefill",
+                     decode_pooling="outside-window")
 register_composition("snapkv-cake-alloc", "SnapKV with CAKE's preference allocation (tau1 = tau2 = 1)", SnapKV,
                      allocator=Preference)
 

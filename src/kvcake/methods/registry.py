@@ -22,6 +22,7 @@ METHOD_PARAMETERS: dict[str, tuple[type, str]] = {
     "window": (int, "tokens at the end always kept (observation or recent window)"),
     "cascade": (bool, "evict layer by layer during prefill (False: once after the last layer)"),
     "decode_eviction": (bool, "hold each layer at its budget while generating (False: evict at prefill only)"),
+    "decode_budget": (str, "decode-time targets: resplit (kvcake) or prefill (the authors': prefill budgets)"),
 }
 
 
@@ -67,6 +68,8 @@ class Entry:
                 default: Any = self.method.describe_window()
             elif key == "cascade":
                 default = True
+            elif key == "decode_budget":
+                default = "resplit"
             else:
                 default = self.method.default_decode_eviction
             out.append(Parameter(key, kind, default, text, "method"))

@@ -102,6 +102,8 @@ class DecodeView:
         The scores kept beside the entries by scorers that keep them (new entries start at 0).
     probs : Tensor ``(B, Hq, L)`` or None
         The query's attention over the entries when the engine computed it already.
+    window : int
+        The method's window: the last ``window`` entries are never dropped.
     """
 
     query: torch.Tensor
@@ -111,6 +113,7 @@ class DecodeView:
     allowed: torch.Tensor | None
     stored: torch.Tensor | None
     probs: torch.Tensor | None = None
+    window: int = 0
     read_keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     read_values: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
 
