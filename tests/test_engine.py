@@ -476,3 +476,35 @@ def test_authors_decode_pooling_leaves_the_window_out_of_the_pooling():
     torch.testing.assert_close(authors[..., :8], expected)
     assert not torch.allclose(kvcake_scores[..., 7], authors[..., 7])  # the last non-window entry differs
     torch.testing.assert_close(kvcake_scores[..., :7], authors[..., :7])
+
+
+# -- the tail protocol: the chat template's tail left uncompressed ---------------------------------------------------
+
+def test_an_uncompressed_tail_is_kept_and_unseen_by_the_scorer():
+    # With a 6-token tail, the layer is scored as if the prompt ended 6 tokens earlier (the window ends there), and
+    # every layer keeps its share and window of the rest plus the whole tail.
+    model = tiny_llama("sdpa")
+    ids = prompt(120)
+    tail = 6
+    with kvcake.compress(model, cake(budget=30), uncompressed_tail=tail) as press:
+        model(ids)
+        report = press.report
+        cache = press.cache
+    head_only = kvcake.compress(model, cake(budget=30))
+    with head_only:
+        model(ids[:, :-tail])
+        shorter = head_only.cache
+    assert report.prompt_tokens == [120] and report.uncompressed_tail == tail
+    assert report.budgets == [[b + tail for b in head_only.report.budgets[0]]]
+    for layer, alone in zip(cache.layers, shorter.layers):
+        kept = layer.position_table()[0]
+        assert kept[:, -tail:].tolist() == [list(range(114, 120))] * 2  # the tail, always kept
+        assert torch.equal(kept[:, :-tail], alone.position_table()[0])  # the rest: as if the prompt stopped there
+
+
+def test_a_covering_budget_with_a_tail_still_generates_as_the_full_cache():
+    model = tiny_llama("sdpa")
+    ids = prompt(60)
+    full = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with kvcake.compress(model, cake(budget=80), uncompressed_tail=5):
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), full)

@@ -89,6 +89,13 @@ def _fixed_options() -> list[inspect.Parameter]:
             None, "--decode-eviction/--prefill-only",
             help="Hold the budget while generating, or evict at prefill only (default: the method's own).")),
         option("max_new_tokens", int, typer.Option(64, "--max-new-tokens", min=1, help="Most tokens to generate.")),
+        option("protocol", str, typer.Option("whole", "--protocol", help="whole: compress the whole templated prompt "
+                                             "(the paper's protocol); tail: leave the chat template's tail "
+                                             "uncompressed (kvpress's).")),
+        option("compile", bool, typer.Option(False, "--compile", help="Decode with compiled steps (torch.compile; "
+                                             "CUDA graphs on CUDA). The first step pays the compile (tens of "
+                                             "seconds on CPU); the full cache then uses transformers' static "
+                                             "cache, compiled the same way.")),
         option("attn", str, typer.Option("sdpa", "--attn", help=f"Attention backend: {', '.join(BACKENDS)}.")),
         option("as_json", bool, typer.Option(False, "--json", help="Print one JSON object instead of text.")),
         option("plot", Optional[Path], typer.Option(None, "--plot", help="Also save a bar chart of tokens kept per "
@@ -195,6 +202,8 @@ def generate(**options: Any) -> None:
     try:
         chosen = _build_method(o["method"], o["budget"], o["ratio"], o["preset"], o["one_shot"], o["decode"], params)
         check_attention(o["attn"])
+        if o["protocol"] not in ("whole", "tail"):
+            raise CLIError(f"unknown --protocol {o['protocol']!r}; use whole or tail")
         check_output_path(o["plot"], "--plot")
         context = _read_context(o["input"])
         if not o["question"].strip():
@@ -215,7 +224,8 @@ def _generate(chosen, context: str, o: dict[str, Any]) -> None:
         _fail(_one_line(exc))
     try:
         with err.status("prefilling and generating…"):
-            result = answer(lm, tokenizer, context, o["question"], chosen, max_new_tokens=o["max_new_tokens"])
+            result = answer(lm, tokenizer, context, o["question"], chosen, max_new_tokens=o["max_new_tokens"],
+                            protocol=o["protocol"], compile=o["compile"])
     except (ValueError, PromptTooLongError) as exc:
         _fail(_one_line(exc))
     name = o["model"] or models.DEFAULT_MODEL

@@ -13,6 +13,17 @@ from kvcake.integration.session import compress
 from kvcake.integration.storage import cache_kv_bytes
 
 
+def static_compile_config(model):
+    """transformers' CompileConfig for compiled decoding on the model's device (CUDA graphs on CUDA)."""
+    from transformers import CompileConfig
+
+    device = next(model.parameters()).device
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else "default")
+    if device.type not in ("cuda", "xpu"):
+        config._compile_all_devices = True
+    return config
+
+
 class PromptTooLongError(ValueError):
     """The prompt and the answer do not fit in the model's positions."""
 
@@ -56,6 +67,26 @@ class Answer:
         return asdict(self)
 
 
+PROTOCOLS = ("whole", "tail")
+
+_MARK = "\x00kvcake-end-of-question\x00"
+
+
+def chat_tail_length(tokenizer) -> int:
+    """Tokens the chat template adds after the user's message (end of the user turn, start of the assistant's):
+    what the ``tail`` protocol leaves uncompressed. 0 without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return 0
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x" + _MARK}], tokenize=False,
+                                         add_generation_prompt=True)
+    head, tail = text.split(_MARK, 1)
+
+    def count(part: str) -> int:
+        return len(tokenizer(part, add_special_tokens=False)["input_ids"])
+
+    return count(head + tail) - count(head)  # as tokenised in the whole prompt
+
+
 def build_prompt(tokenizer, context: str, question: str) -> torch.Tensor:
     """Token ids ``(1, S)``: context then question, through the chat template when the tokenizer has one."""
     if not context.strip():
@@ -72,8 +103,16 @@ def build_prompt(tokenizer, context: str, question: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def answer(model, tokenizer, context: str, question: str, method, max_new_tokens: int = 64) -> Answer:
-    """Greedy answer to ``question`` about ``context``; ``method`` None means the full cache."""
+def answer(model, tokenizer, context: str, question: str, method, max_new_tokens: int = 64,
+           protocol: str = "whole", compile: bool = False) -> Answer:
+    """Greedy answer to ``question`` about ``context``; ``method`` None means the full cache.
+
+    ``protocol``: ``whole`` compresses the whole templated prompt (the paper's protocol); ``tail`` leaves the chat
+    template's tail uncompressed (kvpress's). ``compile``: decode with compiled steps (the full cache then uses
+    transformers' static cache, compiled the same way).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     ids = build_prompt(tokenizer, context, question).to(model.device)
     check_fits(model, ids.shape[1], max_new_tokens)
     if method is not None:
@@ -82,6 +121,8 @@ def answer(model, tokenizer, context: str, question: str, method, max_new_tokens
                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
     start = time.perf_counter()
     if method is None:
+        if compile:
+            settings.update(cache_implementation="static", compile_config=static_compile_config(model))
         out = model.generate(ids, **settings)
         cache = output_cache(out)
         full = cache_kv_bytes(cache)
@@ -89,7 +130,8 @@ def answer(model, tokenizer, context: str, question: str, method, max_new_tokens
         summary: dict[str, Any] = dict(layer_budgets=[ids.shape[1]] * n_layers, kv_bytes=full, kv_bytes_full=full, peak_kv_bytes=full,
                        method={"name": "full"}, report=None)
     else:
-        with compress(model, method) as press:
+        tail = chat_tail_length(tokenizer) if protocol == "tail" else 0
+        with compress(model, method, compile=compile, uncompressed_tail=tail) as press:
             if not press.new_cache().compressible:
                 raise ValueError(f"{type(model).__name__} has only sliding-window attention layers, which kvcake "
                                  "does not compress; use --method full")

@@ -92,6 +92,9 @@ class KVCakeCache(DynamicCache):
         self.freeze_after_prefill = False
         #: Decoding runs compiled: transformers may treat the cache as compileable (fixed shapes after prefill).
         self.compiled = False
+        #: Tokens at the end of the prompt left uncompressed and always kept (the chat template's tail under the
+        #: ``tail`` protocol): the scorers see the prompt without them, the allocation counts without them.
+        self.tail = 0
         self._frozen_for: int | None = None  # generated tokens the decoding buffers are sized for
         self._nonfinite: torch.Tensor | None = None
         self.peak_kv_bytes = 0
@@ -110,7 +113,7 @@ class KVCakeCache(DynamicCache):
     @property
     def prompt_tokens(self) -> list[int] | None:
         """Real (non-padding) prompt tokens per row, once the prefill has started."""
-        return None if self.plan is None else self.plan.prompt_tokens
+        return None if self.plan is None else [n + self.plan.tail for n in self.plan.prompt_tokens]
 
     def compressed_layer(self, layer_idx: int) -> CompressedLayer | None:
         """The layer's storage if kvcake compresses it (None for sliding-window and unknown layers)."""
@@ -200,22 +203,29 @@ class KVCakeCache(DynamicCache):
                       key_valid: torch.Tensor | None, scaling: float, softcap: float | None,
                       positions: torch.Tensor | None = None, rotary: Any = None) -> None:
         """Score a prefilled layer under the method, then evict (cascade) or wait for the last layer."""
+        tail = self.tail
         if self.plan is None:
             prompt = [key.shape[2]] * key.shape[0] if key_valid is None else [int(n) for n in key_valid.sum(-1)]
-            self.plan = RequestBudget(self.method, len(self.compressible), prompt, key.shape[2])
+            self.plan = RequestBudget(self.method, len(self.compressible), [n - tail for n in prompt], key.shape[2],
+                                      tail)
             self.prompt_valid = key_valid
         method = self.method
         slot = self._slot[layer_idx]
-        view = LayerView(query=query, keys=key, scaling=scaling, key_valid=key_valid, softcap=softcap, layer=slot,
-                         num_layers=len(self.compressible), values=value, positions=positions, rotary=rotary)
+        seen = key.shape[2] - tail  # what the scorer and the allocator see: the prompt without its tail
+        view = LayerView(query=query[:, :, : query.shape[2] - tail], keys=key[:, :, :seen], scaling=scaling,
+                         key_valid=None if key_valid is None else key_valid[:, :seen], softcap=softcap, layer=slot,
+                         num_layers=len(self.compressible), values=None if value is None else value[:, :, :seen],
+                         positions=None if positions is None else positions[..., :seen], rotary=rotary)
         preference = method.allocator.preference(view, method.window)
         scores = method.scorer.prefill(view, method.window)
+        if tail:
+            scores = torch.cat([scores, scores.new_full((*scores.shape[:2], tail), float("inf"))], dim=-1)
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid.to(scores.device)[:, None, :], float("-inf"))
         layer = self.layers[layer_idx]
         assert isinstance(layer, CompressedLayer)
         layer.scores = scores
-        layer.valid_counts = list(self.plan.prompt_tokens)
+        layer.valid_counts = [n + tail for n in self.plan.prompt_tokens]
         if self.plan.add_layer(None if preference is None else preference.tolist()):
             self._evict_seen()
         if self.plan.seen == len(self.compressible):
@@ -229,7 +239,7 @@ class KVCakeCache(DynamicCache):
                 continue  # the layer keeps every real token: leave it untouched (bit-identical to a full cache)
             layer = self.layers[self.compressible[slot]]
             assert isinstance(layer, CompressedLayer) and layer.scores is not None
-            ranked = layer.ranking(layer.scores, self.method.window)
+            ranked = layer.ranking(layer.scores, self.method.window + self.tail)
             layer.keep(self.plan.keep_counts(slot, ranked), ranked)
         self._track_peak()
 
@@ -331,7 +341,8 @@ class KVCakeCache(DynamicCache):
         padding = sum(layer.padding_bytes() for layer in layers)
         return Report(
             method=self.method.parameters(), layers=list(self.compressible),
-            prompt_tokens=[] if plan is None else list(plan.prompt_tokens),
+            prompt_tokens=[] if plan is None else [n + plan.tail for n in plan.prompt_tokens],
+            uncompressed_tail=0 if plan is None else plan.tail,
             total_budget=[] if plan is None else list(plan.totals),
             preferences=[] if plan is None else [list(p) for p in plan.preferences],
             budgets=[] if plan is None else plan.budgets(),

@@ -26,6 +26,7 @@ class PrefillRecord:
     logits: torch.Tensor  # (B, vocab) at the last prompt position
     layers: dict[int, PrefillLayer]
     length: int
+    tail: int = 0  # tokens at the end left uncompressed (the ``tail`` protocol)
 
     def nbytes(self) -> int:
         tensors = [t for layer in self.layers.values() for t in (layer.key, layer.value, layer.query) if t is not None]
@@ -33,28 +34,31 @@ class PrefillRecord:
 
 
 @torch.no_grad()
-def record_prefill(model, input_ids: torch.Tensor, method,
-                   queries: int | None = None) -> tuple[PrefillRecord, KVCakeCache]:
+def record_prefill(model, input_ids: torch.Tensor, method, queries: int | None = None,
+                   tail: int = 0) -> tuple[PrefillRecord, KVCakeCache]:
     """Prefill ``input_ids`` compressed by ``method``; return the record and that method's cache.
 
     ``queries`` keeps only each layer's last that-many queries: enough for every method to be replayed whose
     window is at most that long and whose scorer reads only the window (not H2O, see :func:`queries_needed`); None
     keeps them all (a prompt's queries weigh as much as its keys and values together, or more).
 
-    ``method`` None prefills a full cache and records only the logits (nothing to replay from it).
+    ``method`` None prefills a full cache and records only the logits (nothing to replay from it). ``tail``: the
+    last this-many prompt tokens are left uncompressed (see ``compress(uncompressed_tail=...)``), for every method
+    replayed from the record.
     """
     if method is None:
         out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        return PrefillRecord(logits=out.logits[:, -1].float(), layers={}, length=input_ids.shape[1]), output_cache(out)
-    with compress(model, method) as press:
+        record = PrefillRecord(logits=out.logits[:, -1].float(), layers={}, length=input_ids.shape[1], tail=tail)
+        return record, output_cache(out)
+    with compress(model, method, uncompressed_tail=tail) as press:
         cache = press.new_cache()
         cache.recorder = {}
-        cache.record_queries = queries
+        cache.record_queries = None if queries is None else queries + tail
         out = model(input_ids=input_ids, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
         layers, cache.recorder = cache.recorder, None
     if len(layers) != len(cache.layers):
         raise RuntimeError(f"recorded {len(layers)} of {len(cache.layers)} layers: the model bypassed the cache")
-    record = PrefillRecord(logits=out.logits[:, -1].float(), layers=layers, length=input_ids.shape[1])
+    record = PrefillRecord(logits=out.logits[:, -1].float(), layers=layers, length=input_ids.shape[1], tail=tail)
     return record, output_cache(out) or cache
 
 
@@ -71,6 +75,8 @@ def replay(model, record: PrefillRecord, method) -> DynamicCache:
     """The cache a prefill compressed by ``method`` would leave (``None``: the full cache)."""
     config = text_config(model)
     cache = DynamicCache(config=config) if method is None else KVCakeCache(config=config, method=method)
+    if isinstance(cache, KVCakeCache):
+        cache.tail = record.tail
     for layer_idx in sorted(record.layers):
         layer = record.layers[layer_idx]
         # Entries may be reordered or shrunk in place while decoding: give every cache its own copy.

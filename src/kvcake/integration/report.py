@@ -20,6 +20,9 @@ class Report:
         Indices of the compressed layers (sliding-window layers are left to transformers).
     prompt_tokens : list[int]
         Real (non-padding) prompt tokens per row.
+    uncompressed_tail : int
+        Tokens at the end of each prompt left out of the compression and kept (the ``tail`` protocol), counted in
+        ``prompt_tokens`` and in every layer's budget.
     total_budget : list[int]
         Evictable tokens per row over all compressed layers (window excluded), as requested.
     preferences : list[list[float]]
@@ -65,6 +68,7 @@ class Report:
     peak_kv_bytes: int
     peak_bound_bytes: int
     metadata_bytes: int
+    uncompressed_tail: int = 0
     padding_bytes: int = 0
     spare_bytes: int = 0
     notes: list[str] = field(default_factory=list)

@@ -47,7 +47,9 @@ class Compression:
     """A method attached to a model; use as a context manager (see :func:`kvcake.compress`)."""
 
     def __init__(self, model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None,
-                 compile: bool = False, compile_mode: str | None = None) -> None:
+                 compile: bool = False, compile_mode: str | None = None, uncompressed_tail: int = 0) -> None:
+        if not isinstance(uncompressed_tail, int) or uncompressed_tail < 0:
+            raise ValueError(f"uncompressed_tail must be a non-negative integer, got {uncompressed_tail!r}")
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
@@ -57,6 +59,7 @@ class Compression:
         self.max_new_tokens = max_new_tokens
         self.compile = compile
         self.compile_mode = compile_mode
+        self.uncompressed_tail = uncompressed_tail
         self._compiled: Any = None
         self._call_tokens: int | None = None  # max_new_tokens of the generate call in progress
         self.active_cache: KVCakeCache | None = None
@@ -206,6 +209,7 @@ class Compression:
     def _prepare(self, cache: KVCakeCache) -> None:
         """Settings a cache of this block gets (the ones new_cache gives)."""
         cache.decode_horizon = self._call_tokens or self.max_new_tokens
+        cache.tail = self.uncompressed_tail
         if self.compile:
             cache.compiled = True
             cache.freeze_after_prefill = True
@@ -250,16 +254,20 @@ def _new_tokens(model: Any, args: tuple, kwargs: dict[str, Any]) -> int | None:
 
 
 def compress(model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None, compile: bool = False,
-             compile_mode: str | None = None) -> Compression:
+             compile_mode: str | None = None, uncompressed_tail: int = 0) -> Compression:
     """Attach ``method`` to ``model`` for a ``with`` block; ``generate``/forward calls inside it are compressed.
 
     ``max_new_tokens``: tokens hand-written loops will generate per request, if known, so that each layer's decoding
     buffers are sized once (``generate`` calls tell it themselves). ``compile=True``: decoding steps run compiled
     (``torch.compile(fullgraph=True)``; CUDA graphs on CUDA with the default ``compile_mode``): ``generate`` compiles
     them through transformers' own mechanism, hand-written loops call ``press.forward``. The first compiled step
-    costs the compile (tens of seconds); later steps reuse it.
+    costs the compile (tens of seconds); later steps reuse it. ``uncompressed_tail``: the last this-many tokens of
+    every prompt are left out of the compression and kept, as kvpress keeps a chat template's tail (the ``tail``
+    protocol, see :func:`kvcake.pipeline.chat_tail_length`); the default 0 compresses the whole prompt, the paper's
+    protocol.
     """
-    return Compression(model, method, max_new_tokens=max_new_tokens, compile=compile, compile_mode=compile_mode)
+    return Compression(model, method, max_new_tokens=max_new_tokens, compile=compile, compile_mode=compile_mode,
+                       uncompressed_tail=uncompressed_tail)
 
 
 __all__ = ["Compression", "UnsupportedCacheError", "UnsupportedModelError", "attention_modules", "cache_keyword",

@@ -74,6 +74,9 @@ class RequestBudget:
         Real (non-padding) prompt tokens per row.
     prefill_length : int
         The padded prompt length (the logical length after prefill).
+    tail : int
+        Tokens at the end of every row's prompt left out of the compression and always kept (the chat template's
+        tail under the ``tail`` protocol): ``prompt_tokens`` counts the rest.
 
     Attributes
     ----------
@@ -85,10 +88,13 @@ class RequestBudget:
         Per row, each seen layer's evictable share at the latest stage.
     """
 
-    def __init__(self, method: Method, num_layers: int, prompt_tokens: list[int], prefill_length: int) -> None:
-        if not prompt_tokens or min(prompt_tokens) == 0:
-            raise ValueError("empty prompt: a row has no tokens to attend to")
+    def __init__(self, method: Method, num_layers: int, prompt_tokens: list[int], prefill_length: int,
+                 tail: int = 0) -> None:
+        if not prompt_tokens or min(prompt_tokens) <= 0:
+            raise ValueError("empty prompt: a row has no tokens to attend to" if tail == 0 else
+                             f"a row has no tokens to compress before its {tail}-token uncompressed tail")
         self.method = method
+        self.tail = tail
         self.num_layers = num_layers
         self.prompt_tokens = list(prompt_tokens)
         self.prefill_length = prefill_length
@@ -111,8 +117,8 @@ class RequestBudget:
         return [max(0, n - self.method.window) for n in self.prompt_tokens]
 
     def protected(self) -> list[int]:
-        """Per row, the window entries every layer keeps on top of its share."""
-        return [min(self.method.window, n) for n in self.prompt_tokens]
+        """Per row, the entries every layer keeps on top of its share: the window (and the uncompressed tail)."""
+        return [min(self.method.window, n) + self.tail for n in self.prompt_tokens]
 
     def budgets(self) -> list[list[int]]:
         """Per row and seen layer, the entries it is allowed after the latest stage (share plus window)."""
@@ -155,7 +161,7 @@ class RequestBudget:
         alpha = self.method.head_alpha
         if alpha is None:
             return [share + p for share, p in zip(shares, protected, strict=True)]
-        evictable = ranked[..., : max(0, ranked.shape[-1] - self.method.window)]
+        evictable = ranked[..., : max(0, ranked.shape[-1] - self.method.window - self.tail)]
         return torch.stack([head_counts(evictable[row], share, alpha) + protected[row]
                             for row, share in enumerate(shares)])
 
@@ -175,7 +181,7 @@ class RequestBudget:
         targets = []
         for prefs, total, n in zip(self.preferences, self.totals, self.prompt_tokens, strict=True):
             shares = self.split(prefs, total, max(0, n + grown - window))
-            targets.append([s + min(window, n + grown) for s in shares])
+            targets.append([s + min(window, n + grown) + self.tail for s in shares])
         self._targets = (logical_len, targets)
         return targets
 
@@ -197,7 +203,7 @@ class RequestBudget:
                 cap = max(0, n + grown - window)
                 shares = self.split(prefs, total, cap)
                 binding = binding or any(s >= cap for s in shares)
-                row_targets.append([s + min(window, n + grown) for s in shares])
+                row_targets.append([s + min(window, n + grown) + self.tail for s in shares])
             steps.append(row_targets)
             if not binding and grown > 0:
                 stable = True  # no cap binds: more generated tokens change no share
