@@ -21,19 +21,23 @@ def bench(model: str | None = "small", lengths: Sequence[int] = (2048, 8192),
           warmup: int = 1, dtype: torch.dtype | str | None = None, attn_implementation: str = "sdpa",
           device: str | None = None, out_dir: str | Path | None = "bench-results", progress: bool = True,
           seed: int = 0, method_options: dict[str, Any] | None = None,
-          threads: int | None = None, sdpa: str | None = None) -> tuple[list[BenchRow], dict[str, Path]]:
+          threads: int | None = None, sdpa: str | None = None,
+          compile: bool = False) -> tuple[list[BenchRow], dict[str, Path]]:
     """Load (or build) the model, run :func:`run_bench`, write the results to ``out_dir`` (None: do not write).
 
     ``model``: a shape name from :data:`SHAPES` (random weights), a local model folder, or None for the embedded
     default. ``device`` None: CUDA when available, else CPU. ``threads``: torch CPU threads (None: leave as is; on a
     CPU shared with other jobs, 1 thread avoids OpenMP barriers waiting on a descheduled thread). ``sdpa``: restrict
-    the sdpa backend to one kernel (see :func:`sdpa_backend`; e.g. ``flash``). Returns the rows and the paths written.
+    the sdpa backend to one kernel (see :func:`sdpa_backend`; e.g. ``flash``). ``compile``: also time compiled
+    decoding, with compiled StaticCache references (see :func:`run_bench`). Returns the rows and the paths written.
     """
     args = dict(model=model, lengths=list(lengths), methods=list(methods), budget=budget, ratio=ratio,
                 decode_tokens=decode_tokens, repeats=repeats, warmup=warmup,
                 dtype=None if dtype is None else str(dtype), attn_implementation=attn_implementation, device=device,
                 out_dir=None if out_dir is None else str(out_dir), seed=seed, method_options=method_options,
                 threads=threads, sdpa=sdpa)
+    if compile:
+        args["compile"] = True
     context = sdpa_backend(sdpa)  # checks the name before the model loads
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -45,7 +49,7 @@ def bench(model: str | None = "small", lengths: Sequence[int] = (2048, 8192),
     with context:
         rows = run_bench(lm, list(lengths), list(methods), budget=budget, ratio=ratio, decode_tokens=decode_tokens,
                          repeats=repeats, warmup=warmup, progress=progress, seed=seed, method_options=method_options,
-                         model_name=name)
+                         model_name=name, compile=compile)
     for row in rows:
         row.record_sdpa_backend(sdpa)
     meta = {"args": args, "load_average_at_start": load_before}

@@ -99,12 +99,46 @@ def _peaks(grid: Grid, lines: list[str]) -> None:
                          f"({one_shot / MIB:.2f} MiB vs {full_kv / MIB:.2f} MiB){extra}")
 
 
+def _ms_ratio(what: str, where: str, num: float | None, den: float | None, lines: list[str]) -> None:
+    """``what, where: num/den× (num ms vs den ms)``, or ``where: what not measured``."""
+    value = ratio(num, den)
+    if value is None or num is None or den is None:
+        lines.append(f"{where}: {what} not measured")
+    else:
+        lines.append(f"{what}, {where}: {value:.3f}× ({1000 * num:.2f} ms vs {1000 * den:.2f} ms)")
+
+
+def _compiled(grid: Grid, lines: list[str]) -> None:
+    """Compiled decoding: compiled vs eager, and compiled methods vs the compiled references and the default."""
+    for n in grid.lengths:
+        full, cfull = grid.full(n), grid.compiled.get((n, "full"))
+        full_step, cfull_step = full.decode_step_s if full else None, cfull.decode_step_s if cfull else None
+        _ms_ratio("compiled vs eager step (StaticCache / DynamicCache)", f"full at {n} tokens", cfull_step,
+                  full_step, lines)
+        for m in grid.compressed:
+            c, e = grid.compiled.get((n, m)), grid.eager.get((n, m))
+            if c is None:
+                continue
+            where = f"{m} at {n} tokens"
+            _ms_ratio(f"compiled vs eager {m} step", where, c.decode_step_s, e.decode_step_s if e else None, lines)
+            _ms_ratio(f"compiled {m} step / compiled plain static cache of the same size "
+                      f"({c.physical_limit_tokens} tokens per layer)", where, c.decode_step_s,
+                      c.physical_limit_decode_step_s, lines)
+            _ms_ratio(f"compiled {m} vs transformers' default full-cache step (eager DynamicCache)", where,
+                      c.decode_step_s, full_step, lines)
+            _ms_ratio(f"compiled {m} vs compiled full StaticCache step", where, c.decode_step_s, cfull_step, lines)
+            _ms_ratio("compiled vs eager physical limit (StaticCache / DynamicCache)", where,
+                      c.physical_limit_decode_step_s, e.physical_limit_decode_step_s if e else None, lines)
+
+
 def summarise_targets(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     """The ratios the project cares about, stated from measured rows only (nothing is asserted or estimated).
 
     Prefill overhead of each method vs full at each length; decode step time vs the physical-limit plain cache;
     decode speedup vs full at the longest length; the cascade's peak vs the SPEC bound (in tokens of one layer, and
-    in windows); one-shot peak vs the full cache. Rows are :class:`BenchRow` or their dict form.
+    in windows); one-shot peak vs the full cache. With compiled rows: compiled vs eager steps, and each compiled
+    method vs the compiled plain static cache of its size, vs transformers' default full cache (eager DynamicCache)
+    and vs the compiled full StaticCache. Rows are :class:`BenchRow` or their dict form.
     """
     grid = Grid(rows)
     if not grid.rows:
@@ -114,4 +148,6 @@ def summarise_targets(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     _vs_physical_limit(grid, lines)
     _speedup_at_longest(grid, lines)
     _peaks(grid, lines)
+    if grid.compiled:
+        _compiled(grid, lines)
     return lines

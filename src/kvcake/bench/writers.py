@@ -33,58 +33,105 @@ def _tokens(value) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
+def _int(value) -> str:
+    return "—" if value is None else str(value)
+
+
+class Cell(NamedTuple):
+    """What a table cell is computed from: its row and the full-cache row of its length, and for a compiled row
+    the eager row of its case and the eager full-cache row (for an eager row, the same rows again)."""
+
+    row: BenchRow
+    full: BenchRow | None
+    eager: BenchRow | None
+    eager_full: BenchRow | None
+
+
 class Table(NamedTuple):
     """A table of results.md: rows = prompt length, columns = method."""
 
     title: str
-    value: Callable[[BenchRow, BenchRow | None], Any]  # (the row, the full-cache row of its length) -> the cell
+    value: Callable[[Cell], Any]
     fmt: Callable[[Any], str]
     which: str  # "all" methods, or only the "compressed" ones
 
 
-def _full_step(f: BenchRow | None) -> float | None:
-    return f.decode_step_s if f else None
+def _step(row: BenchRow | None) -> float | None:
+    return row.decode_step_s if row else None
 
 
 EAGER_TABLES = [
-    Table("Prefill time (s, median)", lambda r, f: r.prefill_s, _s, "all"),
-    Table("Prefill time, one-shot allocation (s, one run)", lambda r, f: r.one_shot_prefill_s, _s, "compressed"),
-    Table("Decode time per token (ms, median of steps)", lambda r, f: r.decode_step_s, _ms, "all"),
+    Table("Prefill time (s, median)", lambda c: c.row.prefill_s, _s, "all"),
+    Table("Prefill time, one-shot allocation (s, one run)", lambda c: c.row.one_shot_prefill_s, _s, "compressed"),
+    Table("Decode time per token (ms, median of steps)", lambda c: c.row.decode_step_s, _ms, "all"),
     Table("Decode time per token, physical limit: plain cache of the kept size (ms)",
-          lambda r, f: r.physical_limit_decode_step_s, _ms, "compressed"),
-    Table("Tokens kept per layer after prefill (mean)", lambda r, f: r.kept_mean, _tokens, "all"),
-    Table("KV cache after prefill (MiB)", lambda r, f: r.kv_bytes_prefill, _mib, "all"),
-    Table("KV cache after decoding (MiB)", lambda r, f: r.kv_bytes_end, _mib, "all"),
-    Table("Peak KV during prefill, as run: cascade for methods (MiB)", lambda r, f: r.peak_kv_bytes_prefill, _mib,
+          lambda c: c.row.physical_limit_decode_step_s, _ms, "compressed"),
+    Table("Tokens kept per layer after prefill (mean)", lambda c: c.row.kept_mean, _tokens, "all"),
+    Table("KV cache after prefill (MiB)", lambda c: c.row.kv_bytes_prefill, _mib, "all"),
+    Table("KV cache after decoding (MiB)", lambda c: c.row.kv_bytes_end, _mib, "all"),
+    Table("Peak KV during prefill, as run: cascade for methods (MiB)", lambda c: c.row.peak_kv_bytes_prefill, _mib,
           "all"),
-    Table("Peak KV during prefill, one-shot allocation (MiB)", lambda r, f: r.peak_kv_bytes_one_shot, _mib,
+    Table("Peak KV during prefill, one-shot allocation (MiB)", lambda c: c.row.peak_kv_bytes_one_shot, _mib,
           "compressed"),
-    Table("SPEC bound on the cascade's peak (MiB)", lambda r, f: r.peak_bound_bytes, _mib, "compressed"),
-    Table("Process RSS growth during prefill (MiB, CPU)", lambda r, f: r.prefill_rss_delta_bytes, _mib, "all"),
-    Table("Process RSS growth during one-shot prefill (MiB, CPU)", lambda r, f: r.one_shot_prefill_rss_delta_bytes,
+    Table("SPEC bound on the cascade's peak (MiB)", lambda c: c.row.peak_bound_bytes, _mib, "compressed"),
+    Table("Process RSS growth during prefill (MiB, CPU)", lambda c: c.row.prefill_rss_delta_bytes, _mib, "all"),
+    Table("Process RSS growth during one-shot prefill (MiB, CPU)", lambda c: c.row.one_shot_prefill_rss_delta_bytes,
           _mib, "compressed"),
-    Table("Process RSS growth during decoding (MiB, CPU)", lambda r, f: r.decode_rss_delta_bytes, _mib, "all"),
-    Table("CUDA peak allocated during prefill (MiB)", lambda r, f: r.prefill_cuda_peak_bytes, _mib, "all"),
-    Table("CUDA peak allocated during one-shot prefill (MiB)", lambda r, f: r.one_shot_prefill_cuda_peak_bytes,
+    Table("Process RSS growth during decoding (MiB, CPU)", lambda c: c.row.decode_rss_delta_bytes, _mib, "all"),
+    Table("CUDA peak allocated during prefill (MiB)", lambda c: c.row.prefill_cuda_peak_bytes, _mib, "all"),
+    Table("CUDA peak allocated during one-shot prefill (MiB)", lambda c: c.row.one_shot_prefill_cuda_peak_bytes,
           _mib, "compressed"),
-    Table("CUDA peak allocated during decoding (MiB)", lambda r, f: r.decode_cuda_peak_bytes, _mib, "all"),
+    Table("CUDA peak allocated during decoding (MiB)", lambda c: c.row.decode_cuda_peak_bytes, _mib, "all"),
     Table("Prefill time relative to full (method / full)",
-          lambda r, f: ratio(r.prefill_s, f.prefill_s if f else None), _x, "compressed"),
-    Table("Decode speedup vs full (full / method, per token)", lambda r, f: ratio(_full_step(f), r.decode_step_s),
+          lambda c: ratio(c.row.prefill_s, c.full.prefill_s if c.full else None), _x, "compressed"),
+    Table("Decode speedup vs full (full / method, per token)", lambda c: ratio(_step(c.full), c.row.decode_step_s),
           _x, "compressed"),
     Table("Decode time relative to the physical limit (method / plain cache of the kept size)",
-          lambda r, f: ratio(r.decode_step_s, r.physical_limit_decode_step_s), _x, "compressed"),
+          lambda c: ratio(c.row.decode_step_s, c.row.physical_limit_decode_step_s), _x, "compressed"),
+]
+
+COMPILED_TABLES = [
+    Table("Compiled: decode time per token (ms; full: transformers' StaticCache)", lambda c: c.row.decode_step_s,
+          _ms, "all"),
+    Table("Compiled: decode time per token, plain static cache of the kept size (ms)",
+          lambda c: c.row.physical_limit_decode_step_s, _ms, "compressed"),
+    Table("Compiled: first compiled step, the compilation (s, not in the medians)", lambda c: c.row.compile_s, _s,
+          "all"),
+    Table("Compiled: first compiled step of the plain static cache of the kept size (s)",
+          lambda c: c.row.physical_limit_compile_s, _s, "compressed"),
+    Table("Compiled: graph breaks", lambda c: c.row.graph_breaks, _int, "all"),
+    Table("Compiled: graph breaks, plain static cache of the kept size", lambda c: c.row.physical_limit_graph_breaks,
+          _int, "compressed"),
+    Table("Compiled: recompilations during the timed steps", lambda c: c.row.recompiles, _int, "all"),
+    Table("Compiled: recompilations during the timed steps, plain static cache of the kept size",
+          lambda c: c.row.physical_limit_recompiles, _int, "compressed"),
+    Table("Compiled vs eager decode step (compiled / eager; full: StaticCache / DynamicCache)",
+          lambda c: ratio(c.row.decode_step_s, _step(c.eager)), _x, "all"),
+    Table("Compiled vs eager physical limit (compiled StaticCache / eager DynamicCache of the kept size)",
+          lambda c: ratio(c.row.physical_limit_decode_step_s, c.eager.physical_limit_decode_step_s if c.eager
+                          else None), _x, "compressed"),
+    Table("Compiled method step / compiled plain static cache of the kept size",
+          lambda c: ratio(c.row.decode_step_s, c.row.physical_limit_decode_step_s), _x, "compressed"),
+    Table("Compiled method step / transformers' default full-cache step (eager DynamicCache)",
+          lambda c: ratio(c.row.decode_step_s, _step(c.eager_full)), _x, "compressed"),
+    Table("Compiled method step / compiled full StaticCache step", lambda c: ratio(c.row.decode_step_s,
+                                                                                   _step(c.full)), _x, "compressed"),
 ]
 
 
-def render_tables(tables: list[Table], grid: Grid, index: dict[tuple[int, str], BenchRow],
-                  full_of: Callable[[int], BenchRow | None]) -> list[str]:
-    """Markdown of ``tables`` over the rows of ``index``; a table with no measured cell is left out."""
+def _cells(grid: Grid, compiled: bool) -> dict[tuple[int, str], Cell]:
+    index = grid.compiled if compiled else grid.eager
+    return {(n, m): Cell(row, index.get((n, "full")), grid.eager.get((n, m)), grid.full(n))
+            for (n, m), row in index.items()}
+
+
+def render_tables(tables: list[Table], grid: Grid, compiled: bool = False) -> list[str]:
+    """Markdown of ``tables`` over the eager (or the compiled) rows; a table with no measured cell is left out."""
     lines: list[str] = []
+    index = _cells(grid, compiled)
     for table in tables:
         cols = [m for m in grid.methods if table.which == "all" or m != "full"]
-        cells = {(n, m): table.value(index[(n, m)], full_of(n)) for n in grid.lengths for m in cols
-                 if (n, m) in index}
+        cells = {(n, m): table.value(index[(n, m)]) for n in grid.lengths for m in cols if (n, m) in index}
         if not cols or all(v is None for v in cells.values()):
             continue
         lines += [f"## {table.title}", "", "| prompt tokens | " + " | ".join(cols) + " |",
@@ -119,7 +166,9 @@ def markdown_report(rows: Iterable[Mapping[str, Any]], meta: Mapping[str, Any] |
     grid = Grid(rows)
     meta = meta or {}
     lines = ["# kvcake benchmark", ""] + _header(grid.rows, meta) + [""]
-    lines += render_tables(EAGER_TABLES, grid, grid.eager, grid.full)
+    lines += render_tables(EAGER_TABLES, grid)
+    if grid.compiled:
+        lines += render_tables(COMPILED_TABLES, grid, compiled=True)
     lines += ["## What the measurements say", ""] + [f"- {s}" for s in summarise_targets(grid.rows)] + [""]
     notes = [(r.length, r.method, note) for r in grid.rows for note in r.notes]
     lines += ["## What is measured, and why some cells are empty", ""]
@@ -143,7 +192,8 @@ def measurement_notes(rows: Iterable[Mapping[str, Any]]) -> list[str]:
         "full rows have no one-shot peak, SPEC bound or physical limit (nothing is evicted: the full cache is its own "
         "physical limit); their prefill peak is the cache size after prefill, since a DynamicCache only grows",
     ]
-    devices = {r.device or "" for r in as_rows(rows)}
+    rows = as_rows(rows)
+    devices = {r.device or "" for r in rows}
     if any(not d.startswith("cuda") for d in devices):
         notes.append("CPU rows: *_cuda_* columns are None (no GPU used); *_rss_peak_bytes is the highest resident set "
                      "size sampled every 2 ms by a background thread during the phase, *_rss_delta_bytes that peak "
@@ -155,7 +205,28 @@ def measurement_notes(rows: Iterable[Mapping[str, Any]]) -> list[str]:
                      "*_cuda_peak_bytes is torch.cuda.max_memory_allocated after reset_peak_memory_stats at the start "
                      "of the phase, *_cuda_delta_bytes that peak minus memory_allocated at the start (weights "
                      "excluded)")
+    if any(r.compiled for r in rows):
+        notes += COMPILED_NOTES
     return notes
+
+
+COMPILED_NOTES = [
+    "compiled rows (compiled=True; the eager rows of the same run have compiled=False): decoding steps through "
+    "torch.compile(model.forward, fullgraph=True, mode=compile_mode) — default on CPU, reduce-overhead (CUDA graphs) "
+    "on CUDA — in the same hand-written greedy loop at true positions; the prefill stays eager and untimed, so "
+    "compiled rows carry no prefill or memory figures (see the eager row of the case)",
+    "compiled references: the full cache in transformers' StaticCache (prompt + decode_tokens slots per layer), and "
+    "the physical limit in a StaticCache of physical_limit_tokens + decode_tokens slots (a random prompt as long as "
+    "the compressed cache's mean kept tokens per layer); a StaticCache attends over all its slots, the unwritten "
+    "ones masked",
+    "each compiled case runs alone after torch._dynamo.reset() (not in the rounds: compiling anew every round would "
+    "cost a compilation per round): untimed runs (at least one, at least warmup, and at least 3 steps, so that CUDA "
+    "graphs are recorded before timing) whose first step is compile_s, never in the medians, then repeats timed runs",
+    "graph_breaks: torch._dynamo.utils.counters['graph_break'] summed, from the first compiled step to the last timed "
+    "one (with fullgraph=True a graph break stops the case, and its note says why); recompiles: graphs dynamo "
+    "produced during the timed steps (counters['stats']['unique_graphs']), the first guard failure's reason in the "
+    "notes",
+]
 
 
 def _csv_value(value):
@@ -172,6 +243,9 @@ def _run_meta(rows: list[BenchRow]) -> dict[str, Any]:
     run: dict[str, Any] = {k: rows[0].get(k) for k in _RUN_KEYS}
     run["lengths"] = sorted({r.length for r in rows})
     run["methods"] = list(dict.fromkeys(r.method for r in rows))
+    if any(r.compiled for r in rows):
+        run["compile"] = True
+        run["compile_mode"] = next(r.compile_mode for r in rows if r.compiled)
     return run
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,9 @@ from kvcake.integration.cache import cache_kv_bytes
 from kvcake.integration.report import Report
 from kvcake.integration.session import compress
 from kvcake.methods.method import Method
+
+if TYPE_CHECKING:
+    from kvcake.bench.timing.compiled import CompiledTiming
 
 
 @dataclass
@@ -80,6 +83,10 @@ class Case:
         self.physical_ids: torch.Tensor | None = None
         self.physical_runs: list[Run] = []
         self.physical_notes: list[str] = []
+        self.compile_mode: str | None = None  # compiled decoding (compile=True): the torch.compile mode
+        self.compiled: CompiledTiming | None = None  # the case itself, compiled
+        self.physical_compiled: CompiledTiming | None = None  # its physical limit in a compiled StaticCache
+        self.compiled_notes: list[str] = []
 
     def plan_physical(self, report: Report, vocab: int, seed: int, device: torch.device) -> None:
         """The physical limit: a random prompt as long as the mean kept tokens per layer (rounded)."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
 from kvcake.bench.row import BenchRow
 from kvcake.bench.timing.cases import Case, run_full, run_method
+from kvcake.bench.timing.compiled import attempt, compile_mode, compiled_fields, untimed_runs
+from kvcake.bench.timing.compiled import compiled_method_case as method_case
+from kvcake.bench.timing.compiled import compiled_static_case as static_case
 from kvcake.bench.timing.loops import cache_of, decode, device_of, prefill, random_ids, vocab_size
 from kvcake.methods.method import Method
 from kvcake.methods.registry import build
@@ -119,19 +123,50 @@ class _Length:
                                        self.device, True)
             self.progress.done()
 
-    def rows(self, common: dict[str, Any]) -> list[BenchRow]:
-        """One eager row per case."""
+    def compiled(self, warmup: int, repeats: int) -> None:
+        """Each case once more with compiled decoding, one after another (each compiles afresh): the full cache and
+        each method's physical limit in transformers' StaticCache, and the method itself."""
+        mode = compile_mode(self.device)
+        warm = untimed_runs(warmup, self.decode_tokens)
+        timing: dict[str, Any] = dict(decode_tokens=self.decode_tokens, warm_runs=warm, timed_runs=repeats,
+                                      device=self.device, mode=mode)
+        for name, case in self.cases.items():
+            self.progress.running(f"{self.length} tokens, {name} compiled")
+            case.compile_mode = mode
+            if case.method is None:
+                case.compiled = attempt("compiled full cache (StaticCache)", case.compiled_notes,
+                                        partial(static_case, self.model, self.ids, **timing))
+            else:
+                case.compiled = attempt(f"compiled {name}", case.compiled_notes,
+                                        partial(method_case, self.model, self.ids, case.method, **timing))
+            self.progress.done()
+            if case.method is not None and case.physical_ids is not None:
+                self.progress.running(f"{self.length} tokens, {name} physical limit compiled")
+                case.physical_compiled = attempt("compiled physical limit (StaticCache)", case.compiled_notes,
+                                                 partial(static_case, self.model, case.physical_ids, **timing))
+                self.progress.done()
+
+    def rows(self, common: dict[str, Any], compiled: bool) -> list[BenchRow]:
+        """One eager row per case; with ``compiled``, then one compiled row per case."""
         rows = []
         for name, case in self.cases.items():
             notes: list[str] = []
             fields = case.fields(self.length, notes)
+            if compiled:
+                fields["compiled"] = False
             rows.append(BenchRow(**common, length=self.length, method=name, notes=notes, **fields))
+        if compiled:
+            for name, case in self.cases.items():
+                notes = case.physical_notes + case.compiled_notes if case.method is not None else case.compiled_notes
+                rows.append(BenchRow(**common, length=self.length, method=name, notes=list(notes),
+                                     **compiled_fields(case)))
         return rows
 
 
 def run_bench(model, lengths: list[int], methods: list[str], budget: int | None = None, ratio: float | None = None,
               decode_tokens: int = 16, repeats: int = 3, warmup: int = 1, progress: bool = True, *, seed: int = 0,
-              method_options: dict[str, Any] | None = None, model_name: str | None = None) -> list[BenchRow]:
+              method_options: dict[str, Any] | None = None, model_name: str | None = None,
+              compile: bool = False) -> list[BenchRow]:
     """Measure prefill time, decode time per token and memory for every (prompt length, method).
 
     Parameters
@@ -152,6 +187,10 @@ def run_bench(model, lengths: list[int], methods: list[str], budget: int | None 
         all of them alike; process memory is sampled in an untimed round (the last warm-up round, or an extra one).
     method_options
         Extra method parameters passed to :func:`kvcake.methods.registry.build` (e.g. ``{"window": 32}``).
+    compile
+        Also time compiled decoding (see :mod:`kvcake.bench.timing.compiled`): after the eager rounds of a length,
+        each case once more through ``torch.compile``, with the full cache and each physical limit in transformers'
+        StaticCache; one more row per case, ``compiled=True`` (the eager rows get ``compiled=False``).
 
     Returns one :class:`BenchRow` per (length, method), in order; see ``benchmarks/README.md`` for every field.
     Figures that could not be measured are None, with the reason in the row's ``notes``.
@@ -167,7 +206,8 @@ def run_bench(model, lengths: list[int], methods: list[str], budget: int | None 
                             repeats=repeats, warmup=warmup, seed=seed)
     _warm_up(model, vocab, max(lengths), seed, device)
     rounds = schedule(warmup, repeats)
-    bar = _Progress(len(lengths) * (len(rounds) * len(names) + len(names) - 1), progress)
+    compiled_runs = 2 * len(names) - 1 if compile else 0
+    bar = _Progress(len(lengths) * (len(rounds) * len(names) + len(names) - 1 + compiled_runs), progress)
     rows: list[BenchRow] = []
     try:
         for length in [int(n) for n in lengths]:
@@ -175,7 +215,9 @@ def run_bench(model, lengths: list[int], methods: list[str], budget: int | None 
             for number, kind in enumerate(rounds):
                 measuring.round(number, len(rounds), kind)
             measuring.one_shots()
-            rows += measuring.rows(common)
+            if compile:
+                measuring.compiled(warmup, repeats)
+            rows += measuring.rows(common, compile)
     finally:
         bar.close()
     return rows
