@@ -273,6 +273,8 @@ def bench_command(
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     threads: int | None = typer.Option(None, help="torch threads on CPU (1 is steadier on a loaded machine)."),
     out_dir: Path = typer.Option(Path("bench-results"), "--out", help="Folder for results.{json,csv,md} and plots."),
+    compile_: bool = typer.Option(False, "--compile", help="Also time decoding through torch.compile (CUDA graphs on "
+                                                           "CUDA), beside compiled StaticCache references."),
 ) -> None:
     """Measure prefill time, time per decoded token and KV memory, full cache vs methods vs a plain cache of the
     compressed size; write tables and plots."""
@@ -286,7 +288,8 @@ def bench_command(
         rows, paths = benchmark.bench(model=None if model == "default" else model, lengths=length_list,
                                       methods=method_list, budget=budget, ratio=ratio, decode_tokens=decode_tokens,
                                       repeats=repeats, warmup=warmup, dtype=dtype, attn_implementation=attn,
-                                      device=device, out_dir=out_dir, threads=threads, sdpa=sdpa_backend)
+                                      device=device, out_dir=out_dir, threads=threads, sdpa=sdpa_backend,
+                                      compile=compile_)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         _fail(str(exc))
     for line in benchmark.summarise_targets(rows):

@@ -128,7 +128,9 @@ class KVCakeCache(DynamicCache):
         self.plan, self.prefill_kept, self.prompt_valid = None, None, None
         self.peak_kv_bytes = 0
         self._scored_this_step = False
-        self._frozen_for, self._nonfinite = None, None
+        self._frozen_for = None
+        if self._nonfinite is not None:
+            self._nonfinite.zero_()  # kept, at the same address, for the next request
 
     def _reorder_rows(self, rows: list[int]) -> None:
         """Keep the per-row request state in step with the rows of the tensors (beam search, batch selection)."""

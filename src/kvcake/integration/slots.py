@@ -47,12 +47,22 @@ class Slots:
 
     @classmethod
     def build(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor | None,
-              capacity: int, cursor: int, targets: list[list[int]] | None, start: int, max_drops: int) -> Slots:
-        """Buffers of ``capacity`` slots holding the given entries (position order, fillers at -1) first."""
+              capacity: int, cursor: int, targets: list[list[int]] | None, start: int, max_drops: int,
+              reuse: Slots | None = None) -> Slots:
+        """Buffers of ``capacity`` slots holding the given entries (position order, fillers at -1) first.
+
+        ``reuse``: the buffers of the layer's previous request; when they have the same shapes they are filled in
+        place, so that their addresses stay the same from request to request (a captured CUDA graph or a compiled
+        step keeps working without recompiling).
+        """
         batch, heads, length = positions.shape
         if capacity <= length:
             raise ValueError(f"capacity {capacity} leaves no free slot for {length} entries")
         device = keys.device
+        table = None if targets is None else torch.tensor(targets, dtype=torch.long, device=device)
+        if reuse is not None and reuse._fits(keys, values, scores, capacity, table):
+            reuse._fill(keys, values, positions, scores, cursor, table, start, max_drops)
+            return reuse
         k = keys.new_zeros(batch, heads, capacity, keys.shape[-1])
         v = values.new_zeros(batch, heads, capacity, values.shape[-1])
         k[:, :, :length] = keys
@@ -63,11 +73,32 @@ class Slots:
         if scores is not None:
             stored = scores.new_zeros(batch, heads, capacity)
             stored[..., :length] = scores
-        table = None if targets is None else torch.tensor(targets, dtype=torch.long, device=device)
         slots = cls(k, v, pos, (pos >= 0).sum(-1), torch.tensor(cursor, dtype=torch.long, device=device), stored,
                     table, start, max_drops)
         _static(slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.stored, slots.targets)
         return slots
+
+    def _fits(self, keys, values, scores, capacity: int, table) -> bool:
+        same = (self.keys.shape == (*keys.shape[:2], capacity, keys.shape[-1]) and self.keys.dtype == keys.dtype
+                and self.values.shape[-1] == values.shape[-1] and self.values.dtype == values.dtype
+                and self.keys.device == keys.device and (self.stored is None) == (scores is None)
+                and (self.targets is None) == (table is None))
+        return same and (table is None or self.targets is None or self.targets.shape == table.shape)
+
+    def _fill(self, keys, values, positions, scores, cursor: int, table, start: int, max_drops: int) -> None:
+        length = positions.shape[-1]
+        self.keys[:, :, :length] = keys
+        self.values[:, :, :length] = values
+        self.positions.fill_(-1)
+        self.positions[..., :length] = positions
+        self.count.copy_((self.positions >= 0).sum(-1))
+        self.cursor.fill_(cursor)
+        if self.stored is not None and scores is not None:
+            self.stored.zero_()
+            self.stored[..., :length] = scores
+        if self.targets is not None and table is not None:
+            self.targets.copy_(table)
+        self.start, self.max_drops = start, max_drops
 
     @property
     def capacity(self) -> int:

@@ -81,6 +81,7 @@ class CompressedLayer(DynamicLayer):
         self.scores: torch.Tensor | None = None
         self.has_fillers = False  # host-side: some slot is a filler (position -1)
         self.slots: Slots | None = None
+        self._spare: Slots | None = None  # the previous request's buffers, reused when their shapes fit
 
     # -- transformers' layer interface ------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -128,6 +129,8 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = False
         self.positions, self.seen, self.valid_counts, self.scores = None, 0, None, None
         self.has_fillers = False
+        if self.slots is not None:
+            self._spare = self.slots
         self.slots = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -183,7 +186,8 @@ class CompressedLayer(DynamicLayer):
             positions = positions.masked_fill(inside & ~real, FILLER)
         scores = self.scores if keep_scores else None
         self.slots = Slots.build(self.keys, self.values, positions, scores, capacity, self.seen, targets, start,
-                                 max_drops)
+                                 max_drops, reuse=self._spare)
+        self._spare = None
         self.keys, self.values = self.slots.keys, self.slots.values
         self.positions, self.valid_counts, self.scores = None, None, None
 

@@ -1,0 +1,60 @@
+"""Benchmark rows: the typed row writes exactly the keys results have always had, and reads committed results back."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from kvcake import bench
+from kvcake.bench import BenchRow
+
+COMMITTED = sorted((Path(__file__).resolve().parents[1] / "docs" / "bench").rglob("results.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.parent.name)
+def test_committed_rows_round_trip(path):
+    rows = json.loads(path.read_text())["rows"]
+    for row in rows:
+        typed = BenchRow.from_dict(row)
+        assert typed.to_dict() == row and dict(typed) == row
+        assert set(typed) == set(row) and len(typed) == len(row)
+        assert "compiled" not in typed and "graph_breaks" not in typed  # written by an eager run
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.parent.name)
+def test_committed_results_are_rewritten_with_their_columns(path, tmp_path):
+    data = json.loads(path.read_text())
+    meta = {k: v for k, v in data["meta"].items() if k not in ("notes", "run")}
+    paths = bench.write_results(data["rows"], tmp_path, meta=meta, plots=False)
+    again = json.loads(paths["json"].read_text())
+    assert again["rows"] == data["rows"] and again["summary"] == data["summary"]
+    assert again["meta"]["run"] == data["meta"]["run"]
+    with paths["csv"].open() as f, (path.parent / "results.csv").open() as g:
+        header, committed = next(csv.reader(f)), next(csv.reader(g))
+    assert set(header) == set(committed)
+    if all(not r["device"].startswith("cuda") for r in data["rows"]):  # CPU runs: the same column order
+        assert header == committed
+
+
+def test_keys_depend_on_the_row_as_before():
+    full = BenchRow(length=8, method="full")
+    cake = BenchRow(length=8, method="cake")
+    method_only = {"stored_per_layer", "kept_end_per_layer", "padding_bytes"}
+    assert not method_only & set(full) and method_only <= set(cake)
+    assert "sdpa_backend" not in cake  # run_bench alone does not know the kernel
+    cake["sdpa_backend"] = None
+    assert "sdpa_backend" in cake and cake["sdpa_backend"] is None
+    eager_of_compiled_run = BenchRow(length=8, method="cake", compiled=False)
+    assert {"compiled", "compile_s", "graph_breaks", "recompiles"} <= set(eager_of_compiled_run)
+    assert set(bench.MEANINGS) == {name for name in BenchRow.__dataclass_fields__ if name != "sdpa_recorded"}
+    assert all(bench.MEANINGS.values())
+
+
+def test_bad_rows_are_refused():
+    with pytest.raises(ValueError, match="unknown benchmark row keys"):
+        BenchRow.from_dict({"length": 8, "method": "full", "speed": 3})
+    with pytest.raises(KeyError):
+        BenchRow()["speed"] = 3
+    with pytest.raises(KeyError):
+        BenchRow(method="full")["padding_bytes"]
