@@ -78,3 +78,15 @@ def test_compiled_decoding_keeps_the_buffers_in_place(model):
         assert [(layer.slots.keys.data_ptr(), layer.slots.positions.data_ptr()) for layer in cache.layers] == addresses
         assert int(cache.layers[0].slots.cursor) == 78
     assert CompileCounts.read().graphs == 1
+
+
+def test_new_requests_with_other_budgets_reuse_the_compiled_step(model):
+    # CAKE's layer budgets depend on the prompt; the slot axis is dynamic, so a new request never recompiles.
+    CompileCounts.start()
+    with kvcake.compress(model, _make("cake", 30), compile=True) as press:
+        budgets = []
+        for n, seed in [(70, 1), (95, 2), (60, 3)]:
+            model.generate(prompt(n, seed=seed), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            budgets.append(press.report.budgets)
+    assert len({str(b) for b in budgets}) > 1  # the requests really had different budgets
+    assert CompileCounts.read().graphs == 1

@@ -23,12 +23,16 @@ import torch
 
 
 def _static(*tensors: torch.Tensor | None) -> None:
-    """Tell torch.compile these buffers keep their address (CUDA graphs read them in place)."""
+    """Tell torch.compile these buffers keep their address (CUDA graphs read them in place), and that their slot
+    axis may differ from one request to the next: layers get budgets that depend on the prompt, and a compiled step
+    that specialised on them would recompile for every new request."""
     if torch.compiler.is_compiling():
         return
     for t in tensors:
         if t is not None:
             torch._dynamo.mark_static_address(t)
+            if t.dim() >= 3:
+                torch._dynamo.mark_dynamic(t, 2)
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Slots:
     cursor: torch.Tensor
     stored: torch.Tensor | None
     targets: torch.Tensor | None  # None: the layer evicts nothing while decoding
-    start: int  # logical length when the schedule starts
+    start: torch.Tensor  # () logical length when the schedule starts (a tensor: it changes from request to request)
     max_drops: int  # the most entries a step drops (a host constant of the schedule)
 
     @classmethod
@@ -74,8 +78,9 @@ class Slots:
             stored = scores.new_zeros(batch, heads, capacity)
             stored[..., :length] = scores
         slots = cls(k, v, pos, (pos >= 0).sum(-1), torch.tensor(cursor, dtype=torch.long, device=device), stored,
-                    table, start, max_drops)
-        _static(slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.stored, slots.targets)
+                    table, torch.tensor(start, dtype=torch.long, device=device), max_drops)
+        _static(slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.stored, slots.targets,
+                slots.start)
         return slots
 
     def _fits(self, keys, values, scores, capacity: int, table) -> bool:
@@ -98,7 +103,8 @@ class Slots:
             self.stored[..., :length] = scores
         if self.targets is not None and table is not None:
             self.targets.copy_(table)
-        self.start, self.max_drops = start, max_drops
+        self.start.fill_(start)
+        self.max_drops = max_drops
 
     @property
     def capacity(self) -> int:
@@ -109,20 +115,26 @@ class Slots:
         if torch.compiler.is_compiling():
             return  # compiled steps write the buffers made before compiling
         if self.keys.is_inference() and not torch.is_inference_mode_enabled():
-            for name in ("keys", "values", "positions", "count", "cursor", "stored", "targets"):
+            for name in ("keys", "values", "positions", "count", "cursor", "stored", "targets", "start"):
                 value = getattr(self, name)
                 if value is not None:
                     setattr(self, name, value.clone())
-            _static(self.keys, self.values, self.positions, self.count, self.cursor, self.stored, self.targets)
+            _static(self.keys, self.values, self.positions, self.count, self.cursor, self.stored, self.targets,
+                    self.start)
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot, at the logical cursor."""
-        free = (self.positions < 0).to(torch.int32).argmax(dim=-1, keepdim=True)  # (B, H, 1): the first free slot
-        self.keys.scatter_(2, free.unsqueeze(-1).expand(key.shape), key)
-        self.values.scatter_(2, free.unsqueeze(-1).expand(value.shape), value.to(self.values.dtype))
-        self.positions.scatter_(2, free, self.cursor.expand(free.shape))
+        batch, heads, capacity = self.positions.shape
+        free = (self.positions < 0).to(torch.int32).argmax(dim=-1)  # (B, H): the first free slot of each row, head
+        # index_copy_ on flattened views writes one row per head: a scatter_ along the slot axis would make the
+        # compiled step copy the whole buffer.
+        flat = (free + torch.arange(batch * heads, device=free.device).view(batch, heads) * capacity).view(-1)
+        self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, flat, key.reshape(batch * heads, -1))
+        self.values.view(-1, self.values.shape[-1]).index_copy_(
+            0, flat, value.reshape(batch * heads, -1).to(self.values.dtype))
+        self.positions.view(-1).index_copy_(0, flat, self.cursor.expand(batch * heads))
         if self.stored is not None:
-            self.stored.scatter_(2, free, torch.zeros_like(free, dtype=self.stored.dtype))
+            self.stored.view(-1).index_fill_(0, flat, 0.0)
         self.count.add_(1)
         self.cursor.add_(1)
 
