@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 import kvcake
-from kvcake.eval import needlebench, ruler
 from kvcake.eval.haystack import Haystack, count_tokens
 from kvcake.eval.metrics import METRICS
 from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.suites import needlebench, ruler
 from kvcake.needle import HAYSTACK_MODULES, haystack_paragraphs, needle_case
 
 SUITES = [(needlebench, t) for t in needlebench.TASKS] + [(ruler, t) for t in ruler.TASKS]
@@ -81,7 +81,7 @@ def test_same_seed_same_samples_other_seed_other_samples(tok, module, task):
 
 def test_samples_do_not_depend_on_the_process_hash_seed(tok):
     code = ("import hashlib, json, sys; from transformers import AutoTokenizer; from kvcake.models import resolve; "
-            "from kvcake.eval import needlebench, ruler; tok = AutoTokenizer.from_pretrained(resolve(None)); "
+            "from kvcake.eval.suites import needlebench, ruler; tok = AutoTokenizer.from_pretrained(resolve(None)); "
             "s = [m.generate(t, tok, lengths=[500], depths=[0.4], seed=5)[0].to_dict() "
             "for m, t in ((needlebench, 'multi_reasoning'), (ruler, 'niah_multikey'), (ruler, 'cwe'))]; "
             "print(hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest())")

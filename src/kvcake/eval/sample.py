@@ -7,6 +7,7 @@ prompt is prefilled and compressed together (the paper's setting). Both modes se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,3 +35,7 @@ class Sample:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sample:
         return cls(**data)
+
+
+#: A metric maps ``(prediction, references, sample)`` to a score in [0, 100].
+Metric = Callable[[str, list[str], Sample], float]

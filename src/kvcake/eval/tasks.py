@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcake.eval import longbench, longbench_metrics, needlebench, ruler  # noqa: F401 - they register their metrics
 from kvcake.eval.haystack import Haystack
 from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.suites import longbench, needlebench, ruler
 
 SUITES: dict[str, tuple[str, ...]] = {
     "needlebench": tuple(f"needlebench/{t}" for t in needlebench.TASKS),

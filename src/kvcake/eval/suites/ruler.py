@@ -18,7 +18,7 @@ the Paul Graham essays), and so are the keys: two corpus words joined by a hyphe
 
 ``vt``, ``cwe`` and ``fwe`` have no depth: they make ``per_cell`` samples per length. Scores are RULER's
 ``string_match_all`` (the share of references found in the prediction, case-insensitive, x 100) for every task, and
-``string_match_part`` (100 if any reference is found) is registered too.
+``string_match_part`` (100 if any reference is found) is in :data:`METRICS` too.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import string
 from collections.abc import Callable, Sequence
 
 from kvcake.eval.haystack import Haystack, count_tokens, seeded
-from kvcake.eval.metrics import register
-from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.sample import EvalDataError, Metric, Sample
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 DEPTH_TASKS = TASKS[:4]
@@ -309,7 +308,6 @@ def _postprocess(prediction: str) -> str:
     return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
 
 
-@register("string_match_all")
 def string_match_all(prediction: str, references: list[str], sample: Sample) -> float:
     """The share of references contained in the prediction (case-insensitive), x 100."""
     if not references:
@@ -318,8 +316,11 @@ def string_match_all(prediction: str, references: list[str], sample: Sample) -> 
     return 100.0 * sum(ref.lower() in pred for ref in references) / len(references)
 
 
-@register("string_match_part")
 def string_match_part(prediction: str, references: list[str], sample: Sample) -> float:
     """100 if any reference is contained in the prediction (case-insensitive), else 0."""
     pred = _postprocess(prediction).lower()
     return 100.0 * max((ref.lower() in pred for ref in references), default=False)
+
+
+#: The metrics of the suite, by the name a sample gives in ``Sample.metric``.
+METRICS: dict[str, Metric] = {"string_match_all": string_match_all, "string_match_part": string_match_part}

@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvcake.eval.haystack import Haystack, seeded
-from kvcake.eval.metrics import register
-from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.sample import EvalDataError, Metric, Sample
 
 TASKS = ("single", "multi_retrieval", "multi_reasoning")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -222,7 +221,6 @@ def levenshtein(a: str, b: str) -> int:
     return row[-1]
 
 
-@register("needlebench")
 def needlebench_score(prediction: str, references: list[str], sample: Sample) -> float:
     """100 if a reference keyword is in the prediction; else 0.2 x 100 x (1 - edit distance / longer length) between
     the prediction and the needle (``sample.meta["needle"]``, else the first reference), whitespace removed."""
@@ -236,9 +234,12 @@ def needlebench_score(prediction: str, references: list[str], sample: Sample) ->
     return 0.2 * similarity
 
 
-@register("needlebench_multi")
 def needlebench_multi_score(prediction: str, references: list[str], sample: Sample) -> float:
     """The share of reference keywords found in the prediction, x 100."""
     if not references:
         return 0.0
     return 100.0 * sum(ref in prediction for ref in references) / len(references)
+
+
+#: The metrics of the suite, by the name a sample gives in ``Sample.metric``.
+METRICS: dict[str, Metric] = {"needlebench": needlebench_score, "needlebench_multi": needlebench_multi_score}
