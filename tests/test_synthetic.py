@@ -121,7 +121,7 @@ def test_needlebench_multi_retrieval_asks_for_every_needle(tok):
     assert len(s.answers) == 5 == len(s.meta["needles"]) and s.metric == "needlebench_multi"
     assert s.meta["depths"] == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6])
     positions = []
-    for needle, keyword, depth in zip(s.meta["needles"], s.answers, s.meta["depths"]):
+    for needle, keyword, depth in zip(s.meta["needles"], s.answers, s.meta["depths"], strict=True):
         assert keyword in needle and s.context.count(needle) == 1
         positions.append(s.context.index(needle) / len(s.context))
         assert abs(positions[-1] - depth) <= 0.1
@@ -159,7 +159,7 @@ def test_needlebench_multi_reasoning_answer_is_the_end_of_the_chain(tok):
         while person in elder:
             person = elder[person]
         assert s.answers == [person] == [s.meta["chain"][0]]
-        for needle, d in zip(s.meta["needles"], s.meta["depths"]):
+        for needle, d in zip(s.meta["needles"], s.meta["depths"], strict=True):
             assert abs(s.context.index(needle) / len(s.context) - d) <= 0.1
     assert one(needlebench, "multi_reasoning", tok, hops=3).meta["hops"] == 3
 

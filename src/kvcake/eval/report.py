@@ -8,8 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from kvcake.eval.runner import RECORD, read_predictions, summarise, write_metrics
+from kvcake.eval.files import RECORD, read_predictions
 from kvcake.eval.sample import EvalDataError
+from kvcake.eval.summary import summarise, write_metrics
 from kvcake.plots import pyplot, save
 
 
@@ -113,7 +114,7 @@ def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
         rows = -(-len(tasks) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
         ratios = any(m["ratio"] is not None for m in members)
-        for ax, task in zip(axes.flat, tasks):
+        for ax, task in zip(axes.flat, tasks, strict=False):
             here = [m for m in members if m["task"] == task and m["score"] is not None]
             for m in here:
                 if m["method"] == "full":
@@ -165,7 +166,7 @@ def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         nrows = -(-len(labels) // cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols + 1, 2.4 * nrows + 0.6), squeeze=False)
         image = None
-        for ax, label in zip(axes.flat, labels):
+        for ax, label in zip(axes.flat, labels, strict=False):
             cell: dict[tuple, list[float]] = defaultdict(list)
             for r in members:
                 if r["label"] == label:
@@ -206,7 +207,7 @@ def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         sample = [r for r in members if (r["task"], r["id"], r["mode"]) == (first["task"], first["id"], first["mode"])]
         sizes = sorted({_size(r) for r in sample if r["method"] == "cake"}, reverse=True)
         fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.4), squeeze=False)
-        for ax, size in zip(axes.flat, sizes):
+        for ax, size in zip(axes.flat, sizes, strict=False):
             for r in sample:
                 if r["method"] != "full" and _size(r) == size:
                     ax.plot(range(len(r["layer_kept"])), r["layer_kept"], label=r["method"],

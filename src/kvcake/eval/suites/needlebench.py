@@ -148,7 +148,7 @@ def _multi_retrieval(rng: random.Random, depth: float, needles: int) -> dict:
     facts = _facts(rng, needles)
     questions = " ".join(f[1] for f in facts)
     forms = " ".join(f[2] for f in facts)
-    return {"prefix": PREFIX_MULTI, "needles": list(zip(_spread(depth, needles), (f[0] for f in facts))),
+    return {"prefix": PREFIX_MULTI, "needles": list(zip(_spread(depth, needles), (f[0] for f in facts), strict=True)),
             "answers": [f[3] for f in facts], "metric": "needlebench_multi", "max_new_tokens": 16 + 16 * needles,
             "question": f"{ASK}{questions} Please answer in the format of '{forms}'\n",
             "meta": {"needles": [f[0] for f in facts]}}
@@ -158,7 +158,7 @@ def _multi_reasoning(rng: random.Random, depth: float, hops: int | None) -> dict
     hops = hops if hops is not None else rng.randint(2, 4)
     if not 1 <= hops <= min(len(_FIRST), len(_LAST)) - 1:
         raise EvalDataError(f"multi_reasoning needs 1 to {min(len(_FIRST), len(_LAST)) - 1} hops, not {hops}")
-    names = [f"{a} {b}" for a, b in zip(rng.sample(_FIRST, hops + 1), rng.sample(_LAST, hops + 1))]
+    names = [f"{a} {b}" for a, b in zip(rng.sample(_FIRST, hops + 1), rng.sample(_LAST, hops + 1), strict=True)]
     relations = [rng.choice(RELATION_TEMPLATES).format(A=names[i], B=names[i + 1],
                                                         relationship=rng.choice(RELATION_TERMS))
                  for i in range(hops)]
@@ -166,7 +166,7 @@ def _multi_reasoning(rng: random.Random, depth: float, hops: int | None) -> dict
     last = names[-1]
     question = (f"Given the context described above, who is the eldest relative that '{last}' can trace back to in "
                 "the context?")
-    return {"prefix": PREFIX, "needles": list(zip(_spread(depth, hops), relations)), "answers": [names[0]],
+    return {"prefix": PREFIX, "needles": list(zip(_spread(depth, hops), relations, strict=True)), "answers": [names[0]],
             "metric": "needlebench", "max_new_tokens": 48, "question": f"{ASK}{question}{REASONING_NOTES}\n",
             "meta": {"chain": names, "hops": hops, "needles": relations}}
 

@@ -113,7 +113,7 @@ def _niah(task: str, haystack: Haystack, rng: random.Random, depth: float) -> di
             template = template.replace(old, new)
         kind = "number"
     prefix, question = _split(template, type_needle_v=kind, query=_join([keys[i] for i in asked]))
-    return {"prefix": prefix, "question": question, "needles": list(zip(depths, needles)),
+    return {"prefix": prefix, "question": question, "needles": list(zip(depths, needles, strict=True)),
             "answers": [v for i in asked for v in values[i]], "max_new_tokens": MAX_NEW_TOKENS["niah"],
             "meta": {"keys": keys, "asked": [keys[i] for i in asked], "needles": needles}}
 
@@ -132,7 +132,8 @@ def _vt_chain(rng: random.Random, letters: int, hops: int) -> tuple[list[str], l
 def _vt(haystack: Haystack, rng: random.Random) -> dict:
     ex_names, ex_chain, ex_value = _vt_chain(rng, 3, VT_HOPS)
     noise = [VT_NOISE] * 4
-    for pos, statement in zip(sorted(rng.sample(range(len(noise) + len(ex_chain)), len(ex_chain))), ex_chain):
+    slots = sorted(rng.sample(range(len(noise) + len(ex_chain)), len(ex_chain)))
+    for pos, statement in zip(slots, ex_chain, strict=True):
         noise.insert(pos, statement)
     example = (VT_TEMPLATE + VT_ANSWER).format(context=" ".join(noise).replace(". \n", ".\n"), query=ex_value,
                                                num_v=VT_HOPS + 1)
@@ -140,7 +141,7 @@ def _vt(haystack: Haystack, rng: random.Random) -> dict:
     head, question = _split(VT_TEMPLATE + VT_ANSWER, query=value, num_v=VT_HOPS + 1)
     depths = sorted(rng.random() for _ in chain)
     return {"prefix": example + " ".join(ex_names) + "\n\n" + head, "question": question,
-            "needles": list(zip(depths, chain)), "answers": names, "max_new_tokens": MAX_NEW_TOKENS["vt"],
+            "needles": list(zip(depths, chain, strict=True)), "answers": names, "max_new_tokens": MAX_NEW_TOKENS["vt"],
             "meta": {"chain": chain, "value": value}}
 
 
@@ -254,7 +255,7 @@ def _fwe(tokenizer, rng: random.Random, target: int) -> tuple[dict, int]:
         return [int(n * k ** -FWE_ALPHA / zeta) for k in range(1, len(words) + 1)]
 
     def build(n: int) -> tuple[str, str, str]:
-        text = [w for w, c in zip(words, counts(n)) for _ in range(c)]
+        text = [w for w, c in zip(words, counts(n), strict=True) for _ in range(c)]
         random.Random(sub_seed).shuffle(text)
         return prefix, " ".join(text), question
 
@@ -284,7 +285,7 @@ def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[f
         for rep in range(per_cell):
             rng = seeded(seed, "ruler", task, length, depth, rep)
             if task in DEPTH_TASKS or task == "vt":
-                spec = _niah(task, haystack, rng, depth) if task in DEPTH_TASKS else _vt(haystack, rng)
+                spec = _niah(task, haystack, rng, depth) if depth is not None else _vt(haystack, rng)
                 context, measured = haystack.context(tokenizer, length, rng, needles=spec["needles"],
                                                      prefix=spec["prefix"], question=spec["question"])
                 spec["meta"]["depths"] = [d for d, _ in spec["needles"]]
