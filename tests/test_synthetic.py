@@ -79,6 +79,19 @@ def test_same_seed_same_samples_other_seed_other_samples(tok, module, task):
     assert [s.answers for s in a] != [s.answers for s in c]
 
 
+def test_limit_keeps_the_first_samples_of_each_task(tok):
+    from kvcake.eval.tasks import SuiteOptions, load_samples
+
+    for module, task in ((needlebench, "single"), (ruler, "vt")):
+        whole = module.generate(task, tok, lengths=[500, 600], depths=[0.0, 1.0], per_cell=2, seed=4)
+        for limit in (1, 3, len(whole) + 1):
+            assert module.generate(task, tok, lengths=[500, 600], depths=[0.0, 1.0], per_cell=2, seed=4,
+                                   limit=limit) == whole[:limit]
+    options = SuiteOptions(lengths=[500], depths=[0.0, 0.5, 1.0], per_cell=2, limit=2)
+    samples = load_samples(["needlebench/single", "ruler/niah_single", "ruler/cwe"], tok, options)
+    assert Counter(s.task for s in samples) == {"needlebench/single": 2, "ruler/niah_single": 2, "ruler/cwe": 2}
+
+
 def test_samples_do_not_depend_on_the_process_hash_seed(tok):
     code = ("import hashlib, json, sys; from transformers import AutoTokenizer; from kvcake.models import resolve; "
             "from kvcake.eval.suites import needlebench, ruler; tok = AutoTokenizer.from_pretrained(resolve(None)); "

@@ -196,7 +196,7 @@ def eval_command(
                                                   "setting), query-agnostic (the context alone, question after), "
                                                   "or both, comma-separated."),
     data: Optional[Path] = typer.Option(None, help="LongBench data: folder of <task>.jsonl files or data.zip."),
-    limit: Optional[int] = typer.Option(None, help="LongBench: first N samples of each task."),
+    limit: Optional[int] = typer.Option(None, help="The first N samples of each task (every suite)."),
     lengths: str = typer.Option("1000,2000", help="Synthetic suites: context lengths in tokens."),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", help="Synthetic suites: needle depths in [0, 1]."),
     per_cell: int = typer.Option(1, help="Synthetic suites: samples per length (and depth)."),

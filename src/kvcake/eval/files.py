@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,21 +24,65 @@ def row_key(task: str, sample_id: str, label: str, mode: str) -> str:
     return f"{task}|{sample_id}|{label}|{mode}"
 
 
-def read_predictions(folder: Path) -> list[dict[str, Any]]:
-    """Every row of every predictions file in ``folder`` (shards included); the last row of a key wins."""
+class EvalDataWarning(UserWarning):
+    """Something in a results folder was left out (a line of a predictions file that is not a row)."""
+
+
+#: The fields every row has; a line without them is not a row (a foreign or hand-edited line).
+ROW_FIELDS = ("key", "task", "id", "mode", "label", "method", "budget", "ratio", "score", "error")
+
+
+@dataclass
+class Predictions:
+    """The rows of a folder's predictions files (the last row of a key wins), and the lines that were left out."""
+
+    rows: list[dict[str, Any]]
+    ignored: dict[str, int]  # file name -> lines that are not rows
+
+    @property
+    def ignored_lines(self) -> int:
+        return sum(self.ignored.values())
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """The row a line holds, or None: a torn line (a run killed mid-write), valid JSON that is not an object
+    (``[1, 2]``, ``"x"``, ``3``), or an object without the fields of a row."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str) or any(k not in row for k in ROW_FIELDS):
+        return None
+    return row
+
+
+def scan_predictions(folder: Path) -> Predictions:
+    """Every row of every predictions file in ``folder`` (shards included), and how many lines of each file are
+    not rows and were left out; such a line's sample is simply redone."""
     rows: dict[str, dict[str, Any]] = {}
+    ignored: dict[str, int] = {}
     for path in sorted(folder.glob(f"{PREDICTIONS}*.jsonl")):
         with path.open(encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    # A run killed mid-write leaves a torn last line: that sample is simply redone.
+                row = _row(line)
+                if row is None:
+                    ignored[path.name] = ignored.get(path.name, 0) + 1
                     continue
                 rows[row["key"]] = row
-    return list(rows.values())
+    return Predictions(list(rows.values()), ignored)
+
+
+def read_predictions(folder: Path) -> list[dict[str, Any]]:
+    """Every row of every predictions file in ``folder`` (shards included); the last row of a key wins. Lines that
+    are not rows are left out with an :class:`EvalDataWarning` that counts them."""
+    found = scan_predictions(folder)
+    if found.ignored:
+        where = ", ".join(f"{name}: {n}" for name, n in found.ignored.items())
+        warnings.warn(f"{folder}: left out lines that are not prediction rows (torn by a killed run, or not a JSON "
+                      f"object with a row's fields) — {where}", EvalDataWarning, stacklevel=2)
+    return found.rows
 
 
 def ends_mid_line(path: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,10 @@ import torch
 
 from kvcake.eval import metrics
 from kvcake.eval.answering import MODES, answer_settings
-from kvcake.eval.files import Shard, barrier, ends_mid_line, read_predictions, row_key
+from kvcake.eval.files import RECORD, EvalDataWarning, Shard, barrier, ends_mid_line, row_key, scan_predictions
 from kvcake.eval.grid import Setting
-from kvcake.eval.record import run_record, write_record
-from kvcake.eval.sample import Sample
+from kvcake.eval.record import add_run, check_resume, finish_run, method_parameters, read_record, run_record
+from kvcake.eval.sample import EvalDataError, Sample
 from kvcake.eval.summary import merge, write_metrics
 
 
@@ -51,20 +52,61 @@ class EvalRun:
                     work.append((sample, mode, todo))
         return work
 
+    def answering(self) -> dict[str, Any]:
+        """The answer-changing settings of this run that the run itself knows: the prompt and answer limits, the
+        model's dtype and attention backend (:data:`~kvcake.eval.record.ANSWER_SETTINGS`) and every setting's full
+        method parameters."""
+        return {"dtype": str(next(self.model.parameters()).dtype),
+                "attention": getattr(self.model.config, "_attn_implementation", None),
+                "max_length": self.max_length, "max_new_tokens": self.max_new_tokens,
+                "methods": method_parameters(self.settings)}
+
+    def check_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Refuse rows of this run's samples that answer another version of the sample (``sample_hash``)."""
+        digests = {(s.task, str(s.id)): s.digest() for s in self.samples}
+        for row in rows:
+            want = digests.get((row["task"], str(row["id"])))
+            have = row.get("sample_hash")
+            if want is not None and have is not None and have != want:
+                raise EvalDataError(
+                    f"{self.out}: row {row['key']} answers another version of sample {row['task']} {row['id']} "
+                    "(its prompt, references, answer length or chat rule differ): use another --out folder")
+
     def run(self) -> list[dict[str, Any]]:
         """Answer what is not answered yet, appending rows; returns every row of the folder (and, on rank 0,
-        writes the metrics)."""
+        writes the metrics). A folder made under other answer-changing settings is refused before anything is
+        written; ``run.json`` marks this run ``running``, then ``completed``, ``failed`` or ``interrupted``."""
         self.out.mkdir(parents=True, exist_ok=True)
-        write_record(self.out, self.record, write=self.shard.rank == 0)
-        existing = read_predictions(self.out)
-        done = {r["key"] for r in existing if self.retry_failed is False or not r.get("error")}
-        self._append(self.pending(done))
+        given = {**self.record, **self.answering()}
+        previous = read_record(self.out)
+        check_resume(previous, given, self.out / RECORD)
+        found = scan_predictions(self.out)
+        self.check_rows(found.rows)
+        if found.ignored:
+            warnings.warn(f"{self.out}: left out {found.ignored_lines} line(s) of the predictions that are not rows "
+                          "(torn by a killed run, or not a JSON object with a row's fields)", EvalDataWarning,
+                          stacklevel=2)
+        rank0 = self.shard.rank == 0
+        record = add_run(self.out, given, previous, write=rank0, ignored_lines=found.ignored_lines)
+        try:
+            done = {r["key"] for r in found.rows if self.retry_failed is False or not r.get("error")}
+            self._append(self.pending(done))
+            rows = self._finish()
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            finish_run(self.out, record, status, write=rank0, error=f"{type(exc).__name__}: {exc}")
+            raise
+        finish_run(self.out, record, "completed", write=rank0)
+        return rows
+
+    def _finish(self) -> list[dict[str, Any]]:
+        """After every shard is done: rank 0 merges the shards and writes the metrics; returns the folder's rows."""
         barrier(self.shard)
         if self.shard.rank != 0:
-            return read_predictions(self.out)
+            return scan_predictions(self.out).rows
         if self.shard.world > 1:
             return merge(self.out)  # one predictions.jsonl from the shards, and the metrics
-        rows = read_predictions(self.out)
+        rows = scan_predictions(self.out).rows
         write_metrics(self.out, rows)
         return rows
 
@@ -88,7 +130,7 @@ class EvalRun:
 
     def _answer(self, sample: Sample, mode: str, todo: list[Setting]) -> Iterator[dict[str, Any]]:
         base = {"task": sample.task, "id": sample.id, "mode": mode, "metric": sample.metric, "answers": sample.answers,
-                "meta": sample.meta, "model": self.record.get("model")}
+                "meta": sample.meta, "model": self.record.get("model"), "sample_hash": sample.digest()}
         for setting, result in answer_settings(self.model, self.tokenizer, sample, todo, mode, self.eos,
                                                self.max_length, self.max_new_tokens):
             row = {"key": row_key(sample.task, sample.id, setting.label, mode), **base, "label": setting.label,
@@ -123,22 +165,42 @@ def _check_options(modes: list[str], device: str, dtype: str) -> None:
         raise ValueError("--device cuda, but torch sees no GPU here")
 
 
+def planned(model_name: str, settings: list[Setting], options, *, dtype: str, attn: str, max_length: int | None,
+            max_new_tokens: int | None) -> dict[str, Any]:
+    """The answer-changing settings of a run known before its model is loaded (the prompt limit only when given:
+    by default it is the model's)."""
+    plan = {"model": model_name, "seed": options.seed, "suite": options.to_dict(), "dtype": str(getattr(torch, dtype)),
+            "attention": attn, "max_new_tokens": max_new_tokens, "methods": method_parameters(settings)}
+    if max_length is not None:
+        plan["max_length"] = max_length
+    return plan
+
+
 def evaluate(models: list[str | None], task_names: list[str], settings: list[Setting], modes: list[str], options,
              out: Path, *, device: str = "cpu", dtype: str = "float32", attn: str = "sdpa",
              max_length: int | None = None, max_new_tokens: int | None = None, retry_failed: bool = False,
              progress: bool = True) -> list[Path]:
-    """Run the grid on each model; results go to ``out/<model>/``. Returns those folders."""
+    """Run the grid on each model; results go to ``out/<model>/``. Returns those folders.
+
+    Every folder that exists already is checked against this run's answer-changing settings before any model is
+    loaded (:func:`~kvcake.eval.record.check_resume`).
+    """
     from kvcake import models as registry_models
     from kvcake.eval.tasks import check, load_samples
 
     _check_options(modes, device, dtype)
     tasks = check(task_names, options)
+    names = [name or registry_models.DEFAULT_MODEL for name in models]
+    for model_name in names:
+        folder = out / Path(model_name).name
+        plan = planned(model_name, settings, options, dtype=dtype, attn=attn, max_length=max_length,
+                       max_new_tokens=max_new_tokens)
+        check_resume(read_record(folder), plan, folder / RECORD)
     shard = Shard.from_env()
     if device == "cuda" and shard.world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     folders = []
-    for name in models:
-        model_name = name or registry_models.DEFAULT_MODEL
+    for name, model_name in zip(models, names, strict=True):
         model, tokenizer = registry_models.load(name, dtype=getattr(torch, dtype), attn_implementation=attn,
                                                 device_map=device if device != "cpu" else None)
         samples = load_samples(tasks, tokenizer, options)

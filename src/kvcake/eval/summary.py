@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvcake.eval.files import PREDICTIONS, read_predictions
+from kvcake.eval.files import PREDICTIONS, scan_predictions
 
 #: The columns of ``metrics.csv``.
 COLUMNS = ["model", "mode", "label", "method", "budget", "ratio", "task", "tasks", "samples", "failed", "score",
@@ -79,8 +79,9 @@ def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> list[dict[str, An
 
 
 def merge(folder: Path) -> list[dict[str, Any]]:
-    """Merge the shards' prediction files of ``folder`` into one ``predictions.jsonl`` and write the metrics."""
-    rows = read_predictions(folder)
+    """Merge the shards' prediction files of ``folder`` into one ``predictions.jsonl`` and write the metrics (lines
+    that are not rows are dropped)."""
+    rows = scan_predictions(folder).rows
     rows.sort(key=lambda r: (r["task"], str(r["id"]), r["mode"], r["label"]))
     tmp = folder / f".{PREDICTIONS}.jsonl.tmp"
     with tmp.open("w", encoding="utf-8") as f:

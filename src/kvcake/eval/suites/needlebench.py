@@ -173,10 +173,11 @@ def _multi_reasoning(rng: random.Random, depth: float, hops: int | None) -> dict
 
 def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[float] = DEPTHS, per_cell: int = 1,
              seed: int = 0, haystack: Haystack | None = None, needles: int = 5,
-             hops: int | None = None) -> list[Sample]:
+             hops: int | None = None, limit: int | None = None) -> list[Sample]:
     """One sample per (length, depth, repetition): prompts of about ``length`` tokens (prefix, context and question,
     measured with ``tokenizer``), the (first) needle at relative ``depth``. ``needles`` is the number of facts of
-    ``multi_retrieval``; ``hops`` the length of the ``multi_reasoning`` chain (default: random, 2 to 4)."""
+    ``multi_retrieval``; ``hops`` the length of the ``multi_reasoning`` chain (default: random, 2 to 4).
+    ``limit`` keeps the first ``limit`` samples of that order (the same samples as without it)."""
     if task not in TASKS:
         raise EvalDataError(f"unknown NeedleBench task {task!r}; known: {', '.join(TASKS)}")
     if per_cell < 1 or any(int(n) <= 0 for n in lengths):
@@ -187,10 +188,12 @@ def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[f
         if not 0.0 <= d <= 1.0:
             raise EvalDataError(f"depth {d} is outside [0, 1]")
     haystack = haystack or Haystack.default()
-    samples = []
+    samples: list[Sample] = []
     for length in lengths:
         for depth in depths:
             for rep in range(per_cell):
+                if limit is not None and len(samples) >= limit:
+                    return samples
                 rng = seeded(seed, "needlebench", task, length, float(depth), rep)
                 if task == "single":
                     spec = _single(rng, depth)

@@ -266,10 +266,11 @@ def _fwe(tokenizer, rng: random.Random, target: int) -> tuple[dict, int]:
 
 
 def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[float] = DEPTHS, per_cell: int = 1,
-             seed: int = 0, haystack: Haystack | None = None) -> list[Sample]:
+             seed: int = 0, haystack: Haystack | None = None, limit: int | None = None) -> list[Sample]:
     """Samples of prompts of about ``length`` tokens (prefix, context and question, measured with ``tokenizer``):
     one per (length, depth, repetition) for the ``niah_*`` tasks, ``per_cell`` per length for ``vt``, ``cwe`` and
-    ``fwe`` (which ignore ``depths``)."""
+    ``fwe`` (which ignore ``depths``). ``limit`` keeps the first ``limit`` samples of that order (the same samples
+    as without it)."""
     if task not in TASKS:
         raise EvalDataError(f"unknown RULER task {task!r}; known: {', '.join(TASKS)}")
     if per_cell < 1 or any(int(n) <= 0 for n in lengths):
@@ -280,9 +281,11 @@ def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[f
     haystack = haystack or Haystack.default()
     cells = [(int(n), float(d)) for n in lengths for d in depths] if task in DEPTH_TASKS else \
         [(int(n), None) for n in lengths]
-    samples = []
+    samples: list[Sample] = []
     for length, depth in cells:
         for rep in range(per_cell):
+            if limit is not None and len(samples) >= limit:
+                return samples
             rng = seeded(seed, "ruler", task, length, depth, rep)
             if task in DEPTH_TASKS or task == "vt":
                 spec = _niah(task, haystack, rng, depth) if depth is not None else _vt(haystack, rng)
