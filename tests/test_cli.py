@@ -141,7 +141,16 @@ def test_eval_then_report(tiny_folder, tmp_path):
     assert {"full", "cake@r0.5", "snapkv@r0.5"} <= set(record["methods"])
     result = run("report", str(tmp_path / "r"), "--out", str(tmp_path / "rep"))
     assert result.exit_code == 0, result.output
-    assert "| streamingllm@r0.5,sinks=2 |" in (tmp_path / "rep" / "report.md").read_text()
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| streamingllm@r0.5,sinks=2 |" in text
+    assert "No setting shares samples with snapkv at its budget." in text  # snapkv ran in the other mode only
+    result = run("report", str(tmp_path / "r"), "--out", str(tmp_path / "rep-full"), "--reference", "full",
+                 "--no-plots")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "rep-full" / "report.md").read_text()
+    assert "## Paired comparison with full" in text and "| cake@r0.5 | full | 2 | 3 |" in text
+    result = run("report", str(tmp_path / "r"), "--reference", "nope")
+    assert result.exit_code == 2 and "unknown reference method" in result.output
     assert run("report", str(tmp_path / "missing")).exit_code == 2
 
 

@@ -142,8 +142,26 @@ def test_report_tables_and_plots(chat, tmp_path):
     text = path.read_text()
     assert "| cake@r0.5 |" in text and "| full |" in text and "niah_single" in text
     names = {p.name for p in (tmp_path / "report").iterdir()}
-    assert {"report.md", "metrics.csv", "metrics.json", "scores_tiny_query-aware.png", "allocation_tiny.png",
+    assert {"report.md", "metrics.csv", "metrics.json", "comparison.csv", "comparison.json",
+            "scores_tiny_query-aware.png", "allocation_tiny.png",
             "heatmap_tiny_query-aware_ruler_niah_single.png"} <= names
+    # Every score has its interval, in the table and in the metrics files.
+    table = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    for t in table:
+        assert t["score_low"] <= t["score"] <= t["score_high"]
+        cell = f"{t['score']:.1f} [{t['score_low']:.1f}, {t['score_high']:.1f}]"
+        assert cell in text
+    assert (tmp_path / "report" / "metrics.csv").read_text().startswith(
+        "model,mode,label,method,budget,ratio,task,tasks,samples,failed,score,score_low,score_high,kv_fraction")
+    # The paired comparison with snapkv at the same ratio, over the 4 samples.
+    assert "## Paired comparison with snapkv" in text
+    compared = {c["label"]: c for c in json.loads((tmp_path / "report" / "comparison.json").read_text())
+                if c["task"] == "average"}
+    assert set(compared) == {"cake@r0.5", "cake@r0.25"} and compared["cake@r0.25"]["reference"] == "snapkv@r0.25"
+    assert all(c["pairs"] == 4 == c["wins"] + c["ties"] + c["losses"] for c in compared.values())
+    assert f"| cake@r0.5 | snapkv@r0.5 | 1 | 4 | {compared['cake@r0.5']['wins']} |" in text
+    with pytest.raises(EvalDataError, match="unknown reference method 'nope'"):
+        report([tmp_path / "run"], tmp_path / "again", reference="nope")
     with pytest.raises(EvalDataError, match="no predictions"):
         report([tmp_path / "report"], tmp_path / "again")
 

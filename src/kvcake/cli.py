@@ -259,13 +259,16 @@ def report_command(
     folders: list[Path] = typer.Argument(..., help="Result folders written by `kvcake eval`."),
     out_dir: Path = typer.Option(Path("eval-report"), "--out", help="Folder for report.md, metrics and plots."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw score-vs-budget, heatmaps and allocation."),
+    reference: str = typer.Option("snapkv", "--reference", help="Method every setting is compared with, pair by "
+                                                                "pair, at the same budget (full: the full cache)."),
 ) -> None:
-    """Turn `kvcake eval` results into a markdown table (method × budget, per task and average) and plots."""
+    """Turn `kvcake eval` results into a markdown table (method × budget, per task and average, with 95% bootstrap
+    intervals), a paired comparison with a reference method, and plots."""
     from kvcake.eval.report import report
     from kvcake.eval.sample import EvalDataError
 
     try:
-        path = report(folders, out_dir, plots=plots)
+        path = report(folders, out_dir, plots=plots, reference=reference)
     except EvalDataError as exc:
         _fail(str(exc))
     out.print(f"report: {path}")
