@@ -140,8 +140,50 @@ def test_eval_then_report(tiny_folder, tmp_path):
     assert {"full", "cake@r0.5", "snapkv@r0.5"} <= set(record["methods"])
     result = run("report", str(tmp_path / "r"), "--out", str(tmp_path / "rep"))
     assert result.exit_code == 0, result.output
-    assert "| streamingllm@r0.5,sinks=2 |" in (tmp_path / "rep" / "report.md").read_text()
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| streamingllm@r0.5,sinks=2 |" in text
+    assert "No setting shares samples with snapkv at its budget." in text  # snapkv ran in the other mode only
+    result = run("report", str(tmp_path / "r"), "--out", str(tmp_path / "rep-full"), "--reference", "full",
+                 "--no-plots")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "rep-full" / "report.md").read_text()
+    assert "## Paired comparison with full" in text and "| cake@r0.5 | full | 2 | 3 |" in text
+    result = run("report", str(tmp_path / "r"), "--reference", "nope")
+    assert result.exit_code == 2 and "unknown reference method" in result.output
     assert run("report", str(tmp_path / "missing")).exit_code == 2
+
+
+def test_eval_resume_with_another_answer_setting_is_refused_before_a_model_loads(tiny_folder, tmp_path, monkeypatch):
+    base = ["eval", "--models", str(tiny_folder), "--tasks", "ruler/niah_single", "--lengths", "500", "--depths",
+            "0.5", "--methods", "full,cake", "--ratios", "0.5", "--out", str(tmp_path), "--no-progress"]
+    assert run(*base, "--max-new-tokens", "2").exit_code == 0
+    record = (tmp_path / tiny_folder.name / "run.json").read_text()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("kvcake.models.load", no_load)
+    for extra, named in ((["--max-new-tokens", "3"], "max_new_tokens=2, not 3 (--max-new-tokens)"),
+                         (["--max-new-tokens", "2", "--max-length", "900"], "max_length=4096, not 900"),
+                         (["--max-new-tokens", "2", "--seed", "1"], "seed=0, not 1"),
+                         (["--max-new-tokens", "2", "--dtype", "bfloat16"], "dtype='torch.float32'")):
+        result = run(*base, *extra)
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and named in result.output
+    assert (tmp_path / tiny_folder.name / "run.json").read_text() == record
+
+
+def test_eval_limit_applies_to_the_synthetic_suites(tiny_folder, tmp_path):
+    result = run("eval", "--models", str(tiny_folder), "--tasks", "ruler/niah_single,needlebench/single",
+                 "--lengths", "500", "--depths", "0,0.5,1", "--limit", "2", "--methods", "full",
+                 "--max-new-tokens", "2", "--out", str(tmp_path), "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / tiny_folder.name / "predictions.jsonl").read_text().splitlines()]
+    assert sorted((r["task"], r["id"]) for r in rows) == [
+        ("needlebench/single", "L500_D0.5_R0"), ("needlebench/single", "L500_D0_R0"),
+        ("ruler/niah_single", "L500_D0.5_R0"), ("ruler/niah_single", "L500_D0_R0")]
+    result = run("eval", "--models", str(tiny_folder), "--tasks", "ruler/vt", "--limit", "0", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "--limit takes a positive number" in result.output
 
 
 SHARED_LONGBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "longbench"

@@ -102,7 +102,8 @@ def test_run_writes_rows_metrics_and_resumes(chat, tmp_path):
     kept = [line for line in lines if json.loads(line)["key"] != runner.row_key("ruler/niah_single", "s1", "cake@r0.5",
                                                                                 "query-agnostic")]
     (tmp_path / "predictions.jsonl").write_text("\n".join(kept) + '\n{"torn": ')
-    rows = _run(chat, tmp_path, samples, settings, modes=runner.MODES)
+    with pytest.warns(runner.EvalDataWarning, match="left out 1 line"):
+        rows = _run(chat, tmp_path, samples, settings, modes=runner.MODES)
     assert len(rows) == 20
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 21  # 19 kept + torn line + 1 redone
 
@@ -141,8 +142,26 @@ def test_report_tables_and_plots(chat, tmp_path):
     text = path.read_text()
     assert "| cake@r0.5 |" in text and "| full |" in text and "niah_single" in text
     names = {p.name for p in (tmp_path / "report").iterdir()}
-    assert {"report.md", "metrics.csv", "metrics.json", "scores_tiny_query-aware.png", "allocation_tiny.png",
+    assert {"report.md", "metrics.csv", "metrics.json", "comparison.csv", "comparison.json",
+            "scores_tiny_query-aware.png", "allocation_tiny.png",
             "heatmap_tiny_query-aware_ruler_niah_single.png"} <= names
+    # Every score has its interval, in the table and in the metrics files.
+    table = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    for t in table:
+        assert t["score_low"] <= t["score"] <= t["score_high"]
+        cell = f"{t['score']:.1f} [{t['score_low']:.1f}, {t['score_high']:.1f}]"
+        assert cell in text
+    assert (tmp_path / "report" / "metrics.csv").read_text().startswith(
+        "model,mode,label,method,budget,ratio,task,tasks,samples,failed,score,score_low,score_high,kv_fraction")
+    # The paired comparison with snapkv at the same ratio, over the 4 samples.
+    assert "## Paired comparison with snapkv" in text
+    compared = {c["label"]: c for c in json.loads((tmp_path / "report" / "comparison.json").read_text())
+                if c["task"] == "average"}
+    assert set(compared) == {"cake@r0.5", "cake@r0.25"} and compared["cake@r0.25"]["reference"] == "snapkv@r0.25"
+    assert all(c["pairs"] == 4 == c["wins"] + c["ties"] + c["losses"] for c in compared.values())
+    assert f"| cake@r0.5 | snapkv@r0.5 | 1 | 4 | {compared['cake@r0.5']['wins']} |" in text
+    with pytest.raises(EvalDataError, match="unknown reference method 'nope'"):
+        report([tmp_path / "run"], tmp_path / "again", reference="nope")
     with pytest.raises(EvalDataError, match="no predictions"):
         report([tmp_path / "report"], tmp_path / "again")
 
@@ -162,3 +181,75 @@ def test_sharded_run_with_torchrun_merges(chat_model_dir, tmp_path):
     assert len(rows) == 2 * 2 and {r["id"] for r in rows} and all(r["error"] is None for r in rows)
     record = json.loads((folder / "run.json").read_text())
     assert record["runs"][-1]["shards"] == 2 and record["runs"][-1]["versions"]["torch"] == torch.__version__
+
+
+# -- the resume contract and a run's record ---------------------------------------------------------------------------
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"max_new_tokens": 3}, "max_new_tokens=None, not 3"),
+    ({"max_length": 900}, "max_length=None, not 900"),
+])
+def test_resume_refuses_other_answer_limits(chat, tmp_path, change, named):
+    settings = runner.grid(["full"])
+    _run(chat, tmp_path, [sample(0)], settings)
+    before = _files(tmp_path)
+    with pytest.raises(EvalDataError, match=named):
+        _run(chat, tmp_path, [sample(0)], settings, **change)
+    assert _files(tmp_path) == before  # refused before anything is written
+    _run(chat, tmp_path, [sample(0)], settings)  # the same settings resume
+    assert len(json.loads((tmp_path / "run.json").read_text())["runs"]) == 2
+
+
+def test_resume_refuses_other_method_parameters_and_other_samples(chat, tmp_path):
+    settings = runner.grid(["cake"], ratios=[0.5])
+    _run(chat, tmp_path, [sample(0)], settings)
+    path = tmp_path / "run.json"
+    record = json.loads(path.read_text())
+    record["methods"]["cake@r0.5"]["scorer"]["gamma"] = 100.0  # as another version's default would have it
+    path.write_text(json.dumps(record))
+    with pytest.raises(EvalDataError, match=r"cake@r0.5 answers made with scorer.gamma=100.0, not 200.0"):
+        _run(chat, tmp_path, [sample(0)], settings)
+    record["methods"]["cake@r0.5"]["scorer"]["gamma"] = 200.0
+    path.write_text(json.dumps(record))
+    # Another chat rule (or prompt) under the same task and id is another sample: its rows are not reused.
+    for changed in (sample(0, chat=False), sample(0, context=STORY[:-1])):
+        with pytest.raises(EvalDataError, match="another version of sample ruler/niah_single s0"):
+            _run(chat, tmp_path, [changed], settings)
+    assert len(_run(chat, tmp_path, [sample(0), sample(1)], settings)) == 2
+
+
+def test_lines_that_are_not_rows_are_left_out_and_counted(chat, tmp_path):
+    settings = runner.grid(["full"])
+    _run(chat, tmp_path, [sample(0), sample(1)], settings)
+    path = tmp_path / "predictions.jsonl"
+    lines = path.read_text().splitlines()
+    dropped = json.loads(lines[1])["key"]
+    path.write_text("\n".join([lines[0], "[1, 2]", '"x"', "3", "null", '{"key": "no other field"}']) + "\n")
+    with pytest.warns(runner.EvalDataWarning, match="left out 5 line"):
+        rows = _run(chat, tmp_path, [sample(0), sample(1)], settings)
+    assert sorted(r["key"] for r in rows) == sorted([json.loads(lines[0])["key"], dropped])  # the lost row redone
+    run = json.loads((tmp_path / "run.json").read_text())["runs"][-1]
+    assert run["ignored_lines"] == 5 and run["status"] == "completed"
+    with pytest.warns(runner.EvalDataWarning, match="predictions.jsonl: 5"):
+        assert len(runner.read_predictions(tmp_path)) == 2
+
+
+def test_a_run_that_fails_is_recorded_as_failed(chat, tmp_path, monkeypatch):
+    settings = runner.grid(["full"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device went away")
+        yield
+
+    monkeypatch.setattr("kvcake.eval.run.answer_settings", broken)
+    with pytest.raises(RuntimeError, match="went away"):
+        _run(chat, tmp_path, [sample(0)], settings)
+    runs = json.loads((tmp_path / "run.json").read_text())["runs"]
+    assert runs[-1]["status"] == "failed" and "went away" in runs[-1]["error"]
+    monkeypatch.undo()
+    _run(chat, tmp_path, [sample(0)], settings)
+    runs = json.loads((tmp_path / "run.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["failed", "completed"] and "finished" in runs[-1]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from rouge import Rouge
 
-from kvcake.eval import longbench, longbench_metrics
 from kvcake.eval.metrics import METRICS
 from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.suites import longbench, longbench_metrics
 
 MULTI_NEWS = Path("/work/shared/data/longbench/multi_news.jsonl")
 # config/dataset2prompt.json of THUDM/LongBench, verbatim

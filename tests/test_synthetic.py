@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 import kvcake
-from kvcake.eval import needlebench, ruler
 from kvcake.eval.haystack import Haystack, count_tokens
 from kvcake.eval.metrics import METRICS
 from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.suites import needlebench, ruler
 from kvcake.needle import HAYSTACK_MODULES, haystack_paragraphs, needle_case
 
 SUITES = [(needlebench, t) for t in needlebench.TASKS] + [(ruler, t) for t in ruler.TASKS]
@@ -79,9 +79,22 @@ def test_same_seed_same_samples_other_seed_other_samples(tok, module, task):
     assert [s.answers for s in a] != [s.answers for s in c]
 
 
+def test_limit_keeps_the_first_samples_of_each_task(tok):
+    from kvcake.eval.tasks import SuiteOptions, load_samples
+
+    for module, task in ((needlebench, "single"), (ruler, "vt")):
+        whole = module.generate(task, tok, lengths=[500, 600], depths=[0.0, 1.0], per_cell=2, seed=4)
+        for limit in (1, 3, len(whole) + 1):
+            assert module.generate(task, tok, lengths=[500, 600], depths=[0.0, 1.0], per_cell=2, seed=4,
+                                   limit=limit) == whole[:limit]
+    options = SuiteOptions(lengths=[500], depths=[0.0, 0.5, 1.0], per_cell=2, limit=2)
+    samples = load_samples(["needlebench/single", "ruler/niah_single", "ruler/cwe"], tok, options)
+    assert Counter(s.task for s in samples) == {"needlebench/single": 2, "ruler/niah_single": 2, "ruler/cwe": 2}
+
+
 def test_samples_do_not_depend_on_the_process_hash_seed(tok):
     code = ("import hashlib, json, sys; from transformers import AutoTokenizer; from kvcake.models import resolve; "
-            "from kvcake.eval import needlebench, ruler; tok = AutoTokenizer.from_pretrained(resolve(None)); "
+            "from kvcake.eval.suites import needlebench, ruler; tok = AutoTokenizer.from_pretrained(resolve(None)); "
             "s = [m.generate(t, tok, lengths=[500], depths=[0.4], seed=5)[0].to_dict() "
             "for m, t in ((needlebench, 'multi_reasoning'), (ruler, 'niah_multikey'), (ruler, 'cwe'))]; "
             "print(hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest())")
@@ -121,7 +134,7 @@ def test_needlebench_multi_retrieval_asks_for_every_needle(tok):
     assert len(s.answers) == 5 == len(s.meta["needles"]) and s.metric == "needlebench_multi"
     assert s.meta["depths"] == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6])
     positions = []
-    for needle, keyword, depth in zip(s.meta["needles"], s.answers, s.meta["depths"]):
+    for needle, keyword, depth in zip(s.meta["needles"], s.answers, s.meta["depths"], strict=True):
         assert keyword in needle and s.context.count(needle) == 1
         positions.append(s.context.index(needle) / len(s.context))
         assert abs(positions[-1] - depth) <= 0.1
@@ -159,7 +172,7 @@ def test_needlebench_multi_reasoning_answer_is_the_end_of_the_chain(tok):
         while person in elder:
             person = elder[person]
         assert s.answers == [person] == [s.meta["chain"][0]]
-        for needle, d in zip(s.meta["needles"], s.meta["depths"]):
+        for needle, d in zip(s.meta["needles"], s.meta["depths"], strict=True):
             assert abs(s.context.index(needle) / len(s.context) - d) <= 0.1
     assert one(needlebench, "multi_reasoning", tok, hops=3).meta["hops"] == 3
 

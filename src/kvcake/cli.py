@@ -326,7 +326,7 @@ def eval_command(
                                                   "setting), query-agnostic (the context alone, question after), "
                                                   "or both, comma-separated."),
     data: Path | None = typer.Option(None, help="LongBench data: folder of <task>.jsonl files or data.zip."),
-    limit: int | None = typer.Option(None, help="LongBench: first N samples of each task."),
+    limit: int | None = typer.Option(None, help="The first N samples of each task (every suite)."),
     lengths: str = typer.Option("1000,2000", help="Synthetic suites: context lengths in tokens."),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", help="Synthetic suites: needle depths in [0, 1]."),
     per_cell: int = typer.Option(1, help="Synthetic suites: samples per length (and depth)."),
@@ -389,13 +389,16 @@ def report_command(
     folders: list[Path] = typer.Argument(..., help="Result folders written by `kvcake eval`."),
     out_dir: Path = typer.Option(Path("eval-report"), "--out", help="Folder for report.md, metrics and plots."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw score-vs-budget, heatmaps and allocation."),
+    reference: str = typer.Option("snapkv", "--reference", help="Method every setting is compared with, pair by "
+                                                                "pair, at the same budget (full: the full cache)."),
 ) -> None:
-    """Turn `kvcake eval` results into a markdown table (method × budget, per task and average) and plots."""
+    """Turn `kvcake eval` results into a markdown table (method × budget, per task and average, with 95% bootstrap
+    intervals), a paired comparison with a reference method, and plots."""
     from kvcake.eval.report import report
     from kvcake.eval.sample import EvalDataError
 
     try:
-        path = report(folders, out_dir, plots=plots)
+        path = report(folders, out_dir, plots=plots, reference=reference)
     except EvalDataError as exc:
         _fail(str(exc))
     out.print(f"report: {path}")

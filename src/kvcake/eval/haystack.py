@@ -171,8 +171,8 @@ class Haystack:
         chosen: list[str] = []
         total = skipped = 0
         while tokens - total > 2 and skipped < 64:
-            kept = []
-            for sentence, cost in zip(self.sentences[p], counts[p]):
+            kept: list[str] = []
+            for sentence, cost in zip(self.sentences[p], counts[p], strict=True):
                 cost += 1 if (chosen and not kept) else 0  # the blank line between paragraphs
                 if total + cost <= tokens:
                     kept.append(sentence)
@@ -228,12 +228,13 @@ class Haystack:
             if abs(measured - tokens) <= max(2, tokens // 200):
                 break
             budget += tokens - measured
+        assert best is not None  # the loop ran at least once
         return best[1], best[2]
 
     def words(self) -> list[str]:
         """Distinct lower-case English-like words of the corpus (4 to 10 letters, no stop words), sorted."""
         if self._words is None:
-            found = set()
+            found: set[str] = set()
             for para in self.paragraphs:
                 found.update(w for w in _WORD.findall(para) if w not in _STOPWORDS and _VOWEL.search(w))
             self._words = sorted(found)

@@ -1,16 +1,22 @@
-"""Turn evaluation result folders into a markdown report with plots (``kvcake report``)."""
+"""Turn evaluation result folders into a markdown report with plots (``kvcake report``): per-task and average
+scores with their bootstrap intervals, a paired comparison of every setting with a reference method, the run
+records, and the plots of :mod:`kvcake.eval.figures`."""
 
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from kvcake.eval.runner import RECORD, read_predictions, summarise, write_metrics
+from kvcake.eval import stats
+from kvcake.eval.comparison import DEFAULT_REFERENCE, compare_rows, write_comparison
+from kvcake.eval.figures import label_order, plot_allocation, plot_heatmaps, plot_scores
+from kvcake.eval.files import RECORD, read_predictions
+from kvcake.eval.record import read_record
 from kvcake.eval.sample import EvalDataError
-from kvcake.plots import pyplot, save
+from kvcake.eval.summary import write_metrics
+from kvcake.methods.registry import METHODS
 
 
 def load_results(folders: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -28,222 +34,126 @@ def load_results(folders: list[Path]) -> tuple[list[dict[str, Any]], list[dict[s
     for run in runs:
         rows += read_predictions(run)
         if (run / RECORD).is_file():
-            records.append(json.loads((run / RECORD).read_text()))
+            records.append(read_record(run))
     return rows, records
-
-
-def _order(table: list[dict[str, Any]]) -> list[str]:
-    """Labels: methods in the registry's order (full, cake, then the baselines), larger budgets first."""
-    from kvcake.methods.registry import METHODS
-
-    known = list(METHODS)
-    methods = sorted({t["method"] for t in table}, key=lambda m: (known.index(m) if m in known else len(known), m))
-
-    def key(t):
-        size = t["ratio"] if t["ratio"] is not None else (t["budget"] or 0)
-        return methods.index(t["method"]), t["ratio"] is None, -size
-
-    labels: list[str] = []
-    for t in sorted(table, key=key):
-        if t["label"] not in labels:
-            labels.append(t["label"])
-    return labels
 
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def markdown(table: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
-    lines = ["# kvcake evaluation", ""]
+def _with_interval(value, low, high) -> str:
+    """``61.2 [48.0, 73.5]``; the value alone when there is no interval."""
+    if value is None or low is None:
+        return _fmt(value)
+    return f"{value:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def _by_group(table: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for t in table:
         groups[(t["model"], t["mode"])].append(t)
-    for (model, mode), members in groups.items():
-        tasks = [t for t in dict.fromkeys(m["task"] for m in members) if t != "average"] + ["average"]
-        cells = {(m["label"], m["task"]): m for m in members}
-        lines += [f"## {model} — {mode}", "",
-                  ("Scores are in [0, 100] (the metric of each task); `KV kept` is the KV-cache bytes after prefill "
-                   "over the full cache's, averaged over samples. Failed samples are counted in `failed`."), ""]
-        shared = max((m.get("tasks") or 0 for m in members if m["task"] == "average"), default=0)
-        if shared < len(tasks) - 1:
-            lines += [f"`average` is over the {shared} tasks every setting ran; the other columns are shown apart.", ""]
-        lines.append("| method | KV kept | " + " | ".join(t.split("/", 1)[-1] for t in tasks) + " | failed |")
-        lines.append("|---|---|" + "---|" * len(tasks) + "---|")
-        for label in _order(members):
-            avg = cells.get((label, "average"))
-            kept = f"{100 * avg['kv_fraction']:.1f}%" if avg and avg["kv_fraction"] is not None else "–"
-            scores = [_fmt(cells[(label, t)]["score"]) if (label, t) in cells else "" for t in tasks]
-            failed = avg["failed"] if avg else 0
-            lines.append(f"| {label} | {kept} | " + " | ".join(scores) + f" | {failed} |")
-        samples: dict[str, int] = {}
-        for m in members:
-            samples[m["task"]] = max(samples.get(m["task"], 0), m["samples"] + m["failed"])
-        lines += ["", "Samples per task: " + ", ".join(f"{k.split('/', 1)[-1]} {v}" for k, v in samples.items()
-                                                       if k != "average"), ""]
+    return groups
+
+
+INTERVALS = (f"`[low, high]` is the {stats.LEVEL:.0%} percentile-bootstrap interval of the mean over samples "
+             f"({stats.RESAMPLES:,} resamples, fixed seed); for `average`, every resample draws each task's samples "
+             "within that task and averages the task means.")
+
+
+def _score_table(model, mode, members: list[dict[str, Any]]) -> list[str]:
+    tasks = [t for t in dict.fromkeys(m["task"] for m in members) if t != "average"] + ["average"]
+    cells = {(m["label"], m["task"]): m for m in members}
+    lines = [f"## {model} — {mode}", "",
+             ("Scores are in [0, 100] (the metric of each task); `KV kept` is the KV-cache bytes after prefill "
+              "over the full cache's, averaged over samples. Failed samples are counted in `failed`. " + INTERVALS),
+             ""]
+    shared = max((m.get("tasks") or 0 for m in members if m["task"] == "average"), default=0)
+    if shared < len(tasks) - 1:
+        lines += [f"`average` is over the {shared} tasks every setting ran; the other columns are shown apart.", ""]
+    lines.append("| method | KV kept | " + " | ".join(t.split("/", 1)[-1] for t in tasks) + " | failed |")
+    lines.append("|---|---|" + "---|" * len(tasks) + "---|")
+    for label in label_order(members):
+        avg = cells.get((label, "average"))
+        kept = f"{100 * avg['kv_fraction']:.1f}%" if avg and avg["kv_fraction"] is not None else "–"
+        scores = [_with_interval(c["score"], c.get("score_low"), c.get("score_high")) if (c := cells.get((label, t)))
+                  else "" for t in tasks]
+        failed = avg["failed"] if avg else 0
+        lines.append(f"| {label} | {kept} | " + " | ".join(scores) + f" | {failed} |")
+    samples: dict[str, int] = {}
+    for m in members:
+        samples[m["task"]] = max(samples.get(m["task"], 0), m["samples"] + m["failed"])
+    lines += ["", "Samples per task: " + ", ".join(f"{k.split('/', 1)[-1]} {v}" for k, v in samples.items()
+                                                   if k != "average"), ""]
+    return lines
+
+
+def _comparison_table(model, mode, members: list[dict[str, Any]], reference: str) -> list[str]:
+    """The paired comparison of every setting of (model, mode) with the reference: the ``average`` rows."""
+    average = [c for c in members if c["task"] == "average"]
+    lines = [f"### {model} — {mode}: paired comparison with {reference}", "",
+             (f"Each setting against {reference} at the same budget, on the samples both answered (same task, id "
+              f"and mode): wins, ties and losses count samples; `difference` is the mean score difference "
+              f"(setting − {reference}, averaged over the tasks with pairs) with its {stats.LEVEL:.0%} paired "
+              "bootstrap interval (pairs resampled within each task)."), "",
+             "| method | reference | tasks | pairs | wins | ties | losses | difference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label in label_order(average):
+        c = next(c for c in average if c["label"] == label)
+        diff = f"{c['difference']:+.1f} [{c['difference_low']:+.1f}, {c['difference_high']:+.1f}]"
+        lines.append(f"| {label} | {c['reference']} | {c['tasks']} | {c['pairs']} | {c['wins']} | {c['ties']} | "
+                     f"{c['losses']} | {diff} |")
+    return lines + [""]
+
+
+def _runs(records: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Runs", ""]
+    for r in records:
+        lines.append(f"- {r.get('model')} ({r.get('architecture')}, {r.get('dtype')}, {r.get('attention')}), "
+                     f"seed {r.get('seed')}, suite options {json.dumps(r.get('suite'))}:")
+        for run in (x for x in r.get("runs", []) if isinstance(x, dict)):
+            versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items())
+            cap = run.get("max_new_tokens")
+            status = run.get("status")
+            unfinished = "" if status in (None, "completed") else (
+                f"; **{'did not finish' if status == 'running' else status}**"
+                + (f" ({run['error']})" if run.get("error") else ""))
+            lines.append(f"  - {run.get('started')}: `{run.get('command')}` — commit "
+                         f"{str(run.get('git_commit'))[:10]}; {versions}"
+                         + (f"; answers capped at {cap} tokens" if cap else "") + unfinished)
+    return lines + [""]
+
+
+def markdown(table: list[dict[str, Any]], records: list[dict[str, Any]],
+             comparison: list[dict[str, Any]] | None = None, reference: str = DEFAULT_REFERENCE) -> str:
+    """``report.md``: a score table per model and mode, the paired comparisons with ``reference``, the runs."""
+    lines = ["# kvcake evaluation", ""]
+    for (model, mode), members in _by_group(table).items():
+        lines += _score_table(model, mode, members)
+    if comparison is not None:
+        groups = _by_group(comparison)
+        lines += [f"## Paired comparison with {reference}", ""]
+        if not groups:
+            lines += [f"No setting shares samples with {reference} at its budget.", ""]
+        for (model, mode), members in groups.items():
+            lines += _comparison_table(model, mode, members, reference)
     if records:
-        lines += ["## Runs", ""]
-        for r in records:
-            lines.append(f"- {r.get('model')} ({r.get('architecture')}, {r.get('dtype')}, {r.get('attention')}), "
-                         f"seed {r.get('seed')}, suite options {json.dumps(r.get('suite'))}:")
-            for run in (x for x in r.get("runs", []) if isinstance(x, dict)):
-                versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items())
-                cap = run.get("max_new_tokens")
-                lines.append(f"  - {run.get('started')}: `{run.get('command')}` — commit "
-                             f"{str(run.get('git_commit'))[:10]}; {versions}"
-                             + (f"; answers capped at {cap} tokens" if cap else ""))
-        lines.append("")
+        lines += _runs(records)
     return "\n".join(lines)
 
 
-def _size(t: dict[str, Any]) -> float:
-    return t["ratio"] if t["ratio"] is not None else t["budget"]
-
-
-def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Score vs budget, one panel per task (and the average), one line per method."""
-    plt = pyplot()
-    written = []
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for t in table:
-        groups[(t["model"], t["mode"])].append(t)
-    for (model, mode), members in groups.items():
-        tasks = [t for t in dict.fromkeys(m["task"] for m in members) if t != "average"] + ["average"]
-        cols = min(4, len(tasks))
-        rows = -(-len(tasks) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-        ratios = any(m["ratio"] is not None for m in members)
-        for ax, task in zip(axes.flat, tasks):
-            here = [m for m in members if m["task"] == task and m["score"] is not None]
-            for m in here:
-                if m["method"] == "full":
-                    ax.axhline(m["score"], color="black", linestyle="--", linewidth=1, label="full")
-            by_method: dict[str, list] = defaultdict(list)
-            order = _order(here)
-            for m in sorted(here, key=lambda m: order.index(m["label"])):
-                if m["method"] != "full" and (m["ratio"] is not None) == ratios:
-                    by_method[m["method"]].append((_size(m), m["score"]))
-            for method, points in by_method.items():
-                points.sort()
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method,
-                        color=_color(method), linewidth=2.5 if method == "cake" else 1.2)
-            ax.set_xscale("log")
-            sizes = sorted({_size(m) for m in here if m["method"] != "full" and (m["ratio"] is not None) == ratios})
-            ax.set_xticks(sizes, [f"{v:.0%}" if ratios else str(v) for v in sizes])
-            ax.minorticks_off()
-            ax.set_title(task.split("/", 1)[-1], fontsize=10)
-            ax.set_xlabel("budget (share of the prompt)" if ratios else "budget (tokens per layer)")
-            ax.set_ylim(-3, 103)
-            ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(tasks):]:
-            ax.axis("off")
-        handles, labels = axes.flat[len(tasks) - 1].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), frameon=False)
-        fig.suptitle(f"{model} — {mode}: score vs cache budget")
-        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-        written.append(save(fig, out / f"scores_{_slug(model)}_{mode}.png"))
-    return written
-
-
-def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """NeedleBench-style heatmaps: mean score by needle depth × context length, per method and budget."""
-    plt = pyplot()
-    written = []
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        meta = r.get("meta") or {}
-        if r.get("error") is None and "depth" in meta and "length" in meta:
-            groups[(r.get("model"), r["mode"], r["task"])].append(r)
-    for (model, mode, task), members in groups.items():
-        lengths = sorted({r["meta"]["length"] for r in members})
-        depths = sorted({r["meta"]["depth"] for r in members})
-        if len(lengths) * len(depths) < 2:
-            continue  # one cell: the table says it all
-        table = summarise(members)
-        labels = _order([t for t in table if t["task"] != "average"])
-        cols = min(5, len(labels))
-        nrows = -(-len(labels) // cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols + 1, 2.4 * nrows + 0.6), squeeze=False)
-        image = None
-        for ax, label in zip(axes.flat, labels):
-            cell: dict[tuple, list[float]] = defaultdict(list)
-            for r in members:
-                if r["label"] == label:
-                    cell[(r["meta"]["depth"], r["meta"]["length"])].append(r["score"])
-            grid = [[sum(cell[(d, n)]) / len(cell[(d, n)]) if cell[(d, n)] else float("nan") for n in lengths]
-                    for d in depths]
-            image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-            if len(depths) * len(lengths) <= 40:
-                for y, line in enumerate(grid):
-                    for x, value in enumerate(line):
-                        if not math.isnan(value):
-                            ax.text(x, y, f"{value:.0f}", ha="center", va="center", fontsize=7)
-            ax.set_title(label, fontsize=8)
-            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-        for ax in list(axes.flat)[len(labels):]:
-            ax.axis("off")
-        if image is not None:
-            fig.colorbar(image, ax=axes, shrink=0.6, label="score")
-        fig.suptitle(f"{model} — {task} ({mode}): depth × context length")
-        written.append(save(fig, out / f"heatmap_{_slug(model)}_{mode}_{_slug(task)}.png"))
-    return written
-
-
-def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Tokens kept per layer after prefill for one sample, every method at each budget CAKE ran at."""
-    plt = pyplot()
-    written = []
-    by_model: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r.get("error") is None and r.get("layer_kept"):
-            by_model[r.get("model")].append(r)
-    for model, members in by_model.items():
-        cake = [r for r in members if r["method"] == "cake"]
-        if not cake:
-            continue
-        first = cake[0]
-        sample = [r for r in members if (r["task"], r["id"], r["mode"]) == (first["task"], first["id"], first["mode"])]
-        sizes = sorted({_size(r) for r in sample if r["method"] == "cake"}, reverse=True)
-        fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.4), squeeze=False)
-        for ax, size in zip(axes.flat, sizes):
-            for r in sample:
-                if r["method"] != "full" and _size(r) == size:
-                    ax.plot(range(len(r["layer_kept"])), r["layer_kept"], label=r["method"],
-                            color=_color(r["method"]), linewidth=2.5 if r["method"] == "cake" else 1)
-            ax.set_title(f"{size:.0%} of the prompt" if size <= 1 and isinstance(size, float) else f"budget {size}",
-                         fontsize=10)
-            ax.set_xlabel("layer")
-            ax.set_ylabel("tokens kept")
-            ax.grid(alpha=0.3)
-        axes.flat[0].legend(fontsize=7)
-        fig.suptitle(f"{model}: tokens kept per layer after prefill, {first['compressed_tokens']}-token prompt — "
-                     f"{first['task']} {first['id']} ({first['mode']})", fontsize=10)
-        fig.tight_layout()
-        written.append(save(fig, out / f"allocation_{_slug(model)}.png"))
-    return written
-
-
-COLORS = {"full": "black", "cake": "tab:red", "snapkv": "tab:blue", "pyramidkv": "tab:orange", "h2o": "tab:green",
-          "tova": "tab:purple", "streamingllm": "tab:brown", "ada-snapkv": "tab:cyan", "ada-cake": "tab:pink",
-          "cake-snapkv": "tab:olive", "cake-h2o": "tab:gray", "uniform-cake": "gold", "snapkv-cake-alloc": "navy"}
-
-
-def _color(method: str):
-    """The same colour for a method in every plot."""
-    return COLORS.get(method)
-
-
-def _slug(text: Any) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in str(text))
-
-
-def report(folders: list[Path], out: Path, plots: bool = True) -> Path:
-    """Write ``report.md``, ``metrics.csv``/``metrics.json`` and the plots for the results in ``folders``."""
+def report(folders: list[Path], out: Path, plots: bool = True, reference: str = DEFAULT_REFERENCE) -> Path:
+    """Write ``report.md``, ``metrics.csv``/``metrics.json``, ``comparison.csv``/``comparison.json`` (every
+    setting against ``reference``, a method name) and the plots for the results in ``folders``."""
+    reference = reference.lower()
+    if reference not in METHODS:
+        raise EvalDataError(f"unknown reference method {reference!r}; known: {', '.join(METHODS)}")
     rows, records = load_results(folders)
     out.mkdir(parents=True, exist_ok=True)
     table = write_metrics(out, rows)
-    text = markdown(table, records)
+    comparison = compare_rows(rows, reference)
+    write_comparison(out, comparison)
+    text = markdown(table, records, comparison, reference)
     if plots:
         images = plot_scores(table, out) + plot_heatmaps(rows, out) + plot_allocation(rows, out)
         text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"

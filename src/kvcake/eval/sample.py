@@ -7,6 +7,9 @@ prompt is prefilled and compressed together (the paper's setting). Both modes se
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +34,16 @@ class Sample:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def digest(self) -> str:
+        """A short hash of everything the sample is (prompt text, references, metric, answer length, chat rule,
+        meta): rows answering one version of a sample are never reused for another."""
+        text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sample:
         return cls(**data)
+
+
+#: A metric maps ``(prediction, references, sample)`` to a score in [0, 100].
+Metric = Callable[[str, list[str], Sample], float]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcake.eval import longbench, longbench_metrics, needlebench, ruler  # noqa: F401 - they register their metrics
 from kvcake.eval.haystack import Haystack
 from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.suites import longbench, needlebench, ruler
 
 SUITES: dict[str, tuple[str, ...]] = {
     "needlebench": tuple(f"needlebench/{t}" for t in needlebench.TASKS),
@@ -27,7 +27,7 @@ class SuiteOptions:
     per_cell: int = 1
     seed: int = 0
     corpus: Path | None = None
-    limit: int | None = None  # LongBench: first N records of each task
+    limit: int | None = None  # the first N samples of each task (every suite)
 
     def to_dict(self) -> dict:
         return {"data": str(self.data) if self.data else None, "lengths": self.lengths, "depths": self.depths,
@@ -55,7 +55,9 @@ def expand(names: list[str]) -> list[str]:
 
 
 def check(names: list[str], options: SuiteOptions) -> list[str]:
-    """Expand ``names`` and check LongBench's data is there, before any model is loaded."""
+    """Expand ``names`` and check the options and LongBench's data, before any model is loaded."""
+    if options.limit is not None and options.limit < 1:
+        raise EvalDataError(f"--limit takes a positive number of samples per task, not {options.limit}")
     tasks = expand(names)
     for task in tasks:
         suite, name = task.split("/", 1)
@@ -70,7 +72,7 @@ def check(names: list[str], options: SuiteOptions) -> list[str]:
 
 
 def load_samples(names: list[str], tokenizer, options: SuiteOptions) -> list[Sample]:
-    """The samples of every named task, in order."""
+    """The samples of every named task, in order (the first ``options.limit`` of each task)."""
     samples: list[Sample] = []
     haystack = None
     for task in expand(names):
@@ -85,5 +87,6 @@ def load_samples(names: list[str], tokenizer, options: SuiteOptions) -> list[Sam
             haystack = Haystack.from_path(options.corpus) if options.corpus else Haystack.default()
         module = needlebench if suite == "needlebench" else ruler
         samples += module.generate(name, tokenizer, lengths=options.lengths, depths=options.depths,
-                                   per_cell=options.per_cell, seed=options.seed, haystack=haystack)
+                                   per_cell=options.per_cell, seed=options.seed, haystack=haystack,
+                                   limit=options.limit)
     return samples

@@ -18,7 +18,7 @@ the Paul Graham essays), and so are the keys: two corpus words joined by a hyphe
 
 ``vt``, ``cwe`` and ``fwe`` have no depth: they make ``per_cell`` samples per length. Scores are RULER's
 ``string_match_all`` (the share of references found in the prediction, case-insensitive, x 100) for every task, and
-``string_match_part`` (100 if any reference is found) is registered too.
+``string_match_part`` (100 if any reference is found) is in :data:`METRICS` too.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import string
 from collections.abc import Callable, Sequence
 
 from kvcake.eval.haystack import Haystack, count_tokens, seeded
-from kvcake.eval.metrics import register
-from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.sample import EvalDataError, Metric, Sample
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 DEPTH_TASKS = TASKS[:4]
@@ -114,7 +113,7 @@ def _niah(task: str, haystack: Haystack, rng: random.Random, depth: float) -> di
             template = template.replace(old, new)
         kind = "number"
     prefix, question = _split(template, type_needle_v=kind, query=_join([keys[i] for i in asked]))
-    return {"prefix": prefix, "question": question, "needles": list(zip(depths, needles)),
+    return {"prefix": prefix, "question": question, "needles": list(zip(depths, needles, strict=True)),
             "answers": [v for i in asked for v in values[i]], "max_new_tokens": MAX_NEW_TOKENS["niah"],
             "meta": {"keys": keys, "asked": [keys[i] for i in asked], "needles": needles}}
 
@@ -133,7 +132,8 @@ def _vt_chain(rng: random.Random, letters: int, hops: int) -> tuple[list[str], l
 def _vt(haystack: Haystack, rng: random.Random) -> dict:
     ex_names, ex_chain, ex_value = _vt_chain(rng, 3, VT_HOPS)
     noise = [VT_NOISE] * 4
-    for pos, statement in zip(sorted(rng.sample(range(len(noise) + len(ex_chain)), len(ex_chain))), ex_chain):
+    slots = sorted(rng.sample(range(len(noise) + len(ex_chain)), len(ex_chain)))
+    for pos, statement in zip(slots, ex_chain, strict=True):
         noise.insert(pos, statement)
     example = (VT_TEMPLATE + VT_ANSWER).format(context=" ".join(noise).replace(". \n", ".\n"), query=ex_value,
                                                num_v=VT_HOPS + 1)
@@ -141,7 +141,7 @@ def _vt(haystack: Haystack, rng: random.Random) -> dict:
     head, question = _split(VT_TEMPLATE + VT_ANSWER, query=value, num_v=VT_HOPS + 1)
     depths = sorted(rng.random() for _ in chain)
     return {"prefix": example + " ".join(ex_names) + "\n\n" + head, "question": question,
-            "needles": list(zip(depths, chain)), "answers": names, "max_new_tokens": MAX_NEW_TOKENS["vt"],
+            "needles": list(zip(depths, chain, strict=True)), "answers": names, "max_new_tokens": MAX_NEW_TOKENS["vt"],
             "meta": {"chain": chain, "value": value}}
 
 
@@ -255,7 +255,7 @@ def _fwe(tokenizer, rng: random.Random, target: int) -> tuple[dict, int]:
         return [int(n * k ** -FWE_ALPHA / zeta) for k in range(1, len(words) + 1)]
 
     def build(n: int) -> tuple[str, str, str]:
-        text = [w for w, c in zip(words, counts(n)) for _ in range(c)]
+        text = [w for w, c in zip(words, counts(n), strict=True) for _ in range(c)]
         random.Random(sub_seed).shuffle(text)
         return prefix, " ".join(text), question
 
@@ -266,10 +266,11 @@ def _fwe(tokenizer, rng: random.Random, target: int) -> tuple[dict, int]:
 
 
 def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[float] = DEPTHS, per_cell: int = 1,
-             seed: int = 0, haystack: Haystack | None = None) -> list[Sample]:
+             seed: int = 0, haystack: Haystack | None = None, limit: int | None = None) -> list[Sample]:
     """Samples of prompts of about ``length`` tokens (prefix, context and question, measured with ``tokenizer``):
     one per (length, depth, repetition) for the ``niah_*`` tasks, ``per_cell`` per length for ``vt``, ``cwe`` and
-    ``fwe`` (which ignore ``depths``)."""
+    ``fwe`` (which ignore ``depths``). ``limit`` keeps the first ``limit`` samples of that order (the same samples
+    as without it)."""
     if task not in TASKS:
         raise EvalDataError(f"unknown RULER task {task!r}; known: {', '.join(TASKS)}")
     if per_cell < 1 or any(int(n) <= 0 for n in lengths):
@@ -280,12 +281,14 @@ def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[f
     haystack = haystack or Haystack.default()
     cells = [(int(n), float(d)) for n in lengths for d in depths] if task in DEPTH_TASKS else \
         [(int(n), None) for n in lengths]
-    samples = []
+    samples: list[Sample] = []
     for length, depth in cells:
         for rep in range(per_cell):
+            if limit is not None and len(samples) >= limit:
+                return samples
             rng = seeded(seed, "ruler", task, length, depth, rep)
             if task in DEPTH_TASKS or task == "vt":
-                spec = _niah(task, haystack, rng, depth) if task in DEPTH_TASKS else _vt(haystack, rng)
+                spec = _niah(task, haystack, rng, depth) if depth is not None else _vt(haystack, rng)
                 context, measured = haystack.context(tokenizer, length, rng, needles=spec["needles"],
                                                      prefix=spec["prefix"], question=spec["question"])
                 spec["meta"]["depths"] = [d for d, _ in spec["needles"]]
@@ -309,7 +312,6 @@ def _postprocess(prediction: str) -> str:
     return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
 
 
-@register("string_match_all")
 def string_match_all(prediction: str, references: list[str], sample: Sample) -> float:
     """The share of references contained in the prediction (case-insensitive), x 100."""
     if not references:
@@ -318,8 +320,11 @@ def string_match_all(prediction: str, references: list[str], sample: Sample) -> 
     return 100.0 * sum(ref.lower() in pred for ref in references) / len(references)
 
 
-@register("string_match_part")
 def string_match_part(prediction: str, references: list[str], sample: Sample) -> float:
     """100 if any reference is contained in the prediction (case-insensitive), else 0."""
     pred = _postprocess(prediction).lower()
     return 100.0 * max((ref.lower() in pred for ref in references), default=False)
+
+
+#: The metrics of the suite, by the name a sample gives in ``Sample.metric``.
+METRICS: dict[str, Metric] = {"string_match_all": string_match_all, "string_match_part": string_match_part}

@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvcake.eval.haystack import Haystack, seeded
-from kvcake.eval.metrics import register
-from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.sample import EvalDataError, Metric, Sample
 
 TASKS = ("single", "multi_retrieval", "multi_reasoning")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -149,7 +148,7 @@ def _multi_retrieval(rng: random.Random, depth: float, needles: int) -> dict:
     facts = _facts(rng, needles)
     questions = " ".join(f[1] for f in facts)
     forms = " ".join(f[2] for f in facts)
-    return {"prefix": PREFIX_MULTI, "needles": list(zip(_spread(depth, needles), (f[0] for f in facts))),
+    return {"prefix": PREFIX_MULTI, "needles": list(zip(_spread(depth, needles), (f[0] for f in facts), strict=True)),
             "answers": [f[3] for f in facts], "metric": "needlebench_multi", "max_new_tokens": 16 + 16 * needles,
             "question": f"{ASK}{questions} Please answer in the format of '{forms}'\n",
             "meta": {"needles": [f[0] for f in facts]}}
@@ -159,7 +158,7 @@ def _multi_reasoning(rng: random.Random, depth: float, hops: int | None) -> dict
     hops = hops if hops is not None else rng.randint(2, 4)
     if not 1 <= hops <= min(len(_FIRST), len(_LAST)) - 1:
         raise EvalDataError(f"multi_reasoning needs 1 to {min(len(_FIRST), len(_LAST)) - 1} hops, not {hops}")
-    names = [f"{a} {b}" for a, b in zip(rng.sample(_FIRST, hops + 1), rng.sample(_LAST, hops + 1))]
+    names = [f"{a} {b}" for a, b in zip(rng.sample(_FIRST, hops + 1), rng.sample(_LAST, hops + 1), strict=True)]
     relations = [rng.choice(RELATION_TEMPLATES).format(A=names[i], B=names[i + 1],
                                                         relationship=rng.choice(RELATION_TERMS))
                  for i in range(hops)]
@@ -167,17 +166,18 @@ def _multi_reasoning(rng: random.Random, depth: float, hops: int | None) -> dict
     last = names[-1]
     question = (f"Given the context described above, who is the eldest relative that '{last}' can trace back to in "
                 "the context?")
-    return {"prefix": PREFIX, "needles": list(zip(_spread(depth, hops), relations)), "answers": [names[0]],
+    return {"prefix": PREFIX, "needles": list(zip(_spread(depth, hops), relations, strict=True)), "answers": [names[0]],
             "metric": "needlebench", "max_new_tokens": 48, "question": f"{ASK}{question}{REASONING_NOTES}\n",
             "meta": {"chain": names, "hops": hops, "needles": relations}}
 
 
 def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[float] = DEPTHS, per_cell: int = 1,
              seed: int = 0, haystack: Haystack | None = None, needles: int = 5,
-             hops: int | None = None) -> list[Sample]:
+             hops: int | None = None, limit: int | None = None) -> list[Sample]:
     """One sample per (length, depth, repetition): prompts of about ``length`` tokens (prefix, context and question,
     measured with ``tokenizer``), the (first) needle at relative ``depth``. ``needles`` is the number of facts of
-    ``multi_retrieval``; ``hops`` the length of the ``multi_reasoning`` chain (default: random, 2 to 4)."""
+    ``multi_retrieval``; ``hops`` the length of the ``multi_reasoning`` chain (default: random, 2 to 4).
+    ``limit`` keeps the first ``limit`` samples of that order (the same samples as without it)."""
     if task not in TASKS:
         raise EvalDataError(f"unknown NeedleBench task {task!r}; known: {', '.join(TASKS)}")
     if per_cell < 1 or any(int(n) <= 0 for n in lengths):
@@ -188,10 +188,12 @@ def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[f
         if not 0.0 <= d <= 1.0:
             raise EvalDataError(f"depth {d} is outside [0, 1]")
     haystack = haystack or Haystack.default()
-    samples = []
+    samples: list[Sample] = []
     for length in lengths:
         for depth in depths:
             for rep in range(per_cell):
+                if limit is not None and len(samples) >= limit:
+                    return samples
                 rng = seeded(seed, "needlebench", task, length, float(depth), rep)
                 if task == "single":
                     spec = _single(rng, depth)
@@ -222,7 +224,6 @@ def levenshtein(a: str, b: str) -> int:
     return row[-1]
 
 
-@register("needlebench")
 def needlebench_score(prediction: str, references: list[str], sample: Sample) -> float:
     """100 if a reference keyword is in the prediction; else 0.2 x 100 x (1 - edit distance / longer length) between
     the prediction and the needle (``sample.meta["needle"]``, else the first reference), whitespace removed."""
@@ -236,9 +237,12 @@ def needlebench_score(prediction: str, references: list[str], sample: Sample) ->
     return 0.2 * similarity
 
 
-@register("needlebench_multi")
 def needlebench_multi_score(prediction: str, references: list[str], sample: Sample) -> float:
     """The share of reference keywords found in the prediction, x 100."""
     if not references:
         return 0.0
     return 100.0 * sum(ref in prediction for ref in references) / len(references)
+
+
+#: The metrics of the suite, by the name a sample gives in ``Sample.metric``.
+METRICS: dict[str, Metric] = {"needlebench": needlebench_score, "needlebench_multi": needlebench_multi_score}

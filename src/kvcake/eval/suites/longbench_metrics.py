@@ -1,8 +1,8 @@
 """The official LongBench (v1) metrics, reproduced from THUDM/LongBench ``metrics.py`` and ``eval.py``.
 
-Each per-reference function returns a value in [0, 1] exactly as LongBench computes it; the registered metrics
-apply LongBench's first-line cut (``sample.meta["first_line_only"]``), take the maximum over the references and
-scale to [0, 100].
+Each per-reference function returns a value in [0, 1] exactly as LongBench computes it; the metrics of
+:data:`METRICS` apply LongBench's first-line cut (``sample.meta["first_line_only"]``), take the maximum over the
+references and scale to [0, 100].
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvcake.eval.metrics import Metric, register
-from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.sample import EvalDataError, Metric, Sample
 
 PerReference = Callable[..., float]
 
@@ -188,14 +187,16 @@ PER_REFERENCE: dict[str, PerReference] = {
 }
 
 
-def _registered(name: str, fn: PerReference) -> Metric:
+def _metric(name: str, fn: PerReference) -> Metric:
+    """``fn`` (one reference) as a metric over every reference of a sample, named ``name``."""
+
     def metric(prediction: str, references: list[str], sample: Sample) -> float:
         return longbench_score(fn, prediction, references, sample)
 
     metric.__name__ = metric.__qualname__ = name
     metric.__doc__ = f"LongBench {name}: {fn.__name__} per reference, max over the references, in [0, 100]."
-    return register(name)(metric)
+    return metric
 
 
-for _name, _fn in PER_REFERENCE.items():
-    _registered(_name, _fn)
+#: The metrics of the suite, by the name a sample gives in ``Sample.metric``.
+METRICS: dict[str, Metric] = {name: _metric(name, fn) for name, fn in PER_REFERENCE.items()}

@@ -1,0 +1,124 @@
+"""The files of a run folder: predictions (one JSON row per answer, appended), shards and their barrier.
+
+A run appends each row to ``predictions.jsonl`` (``predictions.rank<r>.jsonl`` for shard ``r``) as soon as it is
+answered, so that a killed run loses at most the line it was writing; reading takes the last row of each key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREDICTIONS = "predictions"
+RECORD = "run.json"
+
+
+def row_key(task: str, sample_id: str, label: str, mode: str) -> str:
+    """The identity of a row: one sample of one task under one setting in one mode."""
+    return f"{task}|{sample_id}|{label}|{mode}"
+
+
+class EvalDataWarning(UserWarning):
+    """Something in a results folder was left out (a line of a predictions file that is not a row)."""
+
+
+#: The fields every row has; a line without them is not a row (a foreign or hand-edited line).
+ROW_FIELDS = ("key", "task", "id", "mode", "label", "method", "budget", "ratio", "score", "error")
+
+
+@dataclass
+class Predictions:
+    """The rows of a folder's predictions files (the last row of a key wins), and the lines that were left out."""
+
+    rows: list[dict[str, Any]]
+    ignored: dict[str, int]  # file name -> lines that are not rows
+
+    @property
+    def ignored_lines(self) -> int:
+        return sum(self.ignored.values())
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """The row a line holds, or None: a torn line (a run killed mid-write), valid JSON that is not an object
+    (``[1, 2]``, ``"x"``, ``3``), or an object without the fields of a row."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str) or any(k not in row for k in ROW_FIELDS):
+        return None
+    return row
+
+
+def scan_predictions(folder: Path) -> Predictions:
+    """Every row of every predictions file in ``folder`` (shards included), and how many lines of each file are
+    not rows and were left out; such a line's sample is simply redone."""
+    rows: dict[str, dict[str, Any]] = {}
+    ignored: dict[str, int] = {}
+    for path in sorted(folder.glob(f"{PREDICTIONS}*.jsonl")):
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = _row(line)
+                if row is None:
+                    ignored[path.name] = ignored.get(path.name, 0) + 1
+                    continue
+                rows[row["key"]] = row
+    return Predictions(list(rows.values()), ignored)
+
+
+def read_predictions(folder: Path) -> list[dict[str, Any]]:
+    """Every row of every predictions file in ``folder`` (shards included); the last row of a key wins. Lines that
+    are not rows are left out with an :class:`EvalDataWarning` that counts them."""
+    found = scan_predictions(folder)
+    if found.ignored:
+        where = ", ".join(f"{name}: {n}" for name, n in found.ignored.items())
+        warnings.warn(f"{folder}: left out lines that are not prediction rows (torn by a killed run, or not a JSON "
+                      f"object with a row's fields) — {where}", EvalDataWarning, stacklevel=2)
+    return found.rows
+
+
+def ends_mid_line(path: Path) -> bool:
+    """Whether ``path`` exists and its last byte is not a newline (a run was killed while writing)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+@dataclass
+class Shard:
+    """This process's part of a sharded run (torchrun / accelerate launch set RANK and WORLD_SIZE)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    @property
+    def filename(self) -> str:
+        return f"{PREDICTIONS}.jsonl" if self.world == 1 else f"{PREDICTIONS}.rank{self.rank}.jsonl"
+
+    def mine(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+
+def barrier(shard: Shard) -> None:
+    """Wait for every shard (gloo on CPU, NCCL on GPUs) so that rank 0 merges complete results."""
+    if shard.world == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.barrier()
