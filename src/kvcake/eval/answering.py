@@ -19,16 +19,14 @@ from typing import Any
 
 import torch
 
-from kvcake.eval.grid import Setting
+from kvcake.eval.grid import MODES, Setting
 from kvcake.eval.prompts import Encoded, encode
 from kvcake.eval.sample import Sample
 from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.storage import cache_kv_bytes
-from kvcake.integration.replay import queries_needed, record_prefill, replay
 from kvcake.integration.compat import cache_keyword
+from kvcake.integration.replay import queries_needed, record_prefill, replay
 from kvcake.integration.session import compress
-
-MODES = ("query-aware", "query-agnostic")
+from kvcake.integration.storage import cache_kv_bytes
 
 
 def _attached(model, method):

@@ -52,3 +52,19 @@ def grid(methods: Iterable[str], budgets: Iterable[int] = (), ratios: Iterable[f
     if len({s.label for s in settings}) != len(settings):
         raise ValueError("the grid names a method and budget twice")
     return settings
+
+
+MODES = ("query-aware", "query-agnostic")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_run_options(modes: Iterable[str], device: str, dtype: str) -> None:
+    """The run's modes, device and dtype by name (no torch needed: the command line checks them first)."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from kvcake.eval import metrics
-from kvcake.eval.answering import MODES, answer_settings
+from kvcake.eval.answering import answer_settings
 from kvcake.eval.files import RECORD, EvalDataWarning, Shard, barrier, ends_mid_line, row_key, scan_predictions
-from kvcake.eval.grid import Setting
+from kvcake.eval.grid import Setting, check_run_options
 from kvcake.eval.record import add_run, check_resume, finish_run, method_parameters, read_record, run_record
 from kvcake.eval.sample import EvalDataError, Sample
 from kvcake.eval.summary import merge, write_metrics
@@ -154,13 +154,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _check_options(modes: list[str], device: str, dtype: str) -> None:
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    check_run_options(modes, device, dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU here")
 
