@@ -147,8 +147,12 @@ def generate(**options: Any) -> None:
 
 
 def _generate(chosen, context: str, o: dict[str, Any]) -> None:
+    from transformers.utils import logging as transformers_logging
+
     from kvcake import models
     from kvcake.pipeline import PromptTooLongError, answer
+
+    transformers_logging.disable_progress_bar()  # our own status line says what is loading
 
     try:
         with err.status("loading the model…"):
