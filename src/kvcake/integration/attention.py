@@ -23,7 +23,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcake.integration.cache import KVCakeCache
 from kvcake.integration.decode import attend_compressed, attend_slots
-from kvcake.integration.masks import key_valid
 from kvcake.integration.rope import rotary_for
 
 PREFIX = "kvcake_"
@@ -76,7 +75,7 @@ def _make_wrapper(base: str) -> Callable:
             return attend_slots(cache, layer_idx, base, query, scaling, softcap)
         if layer.seen == q_len and layer.positions is None and layer.valid_counts is None:  # the layer's prefill
             out = own(module, query, key, value, attention_mask, *args, **kwargs)
-            valid = key_valid(attention_mask, key.shape[2])
+            valid = cache.prefill_key_valid(attention_mask, key.shape[2])
             positions, rotary = kwargs.get("position_ids"), rotary_for(module)
             cache.record(layer_idx, key, value, query, valid, scaling, softcap, positions, rotary)
             cache.prefill_layer(layer_idx, query, key, value, valid, scaling, softcap, positions, rotary)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from kvcake.integration.masks import key_valid
 from kvcake.integration.report import Report
 from kvcake.integration.storage import CompressedLayer, cache_kv_bytes, layer_kv_bytes
 from kvcake.methods.attention import NonFiniteAttentionError
@@ -34,6 +35,29 @@ class PrefillLayer:
     softcap: float | None = None
     positions: torch.Tensor | None = None  # RoPE positions (position_ids) of the prompt, None: 0 .. S-1
     rotary: Any = None  # the layer's rotary embedding (kvcake.integration.rope.Rotary), None if it has none
+
+
+class _Stage:
+    """A cascade stage's shares ``(B, m)`` on their way from the device to the host (copied without waiting)."""
+
+    def __init__(self, layers: int, shares: torch.Tensor) -> None:
+        self.layers = layers
+        self._event = None
+        if shares.device.type == "cuda":
+            host = torch.empty(shares.shape, dtype=shares.dtype, pin_memory=True)
+            host.copy_(shares, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            shares = host
+        self._shares = shares
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def host(self) -> list[list[int]]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._shares.cpu().tolist()
 
 
 class UnsupportedCacheError(ValueError):
@@ -83,6 +107,8 @@ class KVCakeCache(DynamicCache):
         self.compressible = [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
         self._slot = {layer_idx: n for n, layer_idx in enumerate(self.compressible)}
         self.plan: RequestBudget | None = None  # the request's budgets, from its first prefilled layer on
+        self._pending: list[_Stage] = []  # cascade stages whose shares are on their way to the host
+        self._bad_scores: torch.Tensor | None = None  # a device flag: some layer scored NaN
         self.prompt_valid: torch.Tensor | None = None  # (B, S) False on the prompt's padding
         self.prefill_kept: list[list[int]] | None = None
         #: Tokens the caller will generate, when known (``generate``'s ``max_new_tokens``): the decoding buffers are
@@ -126,6 +152,7 @@ class KVCakeCache(DynamicCache):
         """Empty every layer and forget the request (prompt, budgets, scores), ready for a new prefill."""
         super().reset()
         self.plan, self.prefill_kept, self.prompt_valid = None, None, None
+        self._pending, self._bad_scores = [], None
         self.peak_kv_bytes = 0
         self._scored_this_step = False
         self._frozen_for = None
@@ -200,6 +227,12 @@ class KVCakeCache(DynamicCache):
         self.recorder[layer_idx] = PrefillLayer(key.clone(), value.clone(), query, key_valid, scaling, softcap,
                                                 positions, rotary)
 
+    def prefill_key_valid(self, attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """The prompt's non-padding columns ``(B, S)`` (None: no padding), read from the mask once per prefill."""
+        if self.plan is not None:  # every layer of a prefill sees the same mask
+            return self.prompt_valid
+        return key_valid(attention_mask, length)
+
     @torch.no_grad()
     def prefill_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None,
                       key_valid: torch.Tensor | None, scaling: float, softcap: float | None,
@@ -217,7 +250,8 @@ class KVCakeCache(DynamicCache):
         view = LayerView(query=query[:, :, : query.shape[2] - tail], keys=key[:, :, :seen], scaling=scaling,
                          key_valid=None if key_valid is None else key_valid[:, :seen], softcap=softcap, layer=slot,
                          num_layers=len(self.compressible), values=None if value is None else value[:, :, :seen],
-                         positions=None if positions is None else positions[..., :seen], rotary=rotary)
+                         positions=None if positions is None else positions[..., :seen], rotary=rotary,
+                         check_finite=False)
         preference = method.allocator.preference(view, method.window)
         scores = method.scorer.prefill(view, method.window)
         if tail:
@@ -228,15 +262,36 @@ class KVCakeCache(DynamicCache):
         assert isinstance(layer, CompressedLayer)
         layer.scores = scores
         layer.valid_counts = [n + tail for n in self.plan.prompt_tokens]
-        if self.plan.add_layer(None if preference is None else preference.tolist()):
-            self._evict_seen()
-        if self.plan.seen == len(self.compressible):
+        bad = torch.isnan(scores).any()  # NaN or inf logits make NaN scores: checked once, at the end
+        self._bad_scores = bad if self._bad_scores is None else self._bad_scores | bad
+        if self.plan.push(preference, key.device):
+            self._pending.append(_Stage(self.plan.seen, self.plan.device_shares()))
+        last = self.plan.seen == len(self.compressible)
+        self._apply_stages(wait=last)
+        if last:
             self._finish_prefill()
 
-    def _evict_seen(self) -> None:
-        """Evict every layer seen so far down to its share at the latest stage."""
+    def _apply_stages(self, wait: bool) -> None:
+        """Evict to the newest stage whose shares have reached the host.
+
+        The shares of each cascade stage are computed on the device and copied back without waiting; a stage is
+        applied once its copy has landed (on the CPU at once), so the host never stalls the device mid-prefill. As
+        shares never grow from stage to stage and eviction is nested, applying a later stage directly gives what
+        applying every stage in turn gives. ``wait``: the last layer, everything is applied.
+        """
+        ready = [i for i, stage in enumerate(self._pending) if wait or stage.ready()]
+        if not ready:
+            return
+        stage = self._pending[ready[-1]]
+        del self._pending[: ready[-1] + 1]
         assert self.plan is not None
-        for slot in range(self.plan.seen):
+        self.plan.set_shares(stage.host())
+        self._evict_seen(stage.layers)
+
+    def _evict_seen(self, layers: int) -> None:
+        """Evict the first ``layers`` layers down to their shares at the latest stage applied."""
+        assert self.plan is not None
+        for slot in range(layers):
             if self.plan.keeps_everything(slot):
                 continue  # the layer keeps every real token: leave it untouched (bit-identical to a full cache)
             layer = self.layers[self.compressible[slot]]
@@ -246,6 +301,11 @@ class KVCakeCache(DynamicCache):
         self._track_peak()
 
     def _finish_prefill(self) -> None:
+        assert self.plan is not None
+        self.plan.finish_device()
+        if self._bad_scores is not None and bool(self._bad_scores):
+            raise NonFiniteAttentionError("attention logits of the prefill contain NaN or inf; refusing to score "
+                                          "tokens on them")
         keep_scores = self.method.decode_eviction and self.method.scorer.keeps_scores
         layers = self.layers_in_order()
         for layer in layers:

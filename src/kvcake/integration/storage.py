@@ -286,12 +286,18 @@ class CompressedLayer(DynamicLayer):
         assert self.keys is not None and self.values is not None and self.valid_counts is not None
         length = self.length
         device = self.keys.device
-        counts = torch.as_tensor(keep_counts, device=device)
-        if counts.dim() == 1:
-            counts = counts[:, None].expand(-1, self.keys.shape[1])
-        if length == 0 or int(counts.min()) >= length:
+        heads = self.keys.shape[1]
+        if isinstance(keep_counts, list):  # one count per row, known on the host: no synchronisation
+            low, high = min(keep_counts), max(keep_counts)
+            counts = torch.tensor(keep_counts, device=device)[:, None].expand(-1, heads)
+            per_row = [min(c, length) for c in keep_counts]
+        else:  # head-wise counts (B, Hkv), computed on the device
+            counts = keep_counts.to(device)
+            low, high = int(counts.min()), int(counts.max())
+            per_row = (counts.clamp_max(length).sum(-1) // heads).tolist()
+        if length == 0 or low >= length:
             return
-        k_max = min(int(counts.max()), length)
+        k_max = min(high, length)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k_max]
         positions = self.position_table().gather(-1, order)
         kept = torch.arange(k_max, device=device).view(1, 1, -1) < counts[..., None]
@@ -302,9 +308,8 @@ class CompressedLayer(DynamicLayer):
         if self.scores is not None:
             self.scores = self.scores.gather(-1, index).masked_fill(positions == FILLER, float("-inf"))
         self.positions = positions
-        kept_per_row = counts.clamp_max(length).sum(-1) // counts.shape[1]
-        self.valid_counts = [min(int(c), v) for c, v in zip(kept_per_row.tolist(), self.valid_counts, strict=True)]
-        self.has_fillers = self.has_fillers or bool((counts < k_max).any())
+        self.valid_counts = [min(int(c), v) for c, v in zip(per_row, self.valid_counts, strict=True)]
+        self.has_fillers = self.has_fillers or low < k_max
 
     def ranking(self, scores: torch.Tensor, window: int) -> torch.Tensor:
         """``scores`` with the last ``window`` stored entries protected (+inf): what eviction sorts by."""

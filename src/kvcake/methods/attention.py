@@ -72,18 +72,20 @@ def causal_allowed(q_positions: torch.Tensor, key_positions: torch.Tensor,
 
 
 def window_attention(query_window: torch.Tensor, keys: torch.Tensor, scaling: float,
-                     key_valid: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+                     key_valid: torch.Tensor | None = None, softcap: float | None = None,
+                     check: bool = True) -> torch.Tensor:
     """Attention ``(B, Hq, W, S)`` of the last ``W`` prompt queries over all ``S`` keys, float32, causal inside the
-    last ``W x W`` block; padding columns (``key_valid`` False) get exactly zero probability."""
+    last ``W x W`` block; padding columns (``key_valid`` False) get exactly zero probability. ``check``: raise on
+    NaN/inf logits now (False: a NaN or inf logit makes the probabilities NaN, for the caller to check later)."""
     seq, window = keys.shape[2], query_window.shape[2]
     positions = torch.arange(seq, device=keys.device)
     allowed = causal_allowed(positions[seq - window:], positions, key_valid)
-    return attention_probs(query_window, keys, scaling, allowed, softcap)
+    return attention_probs(query_window, keys, scaling, allowed, softcap, check)
 
 
 def accumulated_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float,
                           key_valid: torch.Tensor | None = None, softcap: float | None = None,
-                          block: int | None = None) -> torch.Tensor:
+                          block: int | None = None, check: bool = True) -> torch.Tensor:
     """Column sums ``(B, Hq, S)`` of the full causal attention of every prompt query (H2O's scores).
 
     Computed in blocks of queries, each materialising at most about 2^26 float32 logits, so long prompts never need
@@ -98,7 +100,7 @@ def accumulated_attention(query: torch.Tensor, keys: torch.Tensor, scaling: floa
         stop = min(seq, start + block)
         rows = None if key_valid is None else key_valid[:, start:stop]
         allowed = causal_allowed(positions[start:stop], positions, key_valid, rows)
-        total += attention_probs(query[:, :, start:stop], keys, scaling, allowed, softcap).sum(dim=2)
+        total += attention_probs(query[:, :, start:stop], keys, scaling, allowed, softcap, check).sum(dim=2)
     return total
 
 

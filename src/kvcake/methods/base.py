@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kvcake.methods.allocation import allocate
+from kvcake._lazy import torch
+from kvcake.methods.allocation import allocate, allocate_tensor
 
 if TYPE_CHECKING:
-    import torch
-
     from kvcake.methods.views import DecodeView, LayerView
 
 
@@ -82,6 +81,18 @@ class Allocator:
         if fixed is not None:
             return allocate(fixed, total, cap)[: len(preferences)]
         return allocate(preferences, total, cap)
+
+    def split_tensor(self, preferences: torch.Tensor, totals: torch.Tensor, caps: torch.Tensor,
+                     num_layers: int) -> torch.Tensor:
+        """:meth:`split` for every row at once, on the preferences' device with no host synchronisation: ``(B, m)``
+        preferences of the layers seen so far, ``(B,)`` totals and caps -> ``(B, m)`` budgets, equal to
+        :meth:`split` row by row (:func:`kvcake.methods.allocation.allocate_tensor`)."""
+        fixed = self.weights(num_layers)
+        if fixed is not None:
+            weights = torch.tensor(fixed, dtype=torch.float64, device=preferences.device)
+            whole = allocate_tensor(weights.expand(preferences.shape[0], -1), totals, caps)
+            return whole[:, : preferences.shape[1]]
+        return allocate_tensor(preferences, totals, caps)
 
 
 @dataclass(frozen=True)

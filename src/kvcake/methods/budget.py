@@ -101,6 +101,9 @@ class RequestBudget:
         self.totals = [method.total_budget(n, num_layers) for n in self.prompt_tokens]
         self.preferences: list[list[float]] = [[] for _ in self.prompt_tokens]
         self.shares: list[list[int]] = [[] for _ in self.prompt_tokens]
+        self.layers_in = 0  # layers whose preference was handed in (on the host or the device)
+        self._device: torch.Tensor | None = None  # (B, m) float64 preferences handed in as device tensors
+        self._nonfinite: torch.Tensor | None = None  # a device flag: some handed-in preference was NaN or inf
         self._targets: tuple[int, list[list[int]]] | None = None
 
     @property
@@ -110,7 +113,7 @@ class RequestBudget:
     @property
     def seen(self) -> int:
         """Layers whose preference has been handed in."""
-        return len(self.preferences[0])
+        return self.layers_in
 
     def caps(self) -> list[int]:
         """Per row, the most evictable tokens a layer can keep (its real tokens outside the window)."""
@@ -136,12 +139,50 @@ class RequestBudget:
                 raise NonFiniteAttentionError(f"layer {self.seen}: preference is {p} for row {row}")
         for row, p in enumerate(prefs):
             self.preferences[row].append(p)
-        last = self.seen == self.num_layers
-        if self.method.cascade or last:
+        self.layers_in += 1
+        if self.evicts_now():
             self.shares = [self.split(p, total, cap)
                            for p, total, cap in zip(self.preferences, self.totals, self.caps(), strict=True)]
             return True
         return False
+
+    def evicts_now(self) -> bool:
+        """Whether the layers seen so far are evicted at this stage: after every layer in the cascade, else after the
+        last."""
+        return self.method.cascade or self.layers_in == self.num_layers
+
+    # -- the same on the device: no host synchronisation per layer --------------------------------------------------
+    def push(self, preference: torch.Tensor | None, device: torch.device) -> bool:
+        """Hand in the next layer's preference ``(B,)`` as a device tensor (None: fixed weights); returns whether
+        the seen layers are evicted now (then :meth:`device_shares` gives their shares)."""
+        column = (torch.ones(self.rows, 1, dtype=torch.float64, device=device) if preference is None
+                  else preference.detach().to(device=device, dtype=torch.float64).view(-1, 1))
+        bad = ~torch.isfinite(column).all()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self._device = column if self._device is None else torch.cat([self._device, column], dim=1)
+        self.layers_in += 1
+        return self.evicts_now()
+
+    def device_shares(self) -> torch.Tensor:
+        """``(B, m)`` shares of the layers seen so far, on the device (exactly :meth:`split` row by row)."""
+        assert self._device is not None
+        device = self._device.device
+        totals = torch.tensor(self.totals, dtype=torch.long, device=device)
+        caps = torch.tensor(self.caps(), dtype=torch.long, device=device)
+        prefs = torch.nan_to_num(self._device, nan=0.0, posinf=0.0, neginf=0.0)  # garbage is raised at the end
+        return self.method.allocator.split_tensor(prefs, totals, caps, self.num_layers)
+
+    def set_shares(self, shares: list[list[int]]) -> None:
+        """The shares of a stage, read back on the host (rows of the first ``len(shares[0])`` layers)."""
+        self.shares = [list(row) for row in shares]
+
+    def finish_device(self) -> None:
+        """After the last layer: the handed-in preferences on the host (one synchronisation), checked."""
+        if self._device is None:
+            return
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise NonFiniteAttentionError("a layer's preference is NaN or inf")
+        self.preferences = self._device.tolist()
 
     def split(self, preferences: list[float], total: int, cap: int) -> list[int]:
         """The allocator's split of ``total`` over the layers seen so far (capped, exact)."""

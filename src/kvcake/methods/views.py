@@ -34,6 +34,9 @@ class LayerView:
         The layer's values (for scorers that weigh entries by their values).
     positions : int Tensor ``(B, S)`` or ``(1, S)``, or None
         The RoPE position of every prompt token (None: ``0 .. S-1``).
+    check_finite : bool
+        Raise on NaN/inf logits at once (True), or let them turn the scores into NaN for the engine to check once
+        per prefill (False, no host synchronisation per layer).
     rotary : callable or None
         ``rotary(positions)`` with positions ``(B, N)`` gives ``(cos, sin)``, each float32 ``(B, N, R)``, of the
         layer's rotary embedding as the model applies it (``x cos + rotate_half(x) sin`` on the first ``R`` dims of
@@ -50,6 +53,7 @@ class LayerView:
     values: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    check_finite: bool = True  # False: NaN/inf logits give NaN scores, which the engine checks once per prefill
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -70,12 +74,13 @@ class LayerView:
         """Attention ``(B, Hq, w, S)`` of the last ``w = min(window, S)`` queries, float32, computed once."""
         w = min(window, self.seq)
         return self.memo(("window", w), lambda: window_attention(self.query[:, :, -w:], self.keys, self.scaling,
-                                                                 self.key_valid, self.softcap))
+                                                                 self.key_valid, self.softcap, self.check_finite))
 
     def accumulated_attention(self) -> torch.Tensor:
         """Column sums ``(B, Hq, S)`` of the causal attention of every prompt query (H2O), computed once."""
         return self.memo("accumulated", lambda: accumulated_attention(self.query, self.keys, self.scaling,
-                                                                      self.key_valid, self.softcap))
+                                                                      self.key_valid, self.softcap,
+                                                                      check=self.check_finite))
 
     def with_window(self, scores: torch.Tensor) -> torch.Tensor:
         """Non-window scores ``(B, H, N)`` padded to the prompt length with +inf (the window is always kept)."""
