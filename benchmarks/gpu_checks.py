@@ -12,7 +12,10 @@ On small random Llama models built in the script (no downloads), it checks:
    step through kvcake gives the logits of a plain transformers cache that holds exactly the kept entries (in
    position order) with the new token at its true position;
 3. **CPU and CUDA agree**: the same float32 model and prompt, compressed on both devices, keep the same positions
-   and generate the same tokens (near-ties may differ by rounding; the share that agrees is reported).
+   and generate the same tokens (near-ties may differ by rounding; the share that agrees is reported);
+4. **compiled decoding = eager decoding**: ``kvcake.compress(..., compile=True)`` (CUDA graphs on CUDA) generates
+   the eager tokens for CAKE (decode-time eviction) and SnapKV (prefill-only), float32, batch 1 and a left-padded
+   batch of 3, with one graph and no recompilation across two requests of different lengths.
 
 Prints one line per check and writes them as JSON; exits non-zero if a check fails.
 """
@@ -28,7 +31,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvcake
 from kvcake.bench import hardware, sdpa_backend
-from kvcake.integration.session import cache_keyword, output_cache
+from kvcake.integration.compat import cache_keyword, output_cache
+from kvcake.integration.compiled import CompileCounts
 
 PROMPT, NEW, BUDGET = 200, 24, 64
 
@@ -95,7 +99,7 @@ def kept_entries_step(device: str, dtype: torch.dtype) -> dict:
         out = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
         cache = output_cache(out)
-        slot_order = sum(layer.order is not None for layer in cache.layers)
+        frozen = sum(layer.slots is not None for layer in cache.layers)
         plain = DynamicCache(config=model.config)
         for i, layer in enumerate(cache.layers):
             keys, values, _ = layer.entries()
@@ -110,8 +114,8 @@ def kept_entries_step(device: str, dtype: torch.dtype) -> dict:
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     return dict(check="decode step = plain cache of the kept entries", backend=f"sdpa {str(dtype)[6:]}",
                 passed=diff <= tolerance * max(1.0, scale),
-                detail=f"max |logit diff| {diff:.2e} (logits up to {scale:.2f}); {slot_order} of "
-                       f"{len(cache.layers)} layers in slot order")
+                detail=f"max |logit diff| {diff:.2e} (logits up to {scale:.2f}); {frozen} of "
+                       f"{len(cache.layers)} layers in fixed-shape decoding slots")
 
 
 def cpu_vs_device(device: str) -> dict:
@@ -132,6 +136,37 @@ def cpu_vs_device(device: str) -> dict:
                 detail=f"tokens agree {same_tokens:.1%}; kept positions shared {shared / max(total, 1):.1%}")
 
 
+def compiled_equals_eager(device: str) -> list[dict]:
+    """Check 4: compiled decoding (CUDA graphs on CUDA) gives the eager tokens, with one graph for two requests."""
+    results = []
+    model = build("sdpa", torch.float32, device)
+    for method in (kvcake.CAKE(budget=BUDGET), kvcake.SnapKV(budget=BUDGET)):
+        for rows in (1, 3):
+            ids = torch.randint(0, 512, (rows, PROMPT), generator=torch.Generator().manual_seed(rows)).to(device)
+            mask = torch.ones_like(ids)
+            if rows == 3:
+                mask[1, :40], mask[2, :90] = 0, 0
+            kwargs = dict(attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                          pad_token_id=0)
+            try:
+                with torch.no_grad(), kvcake.compress(model, method) as press:
+                    eager = model.generate(ids, **kwargs)
+                CompileCounts.start()
+                with torch.no_grad(), kvcake.compress(model, method, compile=True) as press:
+                    compiled = model.generate(ids, **kwargs)
+                    model.generate(ids[:, 20:], **{**kwargs, "attention_mask": mask[:, 20:]})  # another length
+                    mode = press.mode()
+                counts = CompileCounts.read()
+                ok = torch.equal(eager, compiled) and counts.graph_breaks == 0 and counts.graphs == 1
+                results.append(dict(check="compiled decoding = eager", backend=f"{method.label} batch {rows} {mode}",
+                                    passed=ok, detail=f"tokens {'identical' if torch.equal(eager, compiled) else 'differ'}"
+                                                      f"; {counts.graphs} graph(s), {counts.graph_breaks} break(s)"))
+            except Exception as exc:  # noqa: BLE001 (reported, the other checks still run)
+                results.append(dict(check="compiled decoding = eager", backend=f"{method.label} batch {rows}",
+                                    passed=False, detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -144,6 +179,7 @@ def main() -> int:
     results.append(kept_entries_step(args.device, torch.bfloat16))
     if args.device != "cpu":
         results.append(cpu_vs_device(args.device))
+    results += compiled_equals_eager(args.device)
     for r in results:
         mark = {True: "PASS", False: "FAIL", None: "SKIP"}[r["passed"]]
         print(f"{mark}  {r['check']} [{r['backend']}]: {r['detail']}")
