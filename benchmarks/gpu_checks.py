@@ -130,7 +130,7 @@ def cpu_vs_device(device: str) -> dict:
         runs[where] = (seq.cpu(), positions)
     (seq_a, pos_a), (seq_b, pos_b) = runs["cpu"], runs[device]
     same_tokens = float((seq_a == seq_b).float().mean())
-    shared = sum(len(set(a.flatten().tolist()) & set(b.flatten().tolist())) for a, b in zip(pos_a, pos_b))
+    shared = sum(len(set(a.flatten().tolist()) & set(b.flatten().tolist())) for a, b in zip(pos_a, pos_b, strict=False))
     total = sum(len(set(a.flatten().tolist())) for a in pos_a)
     return dict(check=f"cpu vs {device}", backend="sdpa float32", passed=same_tokens == 1.0,
                 detail=f"tokens agree {same_tokens:.1%}; kept positions shared {shared / max(total, 1):.1%}")
@@ -158,9 +158,10 @@ def compiled_equals_eager(device: str) -> list[dict]:
                     mode = press.mode()
                 counts = CompileCounts.read()
                 ok = torch.equal(eager, compiled) and counts.graph_breaks == 0 and counts.graphs == 1
+                same = "identical" if torch.equal(eager, compiled) else "differ"
                 results.append(dict(check="compiled decoding = eager", backend=f"{method.label} batch {rows} {mode}",
-                                    passed=ok, detail=f"tokens {'identical' if torch.equal(eager, compiled) else 'differ'}"
-                                                      f"; {counts.graphs} graph(s), {counts.graph_breaks} break(s)"))
+                                    passed=ok, detail=f"tokens {same}; {counts.graphs} graph(s), "
+                                                      f"{counts.graph_breaks} break(s)"))
             except Exception as exc:  # noqa: BLE001 (reported, the other checks still run)
                 results.append(dict(check="compiled decoding = eager", backend=f"{method.label} batch {rows}",
                                     passed=False, detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))

@@ -211,7 +211,7 @@ def compare(a: list[torch.Tensor], b: list[torch.Tensor], scores: list[torch.Ten
     inter, union = (A & B).sum(), (A | B).sum()
     nested = ((A & ~B).sum(-1) == 0) | ((B & ~A).sum(-1) == 0)
     thr = torch.where(A, S, torch.full_like(S, float("inf"))).amin(-1, keepdim=True)  # kvpress's cut-off score
-    consistent = ((S > thr) <= B).all(-1) & (B <= (S >= thr)).all(-1) & (A.sum(-1) == B.sum(-1))
+    consistent = ((thr < S) <= B).all(-1) & ((thr <= S) >= B).all(-1) & (A.sum(-1) == B.sum(-1))
     return Result(
         triples=same.numel(), identical=int(same.sum()), jaccard=float(inter) / max(1, float(union)),
         tie_consistent=int(consistent.sum()), nested=int(nested.sum()), kvpress_counts=A.sum(-1),

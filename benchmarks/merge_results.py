@@ -24,7 +24,7 @@ def main() -> None:
     rows = [row for data in loaded for row in data["rows"]]
     meta = {key: value for key, value in loaded[0]["meta"].items() if key not in ("notes", "run")}
     meta["merged_from"] = [{"file": path.name, "args": data["meta"].get("args")} for path, data in
-                           zip(args.files, loaded)]
+                           zip(args.files, loaded, strict=False)]
     paths = write_results(rows, args.out, meta=meta)
     print("\n".join(summarise_targets(rows)))
     print("written: " + ", ".join(str(p) for p in paths.values()))

@@ -36,7 +36,7 @@ def test_cascade_budgets_never_grow_and_end_at_one_shot(prefs, total, cap):
     for m in range(1, len(prefs) + 1):
         stage = allocate(prefs[:m], total, cap)
         if previous is not None:
-            assert all(now <= before for now, before in zip(stage, previous)), (previous, stage)
+            assert all(now <= before for now, before in zip(stage, previous, strict=False)), (previous, stage)
         previous = stage
     assert previous == allocate(prefs, total, cap)
 
@@ -52,7 +52,7 @@ def test_higher_preference_never_gets_less_when_uncapped(prefs, total):
                 assert budgets[a] >= budgets[b]
     # Close to proportional: each layer within one token of its Webster quota bound.
     share = [p / sum(prefs) * total for p in prefs]
-    assert all(abs(x - s) <= max(1.0, 0.5 * len(prefs)) for x, s in zip(budgets, share))
+    assert all(abs(x - s) <= max(1.0, 0.5 * len(prefs)) for x, s in zip(budgets, share, strict=False))
 
 
 def test_capped_layers_give_their_excess_to_the_others_in_proportion():

@@ -151,7 +151,6 @@ def test_an_exception_inside_the_block_restores_the_model():
 
 
 def test_nested_blocks_are_refused():
-    with kvcake.compress(MODEL, COVERING), pytest.raises(RuntimeError, match="nest"):
-        with kvcake.compress(MODEL, COVERING):
-            pass
+    with kvcake.compress(MODEL, COVERING), pytest.raises(RuntimeError, match="nest"), kvcake.compress(MODEL, COVERING):
+        pass
     assert MODEL.config._attn_implementation == "sdpa"

@@ -74,7 +74,8 @@ def test_compiled_decoding_keeps_the_buffers_in_place(model):
         token = model(ids, cache=cache).logits[:, -1:].argmax(-1)
         addresses = [(layer.slots.keys.data_ptr(), layer.slots.positions.data_ptr()) for layer in cache.layers]
         for step in range(8):
-            token = press.forward(token, cache=cache, position_ids=torch.tensor([[70 + step]])).logits[:, -1:].argmax(-1)
+            position = torch.tensor([[70 + step]])
+            token = press.forward(token, cache=cache, position_ids=position).logits[:, -1:].argmax(-1)
         assert [(layer.slots.keys.data_ptr(), layer.slots.positions.data_ptr()) for layer in cache.layers] == addresses
         assert int(cache.layers[0].slots.cursor) == 78
     assert CompileCounts.read().graphs == 1

@@ -89,7 +89,7 @@ def test_kept_positions_are_the_top_scored(tau):
     assert [b + WINDOW for b in budgets] == report.budgets[0] == report.kept_after_prefill[0]
     assert sum(report.kept_after_prefill[0]) == 30 * 4
 
-    for layer_idx, (budget, ind) in enumerate(zip(budgets, indicators)):
+    for layer_idx, (budget, ind) in enumerate(zip(budgets, indicators, strict=False)):
         positions = kept_positions(cache, layer_idx)[0]  # (Hkv, kept)
         for head in range(2):
             kept = positions[head].tolist()
@@ -146,7 +146,7 @@ def test_decoding_equals_plain_attention_over_kept_entries(backend):
             logits = model(token, cache=cache, position_ids=torch.tensor([[position]])).logits[:, -1]
             expected, reference = reference_logits(model, token, position, reference)
             torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
-    assert all(length == b + 6 for length, b in zip(press.report.layer_lengths, press.report.budgets[0]))
+    assert all(length == b + 6 for length, b in zip(press.report.layer_lengths, press.report.budgets[0], strict=False))
 
 
 def test_padded_batch_decoding_equals_each_row_alone(backend):
@@ -161,7 +161,7 @@ def test_padded_batch_decoding_equals_each_row_alone(backend):
         logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
         report = press.report
         references = [row_entries(cache, row, pads[row]) for row in range(2)]
-        for step in range(5):
+        for _step in range(5):
             token = logits.argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
             positions = (mask.sum(-1, keepdim=True) - 1)
@@ -253,7 +253,7 @@ def test_decoding_state_keeps_fixed_shapes_and_addresses_over_64_steps():
         after = [[(t.data_ptr(), tuple(t.shape)) for t in _slot_tensors(layer)] for layer in cache.layers]
         assert after == before
         budgets = cache.report().budgets[0]
-        for layer, budget in zip(cache.layers, budgets):
+        for layer, budget in zip(cache.layers, budgets, strict=False):
             slots = layer.slots
             assert slots.capacity == budget + 1  # the budget plus the slot the next token is written into
             assert int(slots.count.min()) == int(slots.count.max()) == budget
@@ -274,7 +274,7 @@ def test_thawing_the_decoding_state_keeps_the_entries():
         frozen = copy.deepcopy(layer)
         layer.thaw()
         assert layer.slots is None
-        for got, expected in zip(layer.entries(), frozen.entries()):
+        for got, expected in zip(layer.entries(), frozen.entries(), strict=False):
             assert torch.equal(got, expected)
         assert layer.valid_counts == frozen.kept_per_row(1) and layer.seen == frozen.logical_length()
 
@@ -293,12 +293,14 @@ def test_slot_order_falls_back_to_copies_where_in_place_writes_are_not_allowed(m
             with prefill_ctx():  # the prefill and 3 steps: the layers are in slot order, with a free slot
                 token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
                 for step in range(3):
-                    token = model(token, cache=cache, position_ids=torch.tensor([[70 + step]])).logits[:, -1:].argmax(-1)
+                    position = torch.tensor([[70 + step]])
+                    token = model(token, cache=cache, position_ids=position).logits[:, -1:].argmax(-1)
                     tokens.append(int(token))
             assert all(layer.slots is not None for layer in cache.layers)
             with decode_ctx():
                 for step in range(3, 8):
-                    token = model(token, cache=cache, position_ids=torch.tensor([[70 + step]])).logits[:, -1:].argmax(-1)
+                    position = torch.tensor([[70 + step]])
+                    token = model(token, cache=cache, position_ids=position).logits[:, -1:].argmax(-1)
                     tokens.append(int(token))
             return tokens, press.report.kept_now
 
@@ -380,9 +382,8 @@ def test_unsupported_architecture_names_the_model_class():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(kvcake.UnsupportedModelError, match="GPT2LMHeadModel"):
-        with kvcake.compress(model, cake(budget=20)):
-            pass
+    with pytest.raises(kvcake.UnsupportedModelError, match="GPT2LMHeadModel"), kvcake.compress(model, cake(budget=20)):
+        pass
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -466,8 +467,8 @@ def test_authors_decode_pooling_leaves_the_window_out_of_the_pooling():
     from kvcake.methods.views import DecodeView
 
     probs = torch.rand(1, 4, 12, generator=torch.Generator().manual_seed(0))
-    view = DecodeView(query=torch.zeros(1, 4, 1, 16), scaling=1.0, softcap=None, positions=torch.arange(12).expand(1, 2, 12),
-                      allowed=None, stored=None, probs=probs, window=4)
+    view = DecodeView(query=torch.zeros(1, 4, 1, 16), scaling=1.0, softcap=None,
+                      positions=torch.arange(12).expand(1, 2, 12), allowed=None, stored=None, probs=probs, window=4)
     grouped = probs.view(1, 2, 2, 12).mean(2)
     kvcake_scores = kvcake.CakeScores(kernel=3).decode(view)
     authors = kvcake.CakeScores(kernel=3, decode_pooling="outside-window").decode(view)
@@ -496,7 +497,7 @@ def test_an_uncompressed_tail_is_kept_and_unseen_by_the_scorer():
         shorter = head_only.cache
     assert report.prompt_tokens == [120] and report.uncompressed_tail == tail
     assert report.budgets == [[b + tail for b in head_only.report.budgets[0]]]
-    for layer, alone in zip(cache.layers, shorter.layers):
+    for layer, alone in zip(cache.layers, shorter.layers, strict=False):
         kept = layer.position_table()[0]
         assert kept[:, -tail:].tolist() == [list(range(114, 120))] * 2  # the tail, always kept
         assert torch.equal(kept[:, :-tail], alone.position_table()[0])  # the rest: as if the prompt stopped there
@@ -523,6 +524,6 @@ def test_cascade_stages_applied_late_give_the_same_cache(monkeypatch):
     monkeypatch.setattr(cache_module._Stage, "ready", lambda self: False)
     _, late_cache, late = prefill(model, ids, cake(budget=40))
     assert late.budgets == on_time.budgets and late.kept_after_prefill == on_time.kept_after_prefill
-    for a, b in zip(late_cache.layers, prompt_order.layers):
+    for a, b in zip(late_cache.layers, prompt_order.layers, strict=False):
         assert torch.equal(a.position_table(), b.position_table()) and torch.equal(a.keys, b.keys)
     assert late.peak_kv_bytes > on_time.peak_kv_bytes  # the price of never waiting: evictions come later

@@ -62,7 +62,7 @@ FAMILIES = {
 CASES = [pytest.param(family, impl, id=f"{family}-{impl}") for family in FAMILIES for impl in ("eager", "sdpa")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(family: str, impl: str) -> torch.nn.Module:
     config_cls, model_cls, extra = FAMILIES[family]
     extra = dict(extra)

@@ -19,8 +19,9 @@ try:
 except ImportError as exc:  # installed but not importable with this transformers (kvpress 0.5.5 needs < 5.3)
     pytest.skip(f"kvpress does not import here: {exc}", allow_module_level=True)
 
-import kvcake  # noqa: E402
 from kvpress.utils import compute_n_kept  # noqa: E402
+
+import kvcake  # noqa: E402
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kvpress_crosscheck.py"
 _spec = importlib.util.spec_from_file_location("kvpress_crosscheck", _SCRIPT)

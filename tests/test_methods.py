@@ -65,8 +65,8 @@ def test_budget_accounting(name):
     if registry.entry(name).head_wise:
         counts = [(cache.layers[i].position_table()[0] >= 0).sum(-1) for i in range(LAYERS)]
         assert any(len(set(c.tolist())) > 1 for c in counts), "heads should keep different numbers of tokens"
-        assert all(int(c.sum()) == k * KV_HEADS for c, k in zip(counts, kept))
-        assert all(length == int(c.max()) for length, c in zip(report.layer_lengths, counts))
+        assert all(int(c.sum()) == k * KV_HEADS for c, k in zip(counts, kept, strict=False))
+        assert all(length == int(c.max()) for length, c in zip(report.layer_lengths, counts, strict=False))
     else:
         assert report.layer_lengths == kept
 
@@ -225,7 +225,8 @@ def test_streamingllm_keeps_sinks_and_the_most_recent_tokens():
     with kvcake.compress(model, kvcake.StreamingLLM(budget=30, sinks=4)) as press:
         model.generate(ids, max_new_tokens=15, min_new_tokens=15, do_sample=False)
         for layer in press.cache.layers:
-            assert layer.position_table()[0, 0].tolist() == list(range(4)) + list(range(134 - 26, 134))  # 14 tokens fed back
+            # 14 tokens fed back: the 4 sinks and the newest 26
+            assert layer.position_table()[0, 0].tolist() == list(range(4)) + list(range(134 - 26, 134))
 
 
 # -- decoding against plain attention over the kept entries, every method ------------------------------------------
@@ -243,7 +244,7 @@ def test_decoding_equals_reference_batch_and_padding(name, backend):
         with torch.no_grad():
             logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
         references = [row_entries(cache, row, pads[row]) for row in range(2)]
-        for step in range(4):
+        for _step in range(4):
             token = logits.argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
             positions = mask.sum(-1, keepdim=True) - 1

@@ -3,20 +3,20 @@
 
 import pytest
 import torch
-from conftest import prompt, tiny_llama
-from test_families import tiny_model
 
 import kvcake
+from conftest import prompt, tiny_llama
 from kvcake.eval.runner import feed, greedy
 from kvcake.integration.replay import queries_needed, record_prefill, replay
 from kvcake.methods import registry
+from test_families import tiny_model
 
 METHODS = registry.method_names()  # every registered method (and the full cache)
 
 
 def _same_cache(a, b) -> None:
     assert len(a.layers) == len(b.layers)
-    for x, y in zip(a.layers, b.layers):
+    for x, y in zip(a.layers, b.layers, strict=False):
         assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
         px, py = getattr(x, "positions", None), getattr(y, "positions", None)
         assert (px is None and py is None) or torch.equal(px, py)

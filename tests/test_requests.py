@@ -113,4 +113,4 @@ def test_a_model_with_only_sliding_window_layers_is_entered_with_a_warning_and_r
             as press:
         model.generate(prompt(40), max_new_tokens=2, do_sample=False)
         with pytest.raises(RuntimeError, match="nothing was compressed"):
-            press.report
+            _ = press.report

@@ -74,7 +74,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CAKE", "H2O", "TAU_PRESETS", "TOVA", "AdaKV", "Allocator", "CakeScores", "Compression", "ExpectedAttention",
-    "ExpectedAttentionScores", "H2OScores", "KNorm", "KNormScores", "KVCakeCache", "Method", "NonFiniteAttentionError", "Preference", "Pyramid", "PyramidKV", "Report", "Scorer",
-    "SnapKV", "SnapKVScores", "StreamingLLM", "StreamingScores", "TOVAScores", "Uniform", "UnsupportedModelError",
-    "allocate", "compress", "tau_preset",
+    "ExpectedAttentionScores", "H2OScores", "KNorm", "KNormScores", "KVCakeCache", "Method", "NonFiniteAttentionError",
+    "Preference", "Pyramid", "PyramidKV", "Report", "Scorer", "SnapKV", "SnapKVScores", "StreamingLLM",
+    "StreamingScores", "TOVAScores", "Uniform", "UnsupportedModelError", "allocate", "compress", "tau_preset",
 ]

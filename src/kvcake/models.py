@@ -115,7 +115,8 @@ def embedded_parts(name: str) -> list[Path]:
         path = folder / filename if folder is not None else None
         if path is None or not path.is_file():
             missing.append(package if folder is None else str(path))
-        paths.append(path)
+        else:
+            paths.append(path)
     if missing:
         raise ModelNotAvailableError(
             f"the embedded model {name!r} needs its data package(s) ({len(missing)} of {len(entry.parts)} "
@@ -179,7 +180,7 @@ def _convert(gguf: Path, destination: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already dequantised; drop the quantizer marker so that save_pretrained accepts the model.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(destination)

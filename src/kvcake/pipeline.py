@@ -20,7 +20,7 @@ def static_compile_config(model):
     device = next(model.parameters()).device
     config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else "default")
     if device.type not in ("cuda", "xpu"):
-        config._compile_all_devices = True
+        config._compile_all_devices = True  # type: ignore[assignment]
     return config
 
 
@@ -127,8 +127,8 @@ def answer(model, tokenizer, context: str, question: str, method, max_new_tokens
         cache = output_cache(out)
         full = cache_kv_bytes(cache)
         n_layers = len(getattr(cache, "layers", []))
-        summary: dict[str, Any] = dict(layer_budgets=[ids.shape[1]] * n_layers, kv_bytes=full, kv_bytes_full=full, peak_kv_bytes=full,
-                       method={"name": "full"}, report=None)
+        summary: dict[str, Any] = dict(layer_budgets=[ids.shape[1]] * n_layers, kv_bytes=full, kv_bytes_full=full,
+                                       peak_kv_bytes=full, method={"name": "full"}, report=None)
     else:
         tail = chat_tail_length(tokenizer) if protocol == "tail" else 0
         with compress(model, method, compile=compile, uncompressed_tail=tail) as press:
