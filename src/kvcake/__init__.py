@@ -25,6 +25,7 @@ _HOMES = {
     "UnsupportedModelError": "kvcake.integration.session",
     "compress": "kvcake.integration.session",
     "KVCakeCache": "kvcake.integration.cache",
+    "UnsupportedCacheError": "kvcake.integration.cache",
     "Report": "kvcake.integration.report",
     "NonFiniteAttentionError": "kvcake.methods.attention",
     "allocate": "kvcake.methods.allocation",
@@ -36,7 +37,7 @@ _HOMES = {
 _SUBMODULES = {"bench", "cli", "eval", "integration", "methods", "models", "needle", "pipeline", "plots"}
 
 if TYPE_CHECKING:  # what static type checkers see; at run time the same names load lazily
-    from kvcake.integration.cache import KVCakeCache
+    from kvcake.integration.cache import KVCakeCache, UnsupportedCacheError
     from kvcake.integration.report import Report
     from kvcake.integration.session import Compression, UnsupportedModelError, compress
     from kvcake.methods.adakv import AdaKV
@@ -76,5 +77,5 @@ __all__ = [
     "CAKE", "H2O", "TAU_PRESETS", "TOVA", "AdaKV", "Allocator", "CakeScores", "Compression", "ExpectedAttention",
     "ExpectedAttentionScores", "H2OScores", "KNorm", "KNormScores", "KVCakeCache", "Method", "NonFiniteAttentionError",
     "Preference", "Pyramid", "PyramidKV", "Report", "Scorer", "SnapKV", "SnapKVScores", "StreamingLLM",
-    "StreamingScores", "TOVAScores", "Uniform", "UnsupportedModelError", "allocate", "compress", "tau_preset",
+    "StreamingScores", "TOVAScores", "Uniform", "UnsupportedCacheError", "UnsupportedModelError", "allocate", "compress", "tau_preset",
 ]
