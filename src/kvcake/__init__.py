@@ -77,5 +77,6 @@ __all__ = [
     "CAKE", "H2O", "TAU_PRESETS", "TOVA", "AdaKV", "Allocator", "CakeScores", "Compression", "ExpectedAttention",
     "ExpectedAttentionScores", "H2OScores", "KNorm", "KNormScores", "KVCakeCache", "Method", "NonFiniteAttentionError",
     "Preference", "Pyramid", "PyramidKV", "Report", "Scorer", "SnapKV", "SnapKVScores", "StreamingLLM",
-    "StreamingScores", "TOVAScores", "Uniform", "UnsupportedCacheError", "UnsupportedModelError", "allocate", "compress", "tau_preset",
+    "StreamingScores", "TOVAScores", "Uniform", "UnsupportedCacheError", "UnsupportedModelError", "allocate",
+    "compress", "tau_preset",
 ]
