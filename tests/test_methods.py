@@ -231,14 +231,13 @@ def test_streamingllm_keeps_sinks_and_the_most_recent_tokens():
 
 # -- decoding against plain attention over the kept entries, every method ------------------------------------------
 
-@pytest.mark.parametrize("name", METHODS)
-def test_decoding_equals_reference_batch_and_padding(name, backend):
-    model = tiny_llama(backend)
+def check_decoding_against_reference(model, method) -> None:
+    """A padded batch of 2 prefilled under ``method``, then 4 decoding steps: each row's logits equal plain attention
+    over exactly the entries that row kept (tests/reference.py), at its true positions."""
     ids = prompt(100, batch=2, seed=9)
     pads = [0, 31]
     mask = torch.ones_like(ids)
     mask[1, : pads[1]] = 0
-    method = make(name, budget=26, decode_eviction=False)
     with kvcake.compress(model, method) as press:
         cache = press.new_cache()
         with torch.no_grad():
@@ -255,6 +254,11 @@ def test_decoding_equals_reference_batch_and_padding(name, backend):
                                                              references[row])
                 torch.testing.assert_close(logits[row:row + 1], expected, atol=2e-5, rtol=1e-4)
         assert press.report.prompt_tokens == [100, 69]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_decoding_equals_reference_batch_and_padding(name, backend):
+    check_decoding_against_reference(tiny_llama(backend), make(name, budget=26, decode_eviction=False))
 
 
 # -- decode-time eviction --------------------------------------------------------------------------------------------

@@ -16,8 +16,15 @@ from kvcake.integration.replay import record_prefill, replay
 from kvcake.integration.rope import Rotary
 from kvcake.methods.expected_attention import rotate_half, unrotate
 from kvcake.methods.registry import build
-from reference import reference_logits, row_entries
-from test_methods import HEAD_DIM, KV_HEADS, LAYERS, OBSERVATION, prefill, reference_budgets
+from test_methods import (
+    HEAD_DIM,
+    KV_HEADS,
+    LAYERS,
+    OBSERVATION,
+    check_decoding_against_reference,
+    prefill,
+    reference_budgets,
+)
 
 Q_HEADS = 4
 SCORERS = ["knorm", "expected-attention"]
@@ -191,27 +198,7 @@ def test_prefill_is_exact_and_a_covering_budget_changes_nothing(name, allocator,
 
 @pytest.mark.parametrize("name, allocator", MATRIX)
 def test_decoding_equals_reference_batch_and_padding(name, allocator, backend):
-    model = tiny_llama(backend)
-    ids = prompt(100, batch=2, seed=9)
-    pads = [0, 31]
-    mask = torch.ones_like(ids)
-    mask[1, : pads[1]] = 0
-    with kvcake.compress(model, make(name, allocator, 26)) as press:
-        cache = press.new_cache()
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
-        references = [row_entries(cache, row, pads[row]) for row in range(2)]
-        for _ in range(4):
-            token = logits.argmax(-1, keepdim=True)
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
-            positions = mask.sum(-1, keepdim=True) - 1
-            with torch.no_grad():
-                logits = model(token, attention_mask=mask, cache=cache, position_ids=positions).logits[:, -1]
-            for row in range(2):
-                expected, references[row] = reference_logits(model, token[row:row + 1], int(positions[row]),
-                                                             references[row])
-                torch.testing.assert_close(logits[row:row + 1], expected, atol=2e-5, rtol=1e-4)
-        assert press.report.prompt_tokens == [100, 69]
+    check_decoding_against_reference(tiny_llama(backend), make(name, allocator, 26))
 
 
 @pytest.mark.parametrize("name", SCORERS)
