@@ -516,12 +516,12 @@ def test_a_covering_budget_with_a_tail_still_generates_as_the_full_cache():
 def test_cascade_stages_applied_late_give_the_same_cache(monkeypatch):
     # On a GPU a stage's shares reach the host while later layers run, and the newest stage that has landed is
     # applied: simulate stages that land only at the end (the worst case) and compare with stages applied at once.
-    from kvcake.integration import cache as cache_module
+    from kvcake.integration import prefill as prefill_module
 
     model = tiny_llama("sdpa", layers=6)
     ids = prompt(200)
     _, prompt_order, on_time = prefill(model, ids, cake(budget=40))
-    monkeypatch.setattr(cache_module._Stage, "ready", lambda self: False)
+    monkeypatch.setattr(prefill_module.Stage, "ready", lambda self: False)
     _, late_cache, late = prefill(model, ids, cake(budget=40))
     assert late.budgets == on_time.budgets and late.kept_after_prefill == on_time.kept_after_prefill
     for a, b in zip(late_cache.layers, prompt_order.layers, strict=False):

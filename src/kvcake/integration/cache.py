@@ -8,56 +8,19 @@ layers (Gemma-2/3, Mistral with a window) keep transformers' own bounded cache a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvcake.integration.masks import key_valid
+from kvcake.integration.prefill import PrefillLayer, Stage
 from kvcake.integration.report import Report
 from kvcake.integration.storage import CompressedLayer, cache_kv_bytes, layer_kv_bytes
 from kvcake.methods.attention import NonFiniteAttentionError
 from kvcake.methods.base import Method
 from kvcake.methods.budget import RequestBudget
 from kvcake.methods.views import LayerView
-
-
-@dataclass
-class PrefillLayer:
-    """What a layer's prefill attention call saw: enough to compress the layer again under another method."""
-
-    key: torch.Tensor
-    value: torch.Tensor
-    query: torch.Tensor | None = None  # None for layers kvcake leaves alone (sliding-window)
-    key_valid: torch.Tensor | None = None
-    scaling: float | None = None
-    softcap: float | None = None
-    positions: torch.Tensor | None = None  # RoPE positions (position_ids) of the prompt, None: 0 .. S-1
-    rotary: Any = None  # the layer's rotary embedding (kvcake.integration.rope.Rotary), None if it has none
-
-
-class _Stage:
-    """A cascade stage's shares ``(B, m)`` on their way from the device to the host (copied without waiting)."""
-
-    def __init__(self, layers: int, shares: torch.Tensor) -> None:
-        self.layers = layers
-        self._event = None
-        if shares.device.type == "cuda":
-            host = torch.empty(shares.shape, dtype=shares.dtype, pin_memory=True)
-            host.copy_(shares, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            shares = host
-        self._shares = shares
-
-    def ready(self) -> bool:
-        return self._event is None or self._event.query()
-
-    def host(self) -> list[list[int]]:
-        if self._event is not None:
-            self._event.synchronize()
-        return self._shares.cpu().tolist()
 
 
 class UnsupportedCacheError(ValueError):
@@ -107,7 +70,7 @@ class KVCakeCache(DynamicCache):
         self.compressible = [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
         self._slot = {layer_idx: n for n, layer_idx in enumerate(self.compressible)}
         self.plan: RequestBudget | None = None  # the request's budgets, from its first prefilled layer on
-        self._pending: list[_Stage] = []  # cascade stages whose shares are on their way to the host
+        self._pending: list[Stage] = []  # cascade stages whose shares are on their way to the host
         self._bad_scores: torch.Tensor | None = None  # a device flag: some layer scored NaN
         self.prompt_valid: torch.Tensor | None = None  # (B, S) False on the prompt's padding
         self.prefill_kept: list[list[int]] | None = None
@@ -265,7 +228,7 @@ class KVCakeCache(DynamicCache):
         bad = torch.isnan(scores).any()  # NaN or inf logits make NaN scores: checked once, at the end
         self._bad_scores = bad if self._bad_scores is None else self._bad_scores | bad
         if self.plan.push(preference, key.device):
-            self._pending.append(_Stage(self.plan.seen, self.plan.device_shares()))
+            self._pending.append(Stage(self.plan.seen, self.plan.device_shares()))
         last = self.plan.seen == len(self.compressible)
         self._apply_stages(wait=last)
         if last:

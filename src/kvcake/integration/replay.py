@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from kvcake.integration.cache import KVCakeCache, PrefillLayer
+from kvcake.integration.cache import KVCakeCache
 from kvcake.integration.compat import cache_keyword, output_cache, text_config
+from kvcake.integration.prefill import PrefillLayer
 from kvcake.integration.session import compress
 
 
