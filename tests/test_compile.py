@@ -91,3 +91,17 @@ def test_new_requests_with_other_budgets_reuse_the_compiled_step(model):
             budgets.append(press.report.budgets)
     assert len({str(b) for b in budgets}) > 1  # the requests really had different budgets
     assert CompileCounts.read().graphs == 1
+
+
+def test_decoding_past_the_sized_buffers_in_compiled_code_is_an_error_not_a_silent_overwrite(model):
+    # Compiled steps cannot regrow their buffers; a loop that goes past the size it announced is flagged on the
+    # device and raised at the next check instead of overwriting the oldest entry.
+    with kvcake.compress(model, kvcake.SnapKV(budget=20, window=8), compile=True, max_new_tokens=3) as press, \
+            torch.no_grad():
+        cache = press.new_cache()
+        token = model(prompt(60, seed=2), cache=cache).logits[:, -1:].argmax(-1)
+        for step in range(6):
+            position = torch.tensor([[60 + step]])
+            token = press.forward(token, cache=cache, position_ids=position).logits[:, -1:].argmax(-1)
+        with pytest.raises(RuntimeError, match="sized for"):
+            _ = press.report

@@ -114,3 +114,32 @@ def test_a_model_with_only_sliding_window_layers_is_entered_with_a_warning_and_r
         model.generate(prompt(40), max_new_tokens=2, do_sample=False)
         with pytest.raises(RuntimeError, match="nothing was compressed"):
             _ = press.report
+
+
+@pytest.mark.parametrize("method", [kvcake.CAKE(budget=10**6, window=8), kvcake.SnapKV(budget=10**6, window=8)])
+def test_a_long_hand_written_loop_regrows_its_buffers_without_losing_a_token(method):
+    # Without max_new_tokens the decoding buffers are sized for 32 tokens and regrown when full. The check of a full
+    # buffer used to be skipped (its counter was reset by every layer after the first), so a padded batch's buffers
+    # overflowed and overwrote the oldest slot after 32 tokens.
+    model = tiny_llama("sdpa")
+    ids = prompt(60, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+
+    def loop(cache, steps=80):
+        tokens, m = [], mask
+        with torch.no_grad():
+            out = model(ids, attention_mask=m, cache=cache)
+            for _ in range(steps):
+                token = out.logits[:, -1:].argmax(-1)
+                tokens.append(token[:, 0].tolist())
+                m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+                out = model(token, cache=cache, attention_mask=m, position_ids=m.sum(-1, keepdim=True) - 1)
+        return tokens
+
+    expected = loop(DynamicCache())
+    with kvcake.compress(model, method) as press:
+        cache = DynamicCache()
+        assert loop(cache) == expected
+        assert press.report.kept_now == [[140] * 4, [120] * 4]
+        assert all(layer.slots.capacity > 140 for layer in cache.layers)

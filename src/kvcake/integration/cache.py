@@ -168,10 +168,10 @@ class KVCakeCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.prefill_kept is not None and not torch.compiler.is_compiling() and layer_idx in self._slot:
-            if key_states.shape[2] == 1 and self._slot[layer_idx] == 0:
-                self._ensure_frozen()
-            else:
+            if key_states.shape[2] > 1:
                 self._frozen_for = None  # the layers go back to the prefill layout for a multi-token feed
+            elif self._slot[layer_idx] == 0:
+                self._ensure_frozen()
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.prefill_kept is None:  # peak is a prefill figure
             self._track_peak()
@@ -315,10 +315,15 @@ class KVCakeCache(DynamicCache):
             torch._dynamo.mark_static_address(self._nonfinite)
 
     def check_finite(self) -> None:
-        """Raise if a compiled decoding step saw NaN or inf (compiled code cannot raise mid-step)."""
+        """Raise what a compiled decoding step could only flag (compiled code cannot raise mid-step): NaN or inf
+        attention, or more tokens than the decoding buffers were sized for."""
         if self._nonfinite is not None and bool(self._nonfinite):
             self._nonfinite.zero_()
             raise NonFiniteAttentionError("attention at decode time produced NaN or inf")
+        if any(bool(layer.slots.overflow) for layer in self.layers_in_order() if layer.slots is not None):
+            raise RuntimeError(f"more tokens were decoded than the decoding buffers were sized for "
+                               f"({self.decode_horizon} new tokens): pass max_new_tokens to generate, compress() or "
+                               "new_cache() (compiled decoding cannot regrow them)")
 
     # -- decoding ----------------------------------------------------------------------------------------------------
     def decoding(self) -> bool:
@@ -355,6 +360,7 @@ class KVCakeCache(DynamicCache):
     # -- reading what happened -----------------------------------------------------------------------------------------
     def report(self) -> Report:
         """What the request did: budgets, kept lengths and memory (see :class:`~kvcake.integration.report.Report`)."""
+        self.check_finite()
         plan, layers = self.plan, self.layers_in_order()
         rows = 0 if plan is None else plan.rows
         entry_bytes = max((layer.slot_bytes() // max(rows, 1) for layer in layers), default=0)

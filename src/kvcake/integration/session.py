@@ -65,6 +65,7 @@ class Compression:
         self.active_cache: KVCakeCache | None = None
         self.last_cache: KVCakeCache | None = None
         self._report: Report | None = None
+        self._report_error: Exception | None = None  # why the last request's report could not be made
         self._saved: list[tuple[Any, str]] = []
         self._hook: Any = None
         self._cache_name: str | None = None
@@ -111,7 +112,10 @@ class Compression:
             config._attn_implementation = name
         self._saved.clear()
         if self.last_cache is not None and self.last_cache.prompt_tokens is not None:
-            self._report = self.last_cache.report()
+            try:
+                self._report = self.last_cache.report()
+            except Exception as exc:  # noqa: BLE001 - kept for press.report: leaving the block must not raise it
+                self._report_error = exc
         self.active_cache = None
         self.last_cache = None
 
@@ -215,6 +219,7 @@ class Compression:
             cache.freeze_after_prefill = True
 
     def _use(self, cache: KVCakeCache) -> None:
+        self._report_error = None
         self.active_cache = cache
         self.last_cache = cache
 
@@ -231,6 +236,8 @@ class Compression:
             raise RuntimeError("nothing was compressed: every attention layer of this model is sliding-window")
         if self.last_cache is not None and self.last_cache.prompt_tokens is not None:
             return self.last_cache.report()
+        if self._report_error is not None:
+            raise self._report_error
         if self._report is None:
             raise RuntimeError("no request has been prefilled under this compression yet")
         return self._report

@@ -48,6 +48,7 @@ class Slots:
     targets: torch.Tensor | None  # None: the layer evicts nothing while decoding
     start: torch.Tensor  # () logical length when the schedule starts (a tensor: it changes from request to request)
     max_drops: int  # the most entries a step drops (a host constant of the schedule)
+    overflow: torch.Tensor  # () a token came with no free slot (more tokens than the buffers were sized for)
 
     @classmethod
     def build(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor | None,
@@ -78,9 +79,10 @@ class Slots:
             stored = scores.new_zeros(batch, heads, capacity)
             stored[..., :length] = scores
         slots = cls(k, v, pos, (pos >= 0).sum(-1), torch.tensor(cursor, dtype=torch.long, device=device), stored,
-                    table, torch.tensor(start, dtype=torch.long, device=device), max_drops)
+                    table, torch.tensor(start, dtype=torch.long, device=device), max_drops,
+                    torch.zeros((), dtype=torch.bool, device=device))
         _static(slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.stored, slots.targets,
-                slots.start)
+                slots.start, slots.overflow)
         return slots
 
     def _fits(self, keys, values, scores, capacity: int, table) -> bool:
@@ -104,6 +106,7 @@ class Slots:
         if self.targets is not None and table is not None:
             self.targets.copy_(table)
         self.start.fill_(start)
+        self.overflow.zero_()
         self.max_drops = max_drops
 
     @property
@@ -115,17 +118,21 @@ class Slots:
         if torch.compiler.is_compiling():
             return  # compiled steps write the buffers made before compiling
         if self.keys.is_inference() and not torch.is_inference_mode_enabled():
-            for name in ("keys", "values", "positions", "count", "cursor", "stored", "targets", "start"):
+            for name in ("keys", "values", "positions", "count", "cursor", "stored", "targets", "start", "overflow"):
                 value = getattr(self, name)
                 if value is not None:
                     setattr(self, name, value.clone())
             _static(self.keys, self.values, self.positions, self.count, self.cursor, self.stored, self.targets,
-                    self.start)
+                    self.start, self.overflow)
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot, at the logical cursor."""
         batch, heads, capacity = self.positions.shape
-        free = (self.positions < 0).to(torch.int32).argmax(dim=-1)  # (B, H): the first free slot of each row, head
+        empty = self.positions < 0
+        # A row with no free slot would overwrite its first slot: flagged (the cache raises at its next check), so
+        # it can never pass unnoticed; the buffers are sized so that it does not happen.
+        self.overflow.logical_or_(~empty.any(dim=-1).all())
+        free = empty.to(torch.int32).argmax(dim=-1)  # (B, H): the first free slot of each row and head
         # index_copy_ on flattened views writes one row per head: a scatter_ along the slot axis would make the
         # compiled step copy the whole buffer.
         flat = (free + torch.arange(batch * heads, device=free.device).view(batch, heads) * capacity).view(-1)
