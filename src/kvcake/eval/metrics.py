@@ -7,8 +7,11 @@ having registered something; :func:`register` adds a metric of one's own.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
+from kvcake.eval import suites
 from kvcake.eval.sample import EvalDataError, Metric, Sample
-from kvcake.eval.suites import longbench_metrics, needlebench, ruler
 
 __all__ = ["METRICS", "Metric", "get", "register", "score"]
 
@@ -23,7 +26,13 @@ def _table(*tables: dict[str, Metric]) -> dict[str, Metric]:
     return merged
 
 
-METRICS: dict[str, Metric] = _table(longbench_metrics.METRICS, needlebench.METRICS, ruler.METRICS)
+def _suite_tables() -> list[dict[str, Metric]]:
+    """The ``METRICS`` table of every module of :mod:`kvcake.eval.suites` (a new suite needs no edit here)."""
+    modules = sorted(pkgutil.iter_modules(suites.__path__), key=lambda m: m.name)
+    return [getattr(importlib.import_module(f"{suites.__name__}.{m.name}"), "METRICS", {}) for m in modules]
+
+
+METRICS: dict[str, Metric] = _table(*_suite_tables())
 
 
 def register(name: str, fn: Metric) -> Metric:

@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvcake.eval import suites as suites_package
 from kvcake.eval.haystack import Haystack
 from kvcake.eval.sample import EvalDataError, Sample
-from kvcake.eval.suites import longbench, needlebench, ruler
+from kvcake.eval.suites import Suite
 
-SUITES: dict[str, tuple[str, ...]] = {
-    "needlebench": tuple(f"needlebench/{t}" for t in needlebench.TASKS),
-    "ruler": tuple(f"ruler/{t}" for t in ruler.TASKS),
-    "longbench": tuple(f"longbench/{t}" for t in longbench.TASKS_EN),
-    "longbench-zh": tuple(f"longbench/{t}" for t in longbench.TASKS_ZH),
-}
+
+def _discover() -> dict[str, Suite]:
+    """Every suite the modules of :mod:`kvcake.eval.suites` declare, by name."""
+    found: dict[str, Suite] = {}
+    for info in sorted(pkgutil.iter_modules(suites_package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{suites_package.__name__}.{info.name}")
+        for suite in getattr(module, "SUITES", ()):
+            if suite.name in found:
+                raise ImportError(f"suite {suite.name!r} is declared twice")
+            found[suite.name] = suite
+    order = ["needlebench", "ruler", "longbench", "longbench-zh"]  # the usual order first, then any other
+    return {name: found[name] for name in sorted(found, key=lambda n: (order.index(n) if n in order else 99, n))}
+
+
+_SUITES = _discover()
+SUITES: dict[str, tuple[str, ...]] = {name: suite.task_names() for name, suite in _SUITES.items()}
+
+
+def _suite_of(task: str) -> tuple[Suite, str]:
+    prefix, name = task.split("/", 1)
+    for suite in _SUITES.values():
+        if suite.prefix == prefix and name in suite.tasks:
+            return suite, name
+    raise EvalDataError(f"unknown task {task!r}")
 
 
 @dataclass
@@ -60,12 +81,9 @@ def check(names: list[str], options: SuiteOptions) -> list[str]:
         raise EvalDataError(f"--limit takes a positive number of samples per task, not {options.limit}")
     tasks = expand(names)
     for task in tasks:
-        suite, name = task.split("/", 1)
-        if suite == "longbench":
-            if options.data is None:
-                raise EvalDataError(f"{task} needs the LongBench data: pass --data FOLDER (the extracted data.zip of "
-                                    "THUDM/LongBench, or a folder of <task>.jsonl files)")
-            longbench.load(name, options.data, limit=1)
+        suite, name = _suite_of(task)
+        if suite.check is not None:
+            suite.check(name, options)
     if options.corpus is not None:
         Haystack.from_path(options.corpus)
     return tasks
@@ -74,19 +92,14 @@ def check(names: list[str], options: SuiteOptions) -> list[str]:
 def load_samples(names: list[str], tokenizer, options: SuiteOptions) -> list[Sample]:
     """The samples of every named task, in order (the first ``options.limit`` of each task)."""
     samples: list[Sample] = []
-    haystack = None
+    shared: list[Haystack] = []
+
+    def haystack() -> Haystack:  # built once, on first use
+        if not shared:
+            shared.append(Haystack.from_path(options.corpus) if options.corpus else Haystack.default())
+        return shared[0]
+
     for task in expand(names):
-        suite, name = task.split("/", 1)
-        if suite == "longbench":
-            if options.data is None:
-                raise EvalDataError(f"{task} needs the LongBench data: pass --data FOLDER (the extracted data.zip of "
-                                    "THUDM/LongBench, or a folder of <task>.jsonl files)")
-            samples += longbench.load(name, options.data, limit=options.limit)
-            continue
-        if haystack is None:
-            haystack = Haystack.from_path(options.corpus) if options.corpus else Haystack.default()
-        module = needlebench if suite == "needlebench" else ruler
-        samples += module.generate(name, tokenizer, lengths=options.lengths, depths=options.depths,
-                                   per_cell=options.per_cell, seed=options.seed, haystack=haystack,
-                                   limit=options.limit)
+        suite, name = _suite_of(task)
+        samples += suite.samples(name, tokenizer, options, haystack)
     return samples

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcake.eval.sample import EvalDataError, Sample
+from kvcake.eval.suites import Suite
 
 DATA_URL = "https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip"
 REQUIRED_FIELDS = ("input", "context", "answers")
@@ -274,3 +275,19 @@ def load(task_name: str, data: str | Path, limit: int | None = None) -> list[Sam
             break
         samples.append(to_sample(spec, record, str(lineno)))
     return samples
+
+
+def _samples(task: str, tokenizer, options, haystack) -> list[Sample]:
+    _check(task, options)
+    return load(task, options.data, limit=options.limit)
+
+
+def _check(task: str, options) -> None:
+    if options.data is None:
+        raise EvalDataError(f"longbench/{task} needs the LongBench data: pass --data FOLDER (the extracted data.zip "
+                            "of THUDM/LongBench, or a folder of <task>.jsonl files)")
+    load(task, options.data, limit=1)
+
+
+SUITES = [Suite("longbench", "longbench", TASKS_EN, _samples, _check),
+          Suite("longbench-zh", "longbench", TASKS_ZH, _samples, _check)]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from kvcake.eval.haystack import Haystack, seeded
 from kvcake.eval.sample import EvalDataError, Metric, Sample
+from kvcake.eval.suites import Suite
 
 TASKS = ("single", "multi_retrieval", "multi_reasoning")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -246,3 +247,11 @@ def needlebench_multi_score(prediction: str, references: list[str], sample: Samp
 
 #: The metrics of the suite, by the name a sample gives in ``Sample.metric``.
 METRICS: dict[str, Metric] = {"needlebench": needlebench_score, "needlebench_multi": needlebench_multi_score}
+
+
+def _samples(task: str, tokenizer, options, haystack) -> list[Sample]:
+    return generate(task, tokenizer, lengths=options.lengths, depths=options.depths, per_cell=options.per_cell,
+                    seed=options.seed, haystack=haystack(), limit=options.limit)
+
+
+SUITES = [Suite("needlebench", "needlebench", TASKS, _samples)]

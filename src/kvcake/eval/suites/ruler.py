@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 from kvcake.eval.haystack import Haystack, count_tokens, seeded
 from kvcake.eval.sample import EvalDataError, Metric, Sample
+from kvcake.eval.suites import Suite
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 DEPTH_TASKS = TASKS[:4]
@@ -328,3 +329,11 @@ def string_match_part(prediction: str, references: list[str], sample: Sample) ->
 
 #: The metrics of the suite, by the name a sample gives in ``Sample.metric``.
 METRICS: dict[str, Metric] = {"string_match_all": string_match_all, "string_match_part": string_match_part}
+
+
+def _samples(task: str, tokenizer, options, haystack) -> list[Sample]:
+    return generate(task, tokenizer, lengths=options.lengths, depths=options.depths, per_cell=options.per_cell,
+                    seed=options.seed, haystack=haystack(), limit=options.limit)
+
+
+SUITES = [Suite("ruler", "ruler", TASKS, _samples)]
