@@ -56,6 +56,12 @@ def test_the_proxy_chooses_only_where_it_ranks_settings_as_the_metric():
     # A constant metric: the correlation is undefined, so the metric decides and the KL breaks its ties.
     criterion, best, rho = cal.choose({"128": _points([50] * 9, reversed_)}, use_kl=True)
     assert criterion == "metric" and rho["128"] is None and best["128"] == [0.5, 0.5]
+    # A loose agreement (0.73) is not enough at the default threshold (0.8), and is at a lower one.
+    loose = [5, 9, 8, 7, 6, 1, 4, 3, 2]
+    criterion, best, rho = cal.choose({"128": _points(list(range(10, 100, 10)), loose)}, use_kl=True)
+    assert rho["128"] == pytest.approx(0.7333, abs=1e-4) and criterion == "metric" and best["128"] == [2.0, 2.0]
+    criterion, best, _ = cal.choose({"128": _points(list(range(10, 100, 10)), loose)}, use_kl=True, threshold=0.7)
+    assert criterion == "kl" and best["128"] == [1.0, 2.0]
     # One budget that disagrees is enough to keep the metric for all.
     criterion, _, _ = cal.choose({"128": _points(metric, agreeing), "1024": _points(metric, reversed_)}, use_kl=True)
     assert criterion == "metric"
@@ -92,9 +98,9 @@ def test_calibrate_writes_a_tau_file_that_presets_load(chat, chat_model_dir, tmp
     assert data["seed"] == "calibration-0" and data["samples"] == 2 and data["grid"] == [0.5, 1.0, 2.0]
     assert set(data["budgets"]) == {"48", "4096"} and set(data["ratios"]) == {"0.25"}
     assert len(data["results"]) == 3 * 9 and data["score"] in ("metric", "kl")
-    # A budget covering every prompt keeps the full cache whatever tau: KL 0 everywhere, one metric.
+    # A budget covering every prompt keeps the full cache whatever tau: KL 0 everywhere, the full cache's metric.
     covering = [r for r in data["results"] if r["budget"] == 4096]
-    assert all(r["kl"] == 0 for r in covering) and len({r["metric"] for r in covering}) == 1
+    assert all(r["kl"] == 0 for r in covering) and {r["metric"] for r in covering} == {data["full_metric"]}
     assert data["spearman_by_budget"]["4096"] is None
     # The choice is the best point by the criterion the file names.
     for key, (t1, t2) in data["budgets"].items():

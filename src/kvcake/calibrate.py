@@ -18,8 +18,8 @@ exact). A setting is scored by
 
 The proxy is only used once it is shown to rank the settings as the metric does: for every budget the Spearman rank
 correlation between the metric and the negated KL over the settings searched is written to ``tau.json``, and the
-choice is made by the KL only when every correlation reaches ``threshold`` (0.6); otherwise by the metric (ties
-broken by the KL), and the file says so (``score``).
+choice is made by the KL only when every correlation reaches ``threshold`` (0.8); otherwise by the metric (ties
+broken by the KL), and the file says so (``score``, ``why``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ DEFAULT_TASKS = ("ruler/niah_multikey", "needlebench/multi_retrieval", "ruler/vt
 SEARCHES = ("grid", "coordinate")
 SCORES = ("auto", "metric")
 #: The least Spearman correlation (every budget) for the KL proxy to choose.
-THRESHOLD = 0.6
+THRESHOLD = 0.8
 
 
 class CalibrationError(ValueError):
@@ -149,6 +149,7 @@ class _Prompt:
     limit: int  # answer length
     forced: Any  # (1, k - 1) the full cache's answer fed back (None: the answer was shorter than 2 tokens)
     full_logits: Any  # (k - 1, vocab) the full cache's next-token logits after each forced token
+    full_metric: float = 0.0  # the full cache's answer, scored
 
 
 @dataclass
@@ -302,6 +303,7 @@ def _prepare(model, tokenizer, sample, first_method, k: int, max_new_tokens: int
     """Prefill one sample (recording it for every setting) and the full cache's teacher-forced reference."""
     import torch
 
+    from kvcake.eval import metrics
     from kvcake.eval.answering import greedy
     from kvcake.eval.prompts import encode
     from kvcake.integration.replay import queries_needed, record_prefill, replay
@@ -312,13 +314,15 @@ def _prepare(model, tokenizer, sample, first_method, k: int, max_new_tokens: int
     enc = encode(tokenizer, sample, None if limit_length is None else limit_length - max(limit, k))
     ids = torch.cat([enc.context_ids, enc.question_ids], dim=1).to(device)
     record, _ = record_prefill(model, ids, first_method, queries=queries_needed([first_method]))
-    answer = greedy(model, replay(model, record, None), record.logits, ids.shape[1], None, k, eos)
+    # Greedy is a prefix of itself: the first k tokens are the teacher-forced ones, the first `limit` the answer.
+    answer = greedy(model, replay(model, record, None), record.logits, ids.shape[1], None, max(limit, k), eos)
+    score = metrics.score(sample, tokenizer.decode(answer[:limit], skip_special_tokens=True))
     forced = full = None
-    if len(answer) >= 2:
+    if len(answer[:k]) >= 2:
         forced = torch.tensor([answer[: k - 1]], device=device)
         prompt = _Prompt(sample, ids, record, limit, forced, None)
         full = _forced_logits(model, replay(model, record, None), prompt, None)
-    return _Prompt(sample, ids, record, limit, forced, full)
+    return _Prompt(sample, ids, record, limit, forced, full, score)
 
 
 def calibrate(model: str | None, budgets: Sequence[int] = (), ratios: Sequence[float] = (), samples: int = 8,
@@ -356,9 +360,10 @@ def calibrate(model: str | None, budgets: Sequence[int] = (), ratios: Sequence[f
     -------
     dict
         The content of ``tau.json``: ``model``, ``budgets`` and ``ratios`` (key -> [tau1, tau2]), ``seed``,
-        ``samples``, ``score`` (``metric`` or ``kl``), ``spearman`` (the least correlation over the budgets and
-        ratios, None where undefined), ``spearman_by_budget``, ``grid``, ``results`` (every point searched, with its
-        mean metric and KL) and what the run was (tasks, lengths, search, k, seconds).
+        ``samples``, ``score`` (``metric`` or ``kl``), ``full_metric`` (the full cache's), ``spearman`` (the
+        least correlation over the budgets and ratios, None where undefined), ``spearman_by_budget``, ``grid``,
+        ``results`` (every point searched, with its mean metric and KL) and what the run was (tasks, lengths,
+        search, k, seconds).
     """
     values = check_arguments(budgets, ratios, samples, grid, search, score, k, out)
     from kvcake import models as registry_models
@@ -404,6 +409,7 @@ def calibrate(model: str | None, budgets: Sequence[int] = (), ratios: Sequence[f
         "budgets": {_key(b, None): best[_key(b, None)] for b in budgets},
         "ratios": {_key(None, r): best[_key(None, r)] for r in ratios},
         "seed": calibration_seed(seed), "samples": len(prompts), "score": criterion,
+        "full_metric": round(sum(p.full_metric for p in prompts) / len(prompts), 4),
         "spearman": (min(defined) if len(defined) == len(correlations) else None) if want_kl else None,
         "spearman_by_budget": {key: None if c is None else round(c, 4) for key, c in correlations.items()},
         "threshold": threshold if want_kl else None,

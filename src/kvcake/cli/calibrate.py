@@ -26,6 +26,8 @@ def calibrate_command(
                                             "from 1, 1)."),
     score: str = typer.Option("auto", help="auto (the task metric and the KL proxy; the proxy chooses only where "
                                            "it ranks the settings as the metric does) or metric."),
+    threshold: float = typer.Option(0.8, help="Least Spearman correlation between the KL proxy and the metric (every "
+                                              "budget) for the proxy to choose."),
     lengths: str = typer.Option("1000", help="Context lengths of the calibration prompts, in tokens."),
     depths: str = typer.Option("0.25,0.5,0.75", help="Needle depths of the calibration prompts."),
     seed: int = typer.Option(0, help="Calibration seed n: prompts come from the string seed calibration-n, which "
@@ -50,11 +52,13 @@ def calibrate_command(
         budget_list, ratio_list = split(budgets, int), split(ratios, float)
         grid_list = split(grid, float)
         check_arguments(budget_list, ratio_list, samples, grid_list, search, score, kl_tokens, out_path)
+        if not -1 <= threshold <= 1:
+            raise CalibrationError(f"--threshold is a correlation in [-1, 1], not {threshold:g}")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise CalibrationError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
         result = _run(model, budget_list, ratio_list, samples, out_path, split(tasks), grid_list, search, score,
                       split(lengths, int), split(depths, float), seed, kl_tokens, max_new_tokens, corpus, dtype,
-                      attn, threads, progress)
+                      attn, threads, progress, threshold)
     except (CalibrationError, EvalDataError, FileNotFoundError, ValueError) as exc:
         fail(" ".join(str(exc).split()))
     chosen = ", ".join(f"{k}: tau1={v[0]:g} tau2={v[1]:g}" for k, v in {**result["budgets"],
@@ -64,7 +68,7 @@ def calibrate_command(
 
 
 def _run(model, budgets, ratios, samples, out_path, tasks, grid, search, score, lengths, depths, seed, kl_tokens,
-         max_new_tokens, corpus, dtype, attn, threads, progress):
+         max_new_tokens, corpus, dtype, attn, threads, progress, threshold):
     import torch
 
     from kvcake.calibrate import calibrate
@@ -73,4 +77,5 @@ def _run(model, budgets, ratios, samples, out_path, tasks, grid, search, score, 
         torch.set_num_threads(threads)
     return calibrate(model, budgets, ratios, samples=samples, out=out_path, tasks=tasks, grid=grid,
                      lengths=lengths, depths=depths, seed=seed, search=search, score=score, k=kl_tokens,
-                     max_new_tokens=max_new_tokens, corpus=corpus, dtype=dtype, attn=attn, progress=progress)
+                     max_new_tokens=max_new_tokens, corpus=corpus, dtype=dtype, attn=attn, progress=progress,
+                     threshold=threshold)
