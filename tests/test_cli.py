@@ -111,6 +111,9 @@ def test_every_method_runs_by_name(tiny_folder, method):
     (["--methods", "full", "--modes", "sideways"], "unknown mode"),
     (["--methods", "full", "--dtype", "float8"], "unknown dtype 'float8'"),
     (["--methods", "full", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--methods", "full", "--protocols", "middle"], "unknown protocol 'middle'"),
+    (["--methods", "full", "--protocols", ""], "--protocols needs at least one"),
+    (["--methods", "full", "--batch-size", "0"], "--batch-size takes a positive number"),
 ])
 def test_eval_bad_input_is_a_clear_error(tiny_folder, tmp_path, args, message):
     result = run("eval", "--models", str(tiny_folder), "--out", str(tmp_path), *args)
@@ -151,6 +154,20 @@ def test_eval_then_report(tiny_folder, tmp_path):
     result = run("report", str(tmp_path / "r"), "--reference", "nope")
     assert result.exit_code == 2 and "unknown reference method" in result.output
     assert run("report", str(tmp_path / "missing")).exit_code == 2
+
+
+def test_eval_batches_and_protocols(tiny_folder, tmp_path):
+    result = run("eval", "--models", str(tiny_folder), "--tasks", "needlebench/single", "--lengths", "600",
+                 "--depths", "0,1", "--methods", "full,cake", "--ratios", "0.5", "--max-new-tokens", "4",
+                 "--protocols", "whole,tail", "--batch-size", "2", "--out", str(tmp_path / "r"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "r" / tiny_folder.name
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert sorted((r["protocol"], r["label"]) for r in rows) == sorted(
+        (p, label) for p in ("whole", "tail") for label in ("full", "cake@r0.5") for _ in range(2))
+    assert all(r["error"] is None for r in rows)
+    record = json.loads((folder / "run.json").read_text())
+    assert record["protocols"] == ["whole", "tail"] and record["runs"][-1]["batch_size"] == 2
 
 
 def test_eval_resume_with_another_answer_setting_is_refused_before_a_model_loads(tiny_folder, tmp_path, monkeypatch):

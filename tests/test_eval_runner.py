@@ -95,7 +95,7 @@ def test_run_writes_rows_metrics_and_resumes(chat, tmp_path):
             assert by[(i, "cake@r0.5", mode)]["kv_bytes"] < 0.6 * by[(i, "full", mode)]["kv_bytes"]
     table = json.loads((tmp_path / "metrics.json").read_text())
     assert {t["task"] for t in table} == {"ruler/niah_single", "average"}
-    assert (tmp_path / "metrics.csv").read_text().startswith("model,mode,label")
+    assert (tmp_path / "metrics.csv").read_text().startswith("model,mode,protocol,label")
     # Resuming does nothing new; a lost row is redone, alone.
     _run(chat, tmp_path, samples, settings, modes=runner.MODES)
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 20
@@ -152,7 +152,7 @@ def test_report_tables_and_plots(chat, tmp_path):
         cell = f"{t['score']:.1f} [{t['score_low']:.1f}, {t['score_high']:.1f}]"
         assert cell in text
     assert (tmp_path / "report" / "metrics.csv").read_text().startswith(
-        "model,mode,label,method,budget,ratio,task,tasks,samples,failed,score,score_low,score_high,kv_fraction")
+        "model,mode,protocol,label,method,budget,ratio,task,tasks,samples,failed,score,score_low,score_high,kv_fraction")
     # The paired comparison with snapkv at the same ratio, over the 4 samples.
     assert "## Paired comparison with snapkv" in text
     compared = {c["label"]: c for c in json.loads((tmp_path / "report" / "comparison.json").read_text())
@@ -244,7 +244,7 @@ def test_a_run_that_fails_is_recorded_as_failed(chat, tmp_path, monkeypatch):
         raise RuntimeError("the device went away")
         yield
 
-    monkeypatch.setattr("kvcake.eval.run.answer_settings", broken)
+    monkeypatch.setattr("kvcake.eval.run.answer_batch", broken)
     with pytest.raises(RuntimeError, match="went away"):
         _run(chat, tmp_path, [sample(0)], settings)
     runs = json.loads((tmp_path / "run.json").read_text())["runs"]

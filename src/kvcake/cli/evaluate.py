@@ -33,6 +33,13 @@ def eval_command(
     modes: str = typer.Option("query-aware", help="query-aware (the whole prompt is compressed, the paper's "
                                                   "setting), query-agnostic (the context alone, question after), "
                                                   "or both, comma-separated."),
+    protocols: str = typer.Option("whole", help="whole (the whole templated prompt is compressed, the paper's "
+                                                "protocol), tail (the chat template's tail after the user message "
+                                                "is left uncompressed, kvpress's protocol), or both, "
+                                                "comma-separated."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples of one task answered together: one "
+                                                            "left-padded prefill and batched decoding (1: one at a "
+                                                            "time)."),
     data: Path | None = typer.Option(None, help="LongBench data: folder of <task>.jsonl files or data.zip."),
     limit: int | None = typer.Option(None, help="The first N samples of each task (every suite)."),
     lengths: str = typer.Option("1000,2000", help="Synthetic suites: context lengths in tokens."),
@@ -65,9 +72,9 @@ def eval_command(
 
     try:
         settings, options = _arguments(methods, budgets, ratios, param, data, lengths, depths, per_cell, seed, corpus,
-                                       limit, modes, device, dtype, tasks)
+                                       limit, modes, device, dtype, tasks, protocols, batch_size)
         folders = _evaluate(models, tasks, settings, modes, options, out_dir, device, dtype, attn, threads,
-                            max_length, max_new_tokens, retry_failed, progress)
+                            max_length, max_new_tokens, retry_failed, progress, protocols, batch_size)
     except (EvalDataError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     for folder in folders:
@@ -87,7 +94,7 @@ def _parameters(items: list[str] | None) -> dict[str, dict]:
 
 
 def _arguments(methods, budgets, ratios, param, data, lengths, depths, per_cell, seed, corpus, limit, modes, device,
-               dtype, tasks):
+               dtype, tasks, protocols="whole", batch_size=1):
     """Every argument checked, before torch or a model is loaded: the grid and the suite options."""
     from kvcake.eval.grid import check_run_options, grid
     from kvcake.eval.tasks import SuiteOptions, check
@@ -97,13 +104,13 @@ def _arguments(methods, budgets, ratios, param, data, lengths, depths, per_cell,
     settings = grid(split(methods), split(budgets, int), split(ratios, float), _parameters(param))
     options = SuiteOptions(data=data, lengths=split(lengths, int), depths=split(depths, float), per_cell=per_cell,
                            seed=seed, corpus=corpus, limit=limit)
-    check_run_options(split(modes), device, dtype)
+    check_run_options(split(modes), device, dtype, split(protocols), batch_size)
     check(split(tasks), options)
     return settings, options
 
 
 def _evaluate(models, tasks, settings, modes, options, out_dir, device, dtype, attn, threads, max_length,
-              max_new_tokens, retry_failed, progress):
+              max_new_tokens, retry_failed, progress, protocols="whole", batch_size=1):
     import torch
 
     from kvcake.eval import runner
@@ -112,7 +119,8 @@ def _evaluate(models, tasks, settings, modes, options, out_dir, device, dtype, a
         torch.set_num_threads(threads)
     return runner.evaluate(split(models) or [None], split(tasks), settings, split(modes), options, out_dir,
                            device=device, dtype=dtype, attn=attn, max_length=max_length,
-                           max_new_tokens=max_new_tokens, retry_failed=retry_failed, progress=progress)
+                           max_new_tokens=max_new_tokens, retry_failed=retry_failed, progress=progress,
+                           protocols=split(protocols), batch_size=batch_size)
 
 
 @app.command("report")

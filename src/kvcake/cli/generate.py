@@ -37,7 +37,9 @@ def _fixed_options() -> list[inspect.Parameter]:
             None, "--model", help="Local model folder or embedded model name (smollm2-135m-instruct, "
                                   "qwen2.5-coder-0.5b-instruct, gemma-3-270m); default: SmolLM2-135M.")),
         option("preset", str | None, typer.Option(None, "--preset",
-                                                     help="Use the authors' published tau for this model name.")),
+                                                     help="Use the authors' published tau for this model name, or the "
+                                                          "tau.json `kvcake calibrate` wrote (nearest budget or "
+                                                          "ratio).")),
         option("one_shot", bool, typer.Option(False, "--one-shot",
                                               help="Allocate once after prefill instead of cascading.")),
         option("decode", bool | None, typer.Option(
@@ -117,9 +119,11 @@ def _build_method(name: str, budget, ratio, preset, one_shot, decode, params: di
         raise CLIError("give exactly one of --budget TOKENS or --ratio R")
     if preset is not None:
         try:
-            params["tau1"], params["tau2"] = tau_preset(preset, budget or 128)
+            params["tau1"], params["tau2"] = tau_preset(preset, budget, ratio)
         except KeyError as exc:
             raise CLIError(str(exc.args[0])) from None
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     try:
         return build(name, budget=budget, ratio=ratio, cascade=False if one_shot else None, decode_eviction=decode,
                      **params)

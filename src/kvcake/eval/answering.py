@@ -7,6 +7,11 @@ that method. Answers are greedy. Two modes:
 * ``query-aware`` (the paper's setting): the whole prompt, question included, is prefilled and compressed;
 * ``query-agnostic``: the context is prefilled and compressed alone, then the question is fed to the compressed
   cache, as a server that compresses a document before knowing the question would.
+
+And two protocols (:data:`PROTOCOLS`): ``whole`` compresses the whole templated prompt (the paper's protocol);
+``tail`` leaves the tokens the chat template adds after the user's message uncompressed (kvpress's protocol,
+:func:`kvcake.pipeline.chat_tail_length`). In the query-agnostic mode that tail belongs to the question, which is
+fed after the compression anyway, so both protocols answer alike there.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kvcake.eval.grid import MODES, Setting
+from kvcake.eval.grid import MODES, PROTOCOLS, Setting
 from kvcake.eval.prompts import Encoded, encode
 from kvcake.eval.sample import Sample
 from kvcake.integration.cache import KVCakeCache
@@ -34,13 +39,23 @@ def _attached(model, method):
     return compress(model, method) if method is not None else contextlib.nullcontext()
 
 
+def size_for_answer(cache, max_new_tokens: int) -> None:
+    """Tell a compressed ``cache`` how many tokens will be decoded, before its first single-token step: its decoding
+    buffers are then sized once for the whole answer (``KVCakeCache.decode_horizon``, which ``generate`` sets from
+    ``max_new_tokens``) and never regrown while decoding."""
+    if isinstance(cache, KVCakeCache) and cache.decode_horizon is None:
+        cache.decode_horizon = max(1, max_new_tokens)
+
+
 @torch.no_grad()
 def greedy(model, cache, logits: torch.Tensor, position: int, method, max_new_tokens: int,
            eos: Iterable[int]) -> list[int]:
     """Greedy continuation from ``logits`` (the last prompt position's) with ``cache`` holding ``position`` tokens.
 
-    Positions are passed explicitly: a compressed cache holds fewer entries than the sequence is long.
+    Positions are passed explicitly: a compressed cache holds fewer entries than the sequence is long. A compressed
+    cache is told the answer length (:func:`size_for_answer`), as ``generate`` tells it ``max_new_tokens``.
     """
+    size_for_answer(cache, max_new_tokens)
     stop = set(eos)
     tokens: list[int] = []
     keyword = cache_keyword(model)
@@ -84,8 +99,20 @@ class _Prefill:
     seconds: float
 
 
+def _tail_tokens(tokenizer, sample: Sample, mode: str, protocol: str) -> int:
+    """Prompt tokens left uncompressed at the end of the prefill: the chat template's tail under the ``tail``
+    protocol, for a query-aware sample prompted through the chat template; else none."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
+    if protocol == "whole" or mode != "query-aware" or not (sample.chat and getattr(tokenizer, "chat_template", None)):
+        return 0
+    from kvcake.pipeline import chat_tail_length
+
+    return chat_tail_length(tokenizer)
+
+
 def _prefill(model, tokenizer, sample: Sample, settings: list[Setting], mode: str, max_length: int | None,
-             max_new_tokens: int | None) -> _Prefill:
+             max_new_tokens: int | None, protocol: str = "whole") -> _Prefill:
     device = next(model.parameters()).device
     limit = min(sample.max_new_tokens, max_new_tokens or sample.max_new_tokens)
     enc = encode(tokenizer, sample, None if max_length is None else max_length - limit)
@@ -95,7 +122,8 @@ def _prefill(model, tokenizer, sample: Sample, settings: list[Setting], mode: st
     methods = [s.build() for s in settings]
     recorded = next((i for i, m in enumerate(methods) if m is not None), 0)
     start = time.perf_counter()
-    record, first_cache = record_prefill(model, prefill_ids, methods[recorded], queries=queries_needed(methods))
+    record, first_cache = record_prefill(model, prefill_ids, methods[recorded], queries=queries_needed(methods),
+                                         tail=_tail_tokens(tokenizer, sample, mode, protocol))
     return _Prefill(enc, prefill_ids, rest, methods, recorded, record, first_cache, limit,
                     time.perf_counter() - start)
 
@@ -121,10 +149,10 @@ def _answer(model, tokenizer, pre: _Prefill, i: int, eos: list[int]) -> dict[str
 
 
 def answer_settings(model, tokenizer, sample: Sample, settings: list[Setting], mode: str, eos: list[int],
-                    max_length: int | None = None,
-                    max_new_tokens: int | None = None) -> Iterator[tuple[Setting, dict[str, Any] | Exception]]:
+                    max_length: int | None = None, max_new_tokens: int | None = None,
+                    protocol: str = "whole") -> Iterator[tuple[Setting, dict[str, Any] | Exception]]:
     """Answer ``sample`` under every setting, sharing one prefill; prompts are cut to ``max_length`` tokens
-    including the answer.
+    including the answer; ``protocol``: one of :data:`PROTOCOLS`.
 
     Yields ``(setting, result)`` per setting, ``result`` being the exception when that setting failed; a failed
     prefill fails every setting.
@@ -132,7 +160,7 @@ def answer_settings(model, tokenizer, sample: Sample, settings: list[Setting], m
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose {' or '.join(MODES)}")
     try:
-        pre = _prefill(model, tokenizer, sample, settings, mode, max_length, max_new_tokens)
+        pre = _prefill(model, tokenizer, sample, settings, mode, max_length, max_new_tokens, protocol)
     except Exception as exc:  # noqa: BLE001 - recorded per sample by the caller
         for setting in settings:
             yield setting, exc

@@ -1,10 +1,10 @@
 """Each setting against a reference method on the same samples: wins, ties, losses and the paired bootstrap
 interval of the mean score difference (:func:`kvcake.eval.stats.compare`).
 
-A pair is one sample (model, mode, task, id) answered under both the setting and the reference; rows that failed
-on either side, or that only one side has, make no pair. The reference of a setting is the reference method at
-the same budget or ratio (its label without parameters when there are several, else the first label); with
-``full`` as the reference every setting is compared with the full cache.
+A pair is one sample (model, mode, protocol, task, id) answered under both the setting and the reference; rows
+that failed on either side, or that only one side has, make no pair. The reference of a setting is the reference
+method at the same budget or ratio (its label without parameters when there are several, else the first label);
+with ``full`` as the reference every setting is compared with the full cache.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from kvcake.eval import stats
+from kvcake.eval.files import protocol
 
 DEFAULT_REFERENCE = "snapkv"
 
 #: The columns of ``comparison.csv``.
-COLUMNS = ["model", "mode", "label", "method", "budget", "ratio", "reference", "task", "tasks", "pairs", "wins",
-           "ties", "losses", "difference", "difference_low", "difference_high"]
+COLUMNS = ["model", "mode", "protocol", "label", "method", "budget", "ratio", "reference", "task", "tasks", "pairs",
+           "wins", "ties", "losses", "difference", "difference_low", "difference_high"]
 
 
 def _reference_label(label_rows: dict[str, dict[str, Any]], setting: dict[str, Any], reference: str) -> str | None:
@@ -35,17 +36,22 @@ def _reference_label(label_rows: dict[str, dict[str, Any]], setting: dict[str, A
 
 
 def _scored(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[tuple, float]]]:
-    """Scores by (model, mode), then label, then (task, id): the rows that did not fail."""
+    """Scores by (model, mode, protocol), then label, then (task, id): the rows that did not fail."""
     found: dict[tuple, dict[str, dict[tuple, float]]] = {}
     for r in rows:
         if r.get("error") is None and r.get("score") is not None:
-            found.setdefault((r.get("model"), r["mode"]), {}).setdefault(r["label"], {})[(r["task"], str(r["id"]))] = \
-                r["score"]
+            found.setdefault(_group(r), {}).setdefault(r["label"], {})[(r["task"], str(r["id"]))] = r["score"]
     return found
 
 
+def _group(row: dict[str, Any]) -> tuple:
+    """What a setting is compared within: the model, mode and protocol of a row."""
+    return row.get("model"), row["mode"], protocol(row)
+
+
 def _row(setting: dict[str, Any], ref: str, task: str, tasks: int | None, result: stats.Comparison) -> dict[str, Any]:
-    return {"model": setting.get("model"), "mode": setting["mode"], "label": setting["label"],
+    return {"model": setting.get("model"), "mode": setting["mode"], "protocol": protocol(setting),
+            "label": setting["label"],
             "method": setting["method"], "budget": setting["budget"], "ratio": setting["ratio"], "reference": ref,
             "task": task, **({"tasks": tasks} if tasks is not None else {}), "pairs": result.pairs,
             "wins": result.wins, "ties": result.ties, "losses": result.losses,
@@ -64,15 +70,15 @@ def _pairs(mine: dict[tuple, float], theirs: dict[tuple, float]) -> dict[str, tu
 
 
 def compare_rows(rows: list[dict[str, Any]], reference: str = DEFAULT_REFERENCE) -> list[dict[str, Any]]:
-    """One row per (model, mode, setting, task) with pairs against its reference, and one per (model, mode,
-    setting) for the ``average`` over the tasks with pairs (differences averaged over tasks; the interval
-    resamples pairs within each task). The reference's own settings, and ``full`` unless it is the reference,
+    """One row per (model, mode, protocol, setting, task) with pairs against its reference, and one per (model,
+    mode, protocol, setting) for the ``average`` over the tasks with pairs (differences averaged over tasks; the
+    interval resamples pairs within each task). The reference's own settings, and ``full`` unless it is the reference,
     are not compared."""
     reference = reference.lower()
     scored = _scored(rows)
     label_rows: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
-        label_rows.setdefault((r.get("model"), r["mode"]), {}).setdefault(r["label"], r)
+        label_rows.setdefault(_group(r), {}).setdefault(r["label"], r)
     table: list[dict[str, Any]] = []
     for group in sorted(label_rows, key=lambda g: tuple(map(str, g))):
         labels = label_rows[group]

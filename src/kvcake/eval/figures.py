@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from kvcake.eval.files import protocol
 from kvcake.eval.summary import summarise
 from kvcake.methods.registry import method_names
 from kvcake.plots import pyplot, save
@@ -51,8 +52,8 @@ def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for t in table:
-        groups[(t["model"], t["mode"])].append(t)
-    for (model, mode), members in groups.items():
+        groups[(t["model"], t["mode"], protocol(t))].append(t)
+    for (model, mode, prot), members in groups.items():
         tasks = [t for t in dict.fromkeys(m["task"] for m in members) if t != "average"] + ["average"]
         cols = min(4, len(tasks))
         rows = -(-len(tasks) // cols)
@@ -85,9 +86,9 @@ def plot_scores(table: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.axis("off")
         handles, labels = axes.flat[len(tasks) - 1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), frameon=False)
-        fig.suptitle(f"{model} — {mode}: score vs cache budget")
+        fig.suptitle(f"{model} — {_view(mode, prot)}: score vs cache budget")
         fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-        written.append(save(fig, out / f"scores_{_slug(model)}_{mode}.png"))
+        written.append(save(fig, out / f"scores_{_slug(model)}_{_file_view(mode, prot)}.png"))
     return written
 
 
@@ -99,8 +100,8 @@ def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     for r in rows:
         meta = r.get("meta") or {}
         if r.get("error") is None and "depth" in meta and "length" in meta:
-            groups[(r.get("model"), r["mode"], r["task"])].append(r)
-    for (model, mode, task), members in groups.items():
+            groups[(r.get("model"), r["mode"], protocol(r), r["task"])].append(r)
+    for (model, mode, prot, task), members in groups.items():
         lengths = sorted({r["meta"]["length"] for r in members})
         depths = sorted({r["meta"]["depth"] for r in members})
         if len(lengths) * len(depths) < 2:
@@ -131,8 +132,8 @@ def plot_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.axis("off")
         if image is not None:
             fig.colorbar(image, ax=axes, shrink=0.6, label="score")
-        fig.suptitle(f"{model} — {task} ({mode}): depth × context length")
-        written.append(save(fig, out / f"heatmap_{_slug(model)}_{mode}_{_slug(task)}.png"))
+        fig.suptitle(f"{model} — {task} ({_view(mode, prot)}): depth × context length")
+        written.append(save(fig, out / f"heatmap_{_slug(model)}_{_file_view(mode, prot)}_{_slug(task)}.png"))
     return written
 
 
@@ -149,7 +150,8 @@ def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         if not cake:
             continue
         first = cake[0]
-        sample = [r for r in members if (r["task"], r["id"], r["mode"]) == (first["task"], first["id"], first["mode"])]
+        sample = [r for r in members if (r["task"], r["id"], r["mode"], protocol(r))
+                  == (first["task"], first["id"], first["mode"], protocol(first))]
         sizes = sorted({_size(r) for r in sample if r["method"] == "cake"}, reverse=True)
         fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.4), squeeze=False)
         for ax, size in zip(axes.flat, sizes, strict=False):
@@ -164,7 +166,7 @@ def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"{model}: tokens kept per layer after prefill, {first['compressed_tokens']}-token prompt — "
-                     f"{first['task']} {first['id']} ({first['mode']})", fontsize=10)
+                     f"{first['task']} {first['id']} ({_view(first['mode'], protocol(first))})", fontsize=10)
         fig.tight_layout()
         written.append(save(fig, out / f"allocation_{_slug(model)}.png"))
     return written
@@ -178,6 +180,16 @@ COLORS = {"full": "black", "cake": "tab:red", "snapkv": "tab:blue", "pyramidkv":
 def _color(method: str):
     """The same colour for a method in every plot."""
     return COLORS.get(method)
+
+
+def _view(mode: str, prot: str) -> str:
+    """A mode and protocol as titles name them (the ``whole`` protocol, the default, unnamed)."""
+    return mode if prot == "whole" else f"{mode}, {prot} protocol"
+
+
+def _file_view(mode: str, prot: str) -> str:
+    """A mode and protocol as file names carry them (``whole`` unnamed: the names of earlier reports)."""
+    return mode if prot == "whole" else f"{mode}_{prot}"
 
 
 def _slug(text: Any) -> str:

@@ -19,9 +19,16 @@ PREDICTIONS = "predictions"
 RECORD = "run.json"
 
 
-def row_key(task: str, sample_id: str, label: str, mode: str) -> str:
-    """The identity of a row: one sample of one task under one setting in one mode."""
-    return f"{task}|{sample_id}|{label}|{mode}"
+def row_key(task: str, sample_id: str, label: str, mode: str, protocol: str = "whole") -> str:
+    """The identity of a row: one sample of one task under one setting in one mode and protocol (the ``whole``
+    protocol's keys name no protocol: the keys of folders written before protocols existed)."""
+    key = f"{task}|{sample_id}|{label}|{mode}"
+    return key if protocol == "whole" else f"{key}|{protocol}"
+
+
+def protocol(row: dict[str, Any]) -> str:
+    """A row's protocol (rows written before protocols existed compressed the whole prompt)."""
+    return row.get("protocol") or "whole"
 
 
 class EvalDataWarning(UserWarning):

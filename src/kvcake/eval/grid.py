@@ -55,14 +55,25 @@ def grid(methods: Iterable[str], budgets: Iterable[int] = (), ratios: Iterable[f
 
 
 MODES = ("query-aware", "query-agnostic")
+PROTOCOLS = ("whole", "tail")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_run_options(modes: Iterable[str], device: str, dtype: str) -> None:
-    """The run's modes, device and dtype by name (no torch needed: the command line checks them first)."""
+def check_run_options(modes: Iterable[str], device: str, dtype: str, protocols: Iterable[str] = ("whole",),
+                      batch_size: int = 1) -> None:
+    """The run's modes, protocols, device, dtype and batch size (no torch needed: the command line checks them
+    first)."""
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    protocols = list(protocols)
+    if not protocols:
+        raise ValueError("--protocols needs at least one of whole, tail")
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size takes a positive number of samples, not {batch_size!r}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
     if device.split(":")[0] not in ("cpu", "cuda"):

@@ -58,3 +58,10 @@ def encode(tokenizer, sample: Sample, max_length: int | None = None) -> Encoded:
         if over > 0:
             raise ValueError(f"{sample.task}/{sample.id}: the prompt without its context exceeds {max_length} tokens")
     return Encoded(ids, q_ids, removed)
+
+
+def question_length(tokenizer, sample: Sample) -> int:
+    """Tokens of the question part of ``sample``'s prompt (question and template tail), as :func:`encode` gives
+    them: cutting the context to fit never changes it."""
+    _, tail, _ = _split_template(tokenizer, sample, sample.context)
+    return len(tokenizer(tail, add_special_tokens=False)["input_ids"])

@@ -14,7 +14,8 @@ from kvcake.eval.grid import Setting
 from kvcake.eval.sample import EvalDataError
 
 #: Fields of a run record that belong to one invocation (kept per run in ``run.json``'s ``runs``).
-RUN_KEYS = ("started", "command", "git_commit", "versions", "host", "max_length", "max_new_tokens", "shards")
+RUN_KEYS = ("started", "command", "git_commit", "versions", "host", "max_length", "max_new_tokens", "shards",
+            "batch_size")
 
 #: The settings that change an answer, and the option that sets each. Every run into a folder must have the same
 #: value of each (rows are reused by key, which does not hold them); they are kept at the top of ``run.json``.
@@ -22,6 +23,8 @@ ANSWER_SETTINGS = {
     "model": "--models", "seed": "--seed",
     "suite": "the suite options --data, --lengths, --depths, --per-cell, --corpus, --limit",
     "dtype": "--dtype", "attention": "--attn", "max_length": "--max-length", "max_new_tokens": "--max-new-tokens",
+    "chat_tail": "the model's chat template: the tokens it adds after the user's message, left uncompressed by the "
+                 "tail protocol",
 }
 
 
@@ -148,15 +151,18 @@ def add_run(folder: Path, given: dict[str, Any], previous: dict[str, Any], write
     """``previous`` (``folder``'s record) with the run ``given`` added, its status ``running``; written to
     ``run.json`` when ``write`` (rank 0), ``facts`` added to the run's entry. Call :func:`check_resume` first.
 
-    Every run into the folder is listed under ``runs`` (start, command, commit, tasks, modes, settings, answer
-    cap, status); methods, tasks, modes and settings are the union over the runs; the answer-changing settings
-    are the same for every run, and kept at the top too.
+    Every run into the folder is listed under ``runs`` (start, command, commit, tasks, modes, protocols,
+    settings, answer cap, batch size, status); methods, tasks, modes, protocols and settings are the union over the
+    runs (a folder written before protocols existed holds ``whole`` rows); the answer-changing settings are the
+    same for every run, and kept at the top too.
     """
     record = dict(given)
     this_run = {key: record.get(key) if key in ANSWER_SETTINGS else record.pop(key, None) for key in RUN_KEYS}
-    this_run.update(tasks=record.get("tasks"), modes=record.get("modes"), settings=record.get("settings"),
-                    status="running", **facts)
-    for key in ("tasks", "modes", "settings"):
+    this_run.update(tasks=record.get("tasks"), modes=record.get("modes"), protocols=record.get("protocols"),
+                    settings=record.get("settings"), status="running", **facts)
+    if not previous.get("protocols") and previous.get("runs"):
+        previous = {**previous, "protocols": ["whole"]}  # a folder written before protocols existed
+    for key in ("tasks", "modes", "protocols", "settings"):
         record[key] = list(dict.fromkeys(previous.get(key, []) + (record.get(key) or [])))
     record["methods"] = {**previous.get("methods", {}), **record.get("methods", {})}
     record["runs"] = [r for r in previous.get("runs", []) if isinstance(r, dict)] + [this_run]

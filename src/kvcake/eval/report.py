@@ -12,7 +12,7 @@ from typing import Any
 from kvcake.eval import stats
 from kvcake.eval.comparison import DEFAULT_REFERENCE, compare_rows, write_comparison
 from kvcake.eval.figures import label_order, plot_allocation, plot_heatmaps, plot_scores
-from kvcake.eval.files import RECORD, read_predictions
+from kvcake.eval.files import RECORD, protocol, read_predictions
 from kvcake.eval.record import read_record
 from kvcake.eval.sample import EvalDataError
 from kvcake.eval.summary import write_metrics
@@ -50,10 +50,16 @@ def _with_interval(value, low, high) -> str:
 
 
 def _by_group(table: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """The rows of a table by model, mode and protocol: one table of the report each."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for t in table:
-        groups[(t["model"], t["mode"])].append(t)
+        groups[(t["model"], t["mode"], protocol(t))].append(t)
     return groups
+
+
+def _view(mode: str, prot: str) -> str:
+    """A mode and protocol as headings name them (the ``whole`` protocol, the default, unnamed)."""
+    return mode if prot == "whole" else f"{mode}, {prot} protocol (the chat template's tail left uncompressed)"
 
 
 INTERVALS = (f"`[low, high]` is the {stats.LEVEL:.0%} percentile-bootstrap interval of the mean over samples "
@@ -126,17 +132,18 @@ def _runs(records: list[dict[str, Any]]) -> list[str]:
 
 def markdown(table: list[dict[str, Any]], records: list[dict[str, Any]],
              comparison: list[dict[str, Any]] | None = None, reference: str = DEFAULT_REFERENCE) -> str:
-    """``report.md``: a score table per model and mode, the paired comparisons with ``reference``, the runs."""
+    """``report.md``: a score table per model, mode and protocol, the paired comparisons with ``reference``, the
+    runs."""
     lines = ["# kvcake evaluation", ""]
-    for (model, mode), members in _by_group(table).items():
-        lines += _score_table(model, mode, members)
+    for (model, mode, prot), members in _by_group(table).items():
+        lines += _score_table(model, _view(mode, prot), members)
     if comparison is not None:
         groups = _by_group(comparison)
         lines += [f"## Paired comparison with {reference}", ""]
         if not groups:
             lines += [f"No setting shares samples with {reference} at its budget.", ""]
-        for (model, mode), members in groups.items():
-            lines += _comparison_table(model, mode, members, reference)
+        for (model, mode, prot), members in groups.items():
+            lines += _comparison_table(model, _view(mode, prot), members, reference)
     if records:
         lines += _runs(records)
     return "\n".join(lines)

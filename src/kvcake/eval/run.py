@@ -1,4 +1,5 @@
-"""The run: a grid of settings over a model's samples in one or two modes, resumable and optionally sharded."""
+"""The run: a grid of settings over a model's samples in one or two modes and protocols, resumable, optionally
+sharded, and answering several samples at once when asked (``batch_size``)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,21 @@ from typing import Any
 import torch
 
 from kvcake.eval import metrics
-from kvcake.eval.answering import answer_settings
+from kvcake.eval.batching import answer_batch, batchable
 from kvcake.eval.files import RECORD, EvalDataWarning, Shard, barrier, ends_mid_line, row_key, scan_predictions
 from kvcake.eval.grid import Setting, check_run_options
+from kvcake.eval.prompts import question_length
 from kvcake.eval.record import add_run, check_resume, finish_run, method_parameters, read_record, run_record
 from kvcake.eval.sample import EvalDataError, Sample
 from kvcake.eval.summary import merge, write_metrics
+from kvcake.pipeline import chat_tail_length
 
 
 @dataclass
 class EvalRun:
-    """Everything ``kvcake eval`` runs on one model: the samples, the grid, the modes, and where results go."""
+    """Everything ``kvcake eval`` runs on one model: the samples, the grid, the modes and protocols, and where
+    results go. ``batch_size`` samples of one task, mode and protocol are answered together
+    (:func:`~kvcake.eval.batching.answer_batch`); 1 answers one sample at a time."""
 
     model: Any
     tokenizer: Any
@@ -39,18 +44,43 @@ class EvalRun:
     retry_failed: bool = False
     shard: Shard = field(default_factory=Shard)
     progress: bool = True
+    protocols: list[str] = field(default_factory=lambda: ["whole"])
+    batch_size: int = 1
 
-    def pending(self, done: set[str]) -> list[tuple[Sample, str, list[Setting]]]:
-        """This shard's (sample, mode, settings still to answer), skipping rows already in ``done``."""
+    def pending(self, done: set[str]) -> list[tuple[Sample, str, str, list[Setting]]]:
+        """This shard's (sample, mode, protocol, settings still to answer), skipping rows already in ``done``."""
         work = []
         for index, sample in enumerate(self.samples):
             if not self.shard.mine(index):
                 continue
             for mode in self.modes:
-                todo = [s for s in self.settings if row_key(sample.task, sample.id, s.label, mode) not in done]
-                if todo:
-                    work.append((sample, mode, todo))
+                for protocol in self.protocols:
+                    todo = [s for s in self.settings
+                            if row_key(sample.task, sample.id, s.label, mode, protocol) not in done]
+                    if todo:
+                        work.append((sample, mode, protocol, todo))
         return work
+
+    def batches(self, work: list[tuple[Sample, str, str, list[Setting]]]
+                ) -> list[tuple[list[Sample], str, str, list[Setting]]]:
+        """``work`` in batches of up to ``batch_size`` samples that share a task, mode, protocol and settings to
+        answer, and in the query-agnostic mode the token length of the question (fed in one chunk after the
+        compression, where padding cannot go); in the order of their first sample."""
+        if self.batch_size <= 1 or not batchable(self.model):
+            return [([sample], mode, protocol, todo) for sample, mode, protocol, todo in work]
+        open_: dict[tuple, int] = {}  # a batch still filling, by what its samples share: its index in ``out``
+        out: list[tuple[list[Sample], str, str, list[Setting]]] = []
+        for sample, mode, protocol, todo in work:
+            asked = question_length(self.tokenizer, sample) if mode == "query-agnostic" else None
+            key = (sample.task, mode, protocol, tuple(s.label for s in todo), asked)
+            if key not in open_:
+                open_[key] = len(out)
+                out.append(([], mode, protocol, todo))
+            members = out[open_[key]][0]
+            members.append(sample)
+            if len(members) == self.batch_size:
+                del open_[key]
+        return out
 
     def answering(self) -> dict[str, Any]:
         """The answer-changing settings of this run that the run itself knows: the prompt and answer limits, the
@@ -59,7 +89,7 @@ class EvalRun:
         return {"dtype": str(next(self.model.parameters()).dtype),
                 "attention": getattr(self.model.config, "_attn_implementation", None),
                 "max_length": self.max_length, "max_new_tokens": self.max_new_tokens,
-                "methods": method_parameters(self.settings)}
+                "chat_tail": chat_tail_length(self.tokenizer), "methods": method_parameters(self.settings)}
 
     def check_rows(self, rows: list[dict[str, Any]]) -> None:
         """Refuse rows of this run's samples that answer another version of the sample (``sample_hash``)."""
@@ -77,7 +107,7 @@ class EvalRun:
         writes the metrics). A folder made under other answer-changing settings is refused before anything is
         written; ``run.json`` marks this run ``running``, then ``completed``, ``failed`` or ``interrupted``."""
         self.out.mkdir(parents=True, exist_ok=True)
-        given = {**self.record, **self.answering()}
+        given = {**self.record, **self.answering(), "protocols": self.protocols, "batch_size": self.batch_size}
         previous = read_record(self.out)
         check_resume(previous, given, self.out / RECORD)
         found = scan_predictions(self.out)
@@ -110,8 +140,9 @@ class EvalRun:
         write_metrics(self.out, rows)
         return rows
 
-    def _append(self, work: list[tuple[Sample, str, list[Setting]]]) -> None:
-        """Answer ``work`` and append each row to this shard's predictions file as soon as it is answered."""
+    def _append(self, work: list[tuple[Sample, str, str, list[Setting]]]) -> None:
+        """Answer ``work`` and append each row to this shard's predictions file as soon as it is answered (a
+        batch's rows one by one, as each setting finishes)."""
         total = sum(len(todo) for *_, todo in work)
         bar = _progress(total, f"{self.record.get('model', 'model')} [{self.shard.rank}/{self.shard.world}]",
                         self.progress and total > 0)
@@ -120,22 +151,23 @@ class EvalRun:
         with path.open("a", encoding="utf-8") as f:
             if torn:  # a run killed mid-line: start on a fresh line (the torn one is ignored when read)
                 f.write("\n")
-            for sample, mode, todo in work:
-                for row in self._answer(sample, mode, todo):
+            for samples, mode, protocol, todo in self.batches(work):
+                for row in self._answer(samples, mode, protocol, todo):
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     f.flush()
                     bar.update(1)
-                    bar.set_postfix_str(f"{sample.task} {row['label']}", refresh=False)
+                    bar.set_postfix_str(f"{row['task']} {row['label']}", refresh=False)
         bar.close()
 
-    def _answer(self, sample: Sample, mode: str, todo: list[Setting]) -> Iterator[dict[str, Any]]:
-        base = {"task": sample.task, "id": sample.id, "mode": mode, "metric": sample.metric, "answers": sample.answers,
-                "meta": sample.meta, "model": self.record.get("model"), "sample_hash": sample.digest()}
-        for setting, result in answer_settings(self.model, self.tokenizer, sample, todo, mode, self.eos,
-                                               self.max_length, self.max_new_tokens):
-            row = {"key": row_key(sample.task, sample.id, setting.label, mode), **base, "label": setting.label,
-                   "method": setting.method, "budget": setting.budget, "ratio": setting.ratio,
-                   "params": dict(setting.params)}
+    def _answer(self, samples: list[Sample], mode: str, protocol: str,
+                todo: list[Setting]) -> Iterator[dict[str, Any]]:
+        for sample, setting, result in answer_batch(self.model, self.tokenizer, samples, todo, mode, self.eos,
+                                                    self.max_length, self.max_new_tokens, protocol):
+            row = {"key": row_key(sample.task, sample.id, setting.label, mode, protocol), "task": sample.task,
+                   "id": sample.id, "mode": mode, "protocol": protocol, "metric": sample.metric,
+                   "answers": sample.answers, "meta": sample.meta, "model": self.record.get("model"),
+                   "sample_hash": sample.digest(), "label": setting.label, "method": setting.method,
+                   "budget": setting.budget, "ratio": setting.ratio, "params": dict(setting.params)}
             if not isinstance(result, Exception):
                 try:
                     row.update(result, score=metrics.score(sample, result["prediction"]), error=None)
@@ -153,8 +185,8 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="answer", disable=not enabled, dynamic_ncols=True)
 
 
-def _check_options(modes: list[str], device: str, dtype: str) -> None:
-    check_run_options(modes, device, dtype)
+def _check_options(modes: list[str], device: str, dtype: str, protocols: list[str], batch_size: int) -> None:
+    check_run_options(modes, device, dtype, protocols, batch_size)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU here")
 
@@ -173,8 +205,11 @@ def planned(model_name: str, settings: list[Setting], options, *, dtype: str, at
 def evaluate(models: list[str | None], task_names: list[str], settings: list[Setting], modes: list[str], options,
              out: Path, *, device: str = "cpu", dtype: str = "float32", attn: str = "sdpa",
              max_length: int | None = None, max_new_tokens: int | None = None, retry_failed: bool = False,
-             progress: bool = True) -> list[Path]:
+             progress: bool = True, protocols: list[str] | None = None, batch_size: int = 1) -> list[Path]:
     """Run the grid on each model; results go to ``out/<model>/``. Returns those folders.
+
+    ``protocols``: ``whole`` (default) and/or ``tail`` (:data:`~kvcake.eval.answering.PROTOCOLS`); ``batch_size``:
+    samples answered together (1: one at a time).
 
     Every folder that exists already is checked against this run's answer-changing settings before any model is
     loaded (:func:`~kvcake.eval.record.check_resume`).
@@ -182,7 +217,8 @@ def evaluate(models: list[str | None], task_names: list[str], settings: list[Set
     from kvcake import models as registry_models
     from kvcake.eval.tasks import check, load_samples
 
-    _check_options(modes, device, dtype)
+    protocols = protocols or ["whole"]
+    _check_options(modes, device, dtype, protocols, batch_size)
     tasks = check(task_names, options)
     names = [name or registry_models.DEFAULT_MODEL for name in models]
     for model_name in names:
@@ -204,7 +240,7 @@ def evaluate(models: list[str | None], task_names: list[str], settings: list[Set
                             {"max_length": limit, "max_new_tokens": max_new_tokens, "shards": shard.world})
         EvalRun(model, tokenizer, samples, settings, modes, folder, registry_models.eos_token_ids(model, tokenizer),
                 record=record, max_length=limit, max_new_tokens=max_new_tokens, retry_failed=retry_failed,
-                shard=shard, progress=progress).run()
+                shard=shard, progress=progress, protocols=protocols, batch_size=batch_size).run()
         folders.append(folder)
         del model
     return folders

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from kvcake.eval import stats
-from kvcake.eval.files import PREDICTIONS, scan_predictions
+from kvcake.eval.files import PREDICTIONS, protocol, scan_predictions
 
 #: The columns of ``metrics.csv``.
-COLUMNS = ["model", "mode", "label", "method", "budget", "ratio", "task", "tasks", "samples", "failed", "score",
-           "score_low", "score_high", "kv_fraction"]
+COLUMNS = ["model", "mode", "protocol", "label", "method", "budget", "ratio", "task", "tasks", "samples", "failed",
+           "score", "score_low", "score_high", "kv_fraction"]
 
 
 def _rounded(value: float | None, digits: int = 2) -> float | None:
@@ -28,20 +28,21 @@ def _scores(members: list[dict[str, Any]]) -> list[float]:
 
 
 def _per_task(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple, list[float]]]:
-    """Mean score (with its bootstrap interval) and KV fraction per (model, mode, label, task), over the rows that
-    did not fail; and those rows' scores per group."""
+    """Mean score (with its bootstrap interval) and KV fraction per (model, mode, protocol, label, task), over the
+    rows that did not fail; and those rows' scores per group."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r.get("model"), r["mode"], r["label"], r["task"]), []).append(r)
+        groups.setdefault((r.get("model"), r["mode"], protocol(r), r["label"], r["task"]), []).append(r)
     table, scores = [], {}
     for key, members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        model, mode, label, task = key
+        model, mode, prot, label, task = key
         ok = [r for r in members if r.get("error") is None]
         scores[key] = _scores(members)
         low, high = stats.mean_interval(scores[key], stream=str(task)) if ok else (None, None)
         first = members[0]
         table.append({
-            "model": model, "mode": mode, "label": label, "method": first["method"], "budget": first["budget"],
+            "model": model, "mode": mode, "protocol": prot, "label": label, "method": first["method"],
+            "budget": first["budget"],
             "ratio": first["ratio"], "task": task, "samples": len(ok), "failed": len(members) - len(ok),
             "score": round(sum(r["score"] for r in ok) / len(ok), 2) if ok else None,
             "score_low": _rounded(low), "score_high": _rounded(high),
@@ -51,29 +52,31 @@ def _per_task(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tu
 
 
 def _averages(table: list[dict[str, Any]], scores: dict[tuple, list[float]]) -> list[dict[str, Any]]:
-    """The average over tasks per (model, mode, label), with the stratified bootstrap interval
+    """The average over tasks per (model, mode, protocol, label), with the stratified bootstrap interval
     (:func:`~kvcake.eval.stats.macro_interval`: each replicate resamples every task's samples within the task).
 
-    It runs over the tasks every setting of a (model, mode) has a score for, so that averages compare like with
-    like when some settings ran on more tasks than others; ``tasks`` says how many.
+    It runs over the tasks every setting of a (model, mode, protocol) has a score for, so that averages compare
+    like with like when some settings ran on more tasks than others; ``tasks`` says how many.
     """
     scored_tasks: dict[tuple, dict[str, set[str]]] = {}
     for t in table:
         if t["score"] is not None:
-            scored_tasks.setdefault((t["model"], t["mode"]), {}).setdefault(t["label"], set()).add(t["task"])
+            scored_tasks.setdefault((t["model"], t["mode"], t["protocol"]), {}).setdefault(t["label"], set()).add(
+                t["task"])
     common = {group: set.intersection(*labels.values()) for group, labels in scored_tasks.items()}
     averages: dict[tuple, list[dict[str, Any]]] = {}
     for t in table:
-        averages.setdefault((t["model"], t["mode"], t["label"]), []).append(t)
+        averages.setdefault((t["model"], t["mode"], t["protocol"], t["label"]), []).append(t)
     out = []
-    for (model, mode, label), members in averages.items():
-        shared = common.get((model, mode), set())
+    for (model, mode, prot, label), members in averages.items():
+        shared = common.get((model, mode, prot), set())
         scored = [t for t in members if t["score"] is not None and t["task"] in shared]
-        groups = [(str(t["task"]), scores[(model, mode, label, t["task"])]) for t in scored]
+        groups = [(str(t["task"]), scores[(model, mode, prot, label, t["task"])]) for t in scored]
         low, high = stats.macro_interval(groups) if groups else (None, None)
         first = members[0]
         out.append({
-            "model": model, "mode": mode, "label": label, "method": first["method"], "budget": first["budget"],
+            "model": model, "mode": mode, "protocol": prot, "label": label, "method": first["method"],
+            "budget": first["budget"],
             "ratio": first["ratio"], "task": "average", "samples": sum(t["samples"] for t in members),
             "failed": sum(t["failed"] for t in members), "tasks": len(scored),
             "score": round(sum(t["score"] for t in scored) / len(scored), 2) if scored else None,
@@ -84,8 +87,8 @@ def _averages(table: list[dict[str, Any]], scores: dict[tuple, list[float]]) -> 
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean score per (model, mode, label, task) and the average over tasks, each with its 95% bootstrap interval
-    (``score_low``, ``score_high``); failed rows are counted, not scored."""
+    """Mean score per (model, mode, protocol, label, task) and the average over tasks, each with its 95% bootstrap
+    interval (``score_low``, ``score_high``); failed rows are counted, not scored."""
     table, scores = _per_task(rows)
     return table + _averages(table, scores)
 
@@ -105,7 +108,7 @@ def merge(folder: Path) -> list[dict[str, Any]]:
     """Merge the shards' prediction files of ``folder`` into one ``predictions.jsonl`` and write the metrics (lines
     that are not rows are dropped)."""
     rows = scan_predictions(folder).rows
-    rows.sort(key=lambda r: (r["task"], str(r["id"]), r["mode"], r["label"]))
+    rows.sort(key=lambda r: (r["task"], str(r["id"]), r["mode"], protocol(r), r["label"]))
     tmp = folder / f".{PREDICTIONS}.jsonl.tmp"
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:

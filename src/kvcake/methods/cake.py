@@ -18,6 +18,7 @@ preset applies, cascading prefill, decode-time budget maintenance.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -41,18 +42,47 @@ TAU_PRESETS: dict[str, dict[int, tuple[float, float]]] = {
 }
 
 
-def tau_preset(model: str, budget: int) -> tuple[float, float]:
-    """Published (tau1, tau2) for ``model`` at the published budget (128 or 1024) nearest to ``budget``.
+def _nearest(table: dict, value: float) -> tuple[float, float]:
+    """The entry of ``table`` whose key is nearest to ``value`` on a log scale (the smaller key on a tie)."""
+    key = min(sorted(table), key=lambda k: abs(math.log(float(k)) - math.log(max(value, 1e-12))))
+    return table[key]
 
-    The authors tuned tau only at 128 and 1024 tokens per layer; for other budgets we take the nearer of the two on a
-    log scale (our choice, documented in docs/method.md).
+
+def _calibrated(path: str, budget: int | None, ratio: float | None) -> tuple[float, float]:
+    """(tau1, tau2) from a ``tau.json`` written by ``kvcake calibrate`` (:mod:`kvcake.calibrate`)."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        budgets = {int(k): (float(v[0]), float(v[1])) for k, v in (data.get("budgets") or {}).items()}
+        ratios = {float(k): (float(v[0]), float(v[1])) for k, v in (data.get("ratios") or {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise ValueError(f"{path}: not a tau file written by kvcake calibrate ({exc})") from None
+    if ratio is not None and ratios:
+        return _nearest(ratios, ratio)
+    if budgets:
+        return _nearest(budgets, budget if budget is not None else 128)
+    if ratios:
+        raise ValueError(f"{path} calibrates ratios only ({', '.join(map(str, sorted(ratios)))}): give a ratio")
+    raise ValueError(f"{path} holds no calibrated budget or ratio")
+
+
+def tau_preset(model: str, budget: int | None = None, ratio: float | None = None) -> tuple[float, float]:
+    """(tau1, tau2) for ``model`` at the calibrated budget nearest to ``budget`` (on a log scale).
+
+    ``model`` is a published preset's name (:data:`TAU_PRESETS`: the authors tuned tau at 128 and 1024 tokens per
+    layer; other budgets take the nearer of the two, our choice, documented in docs/method.md; without a budget,
+    128), or the path of a ``tau.json`` written by ``kvcake calibrate``: its nearest calibrated ratio when
+    ``ratio`` is given and the file calibrated ratios, else its nearest calibrated budget.
     """
+    if model.lower().endswith(".json") and os.path.isfile(model):
+        return _calibrated(model, budget, ratio)
     key = model.lower().split("/")[-1]
     if key not in TAU_PRESETS:
-        raise KeyError(f"no published tau for {model!r}; known presets: {', '.join(sorted(TAU_PRESETS))}")
-    table = TAU_PRESETS[key]
-    nearest = min(table, key=lambda b: abs(math.log(b) - math.log(max(budget, 1))))
-    return table[nearest]
+        raise KeyError(f"no published tau for {model!r}; known presets: {', '.join(sorted(TAU_PRESETS))}, or the "
+                       "path of a tau.json written by kvcake calibrate")
+    return _nearest(TAU_PRESETS[key], budget if budget is not None else 128)
 
 
 # -- §3.1 statistics of the window attention --------------------------------------------------------------------------
@@ -182,10 +212,11 @@ class CAKE(Method):
     default_decode_eviction = True
 
     @classmethod
-    def from_preset(cls, model: str, budget: int, **kwargs) -> CAKE:
-        """CAKE with the authors' published temperatures for ``model`` (see :data:`TAU_PRESETS`)."""
-        tau1, tau2 = tau_preset(model, budget)
-        return cls(budget=budget, tau1=tau1, tau2=tau2, **kwargs)
+    def from_preset(cls, model: str, budget: int | None = None, ratio: float | None = None, **kwargs) -> CAKE:
+        """CAKE with the authors' published temperatures for ``model`` (see :data:`TAU_PRESETS`), or the ones a
+        ``tau.json`` written by ``kvcake calibrate`` holds for the nearest budget or ratio (:func:`tau_preset`)."""
+        tau1, tau2 = tau_preset(model, budget, ratio)
+        return cls(budget=budget, ratio=ratio, tau1=tau1, tau2=tau2, **kwargs)
 
 
 register_composition("cake-snapkv", "CAKE's allocation with SnapKV's scores (the paper's compatibility experiment)",
