@@ -129,14 +129,19 @@ class KVCakeCache(DynamicCache):
         self.plan.select_rows(rows)
         if self.prefill_kept is not None:
             self.prefill_kept = [self.prefill_kept[i] for i in rows]
+        if self.prompt_valid is not None:
+            self.prompt_valid = self.prompt_valid[torch.as_tensor(rows, device=self.prompt_valid.device)]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self._reorder_rows(beam_idx.tolist())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (e.g. dropping the finished rows of a batch): the layers go back to the
+        prefill layout and the next single-token step sizes new decoding buffers for the rows that remain."""
         super().batch_select_indices(indices)
         self._reorder_rows(torch.as_tensor(indices).tolist())
+        self._frozen_for = None
 
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
