@@ -3,8 +3,8 @@
 The rows of a batch are samples of one task, mode and protocol. They are left-padded to the longest, prefilled
 together once (each row compressed as if it ran alone: the engine reads the padding from the attention mask), and
 every setting's cache is replayed from that batched record (:mod:`kvcake.integration.replay`). Decoding is greedy
-with a stop per row: a row that is done keeps receiving a filler token whose output is ignored, and the loop ends
-when every row is done or at the answer length. In the query-agnostic mode the question is fed to the compressed
+with a stop per row: a row that is done leaves the batch (the cache drops its row), and the loop ends when every
+row is done or at the answer length. In the query-agnostic mode the question is fed to the compressed
 cache in one chunk, so a batch holds only questions of one token length (tokens fed after the prefill are always
 attended: padding inside a fed chunk would be seen).
 
@@ -104,10 +104,11 @@ def row_memory(cache, row: int, lengths: list[int], held: list[list[int]] | None
             "layer_preferences": None}
 
 
-def row_end_bytes(cache, row: int, held: list[int], fed: int, grown: int, horizon: int) -> int:
+def row_end_bytes(cache, plan, row: int, held: list[int], fed: int, grown: int, horizon: int) -> int:
     """KV bytes a batch of one holds after its answer: ``held`` entries per layer before decoding (after the question
     in the query-agnostic mode), then ``fed`` tokens decoded one at a time, ``grown`` tokens having been fed past the
-    prompt before, with buffers sized for ``horizon`` tokens (:func:`~kvcake.eval.answering.size_for_answer`).
+    prompt before, with buffers sized for ``horizon`` tokens (:func:`~kvcake.eval.answering.size_for_answer`);
+    ``plan``: the batch's decode plan before decoding (a copy: finished rows leave the cache's own).
 
     A full cache holds every token. A compressed one that decoded holds fixed-shape buffers sized once for the row
     alone, as ``KVCakeCache._freeze`` sizes them: the row's decode schedule's most entries plus one free slot, or,
@@ -121,8 +122,8 @@ def row_end_bytes(cache, row: int, held: list[int], fed: int, grown: int, horizo
         return sum(n * e for n, e in zip(held, entry, strict=True))
     if not cache.method.decode_eviction:
         return sum((n + horizon) * e for n, e in zip(held, entry, strict=True))
-    assert cache.plan is not None
-    plan = copy.deepcopy(cache.plan)
+    assert plan is not None
+    plan = copy.deepcopy(plan)
     plan.select_rows([row])
     schedule = plan.decode_schedule(grown + horizon)
     return sum(schedule.capacity(slot, n) * e for slot, (n, e) in enumerate(zip(held, entry, strict=True)))
@@ -180,46 +181,57 @@ def _prefill(model, tokenizer, samples: list[Sample], encs: list[Encoded], setti
                   recorded, record, first, time.perf_counter() - start)
 
 
+def _next_feed(nxt: list[int], active: list[int], tokens: list[list[int]], limits: list[int],
+               stop: set[int]) -> list[int]:
+    """Append each active row's next token; returns the active rows that go on (their token is fed back)."""
+    going = []
+    for r, token in zip(active, nxt, strict=True):
+        if token in stop or len(tokens[r]) >= limits[r]:
+            continue
+        tokens[r].append(token)
+        if len(tokens[r]) < limits[r]:
+            going.append(r)
+    return going
+
+
 @torch.no_grad()
 def _decode(model, cache, logits: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, method,
-            limits: list[int], eos: list[int], pad: int) -> tuple[list[list[int]], list[int]]:
+            limits: list[int], eos: list[int]) -> tuple[list[list[int]], list[int]]:
     """Greedy answers of every row with its own stop (:func:`kvcake.eval.answering.greedy` per row); returns the
-    tokens and how many of them each row fed back (its last token is not fed when it reaches its answer length)."""
+    tokens and how many of them each row fed back (its last token is not fed when it reaches its answer length).
+
+    A row that is done leaves the batch (``cache.batch_select_indices``), so the steps that remain cost only the
+    rows still answering; ``tests/test_row_selection.py`` checks that the rows that remain decode as before.
+    """
     size_for_answer(cache, max(limits))
     stop = set(eos)
-    rows = logits.shape[0]
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    fed = [0] * rows
-    done = [False] * rows
+    tokens: list[list[int]] = [[] for _ in limits]
+    active = list(range(len(limits)))
     keyword = cache_keyword(model)
     nxt = logits.argmax(-1).tolist()
     with _attached(model, method):
         while True:
-            step = [pad] * rows
-            for r in range(rows):
-                if done[r]:
-                    continue
-                if nxt[r] in stop or len(tokens[r]) >= limits[r]:
-                    done[r] = True
-                    continue
-                tokens[r].append(nxt[r])
-                if len(tokens[r]) == limits[r]:
-                    done[r] = True
-                    continue
-                step[r] = nxt[r]
-                fed[r] += 1
-            if all(done):
+            going = _next_feed(nxt, active, tokens, limits, stop)
+            if not going:
                 break
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-            out = model(input_ids=torch.tensor(step, device=mask.device)[:, None], attention_mask=mask,
-                        position_ids=positions[:, None], **{keyword: cache}, use_cache=True, logits_to_keep=1)
+            if len(going) < len(active):  # finished rows leave the batch
+                where = torch.tensor([active.index(r) for r in going], device=mask.device)
+                cache.batch_select_indices(where)
+                mask, positions = mask[where], positions[where]
+                active = going
+            step = torch.tensor([tokens[r][-1] for r in active], device=mask.device)[:, None]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            out = model(input_ids=step, attention_mask=mask, position_ids=positions[:, None], **{keyword: cache},
+                        use_cache=True, logits_to_keep=1)
             positions = positions + 1
             nxt = out.logits[:, -1].argmax(-1).tolist()
+    # every token was fed back but the last of a row that reached its length
+    fed = [len(t) - int(0 < len(t) == n) for t, n in zip(tokens, limits, strict=True)]
     return tokens, fed
 
 
 @torch.no_grad()
-def _answer(model, tokenizer, batch: _Batch, i: int, eos: list[int], pad: int) -> list[dict[str, Any]]:
+def _answer(model, tokenizer, batch: _Batch, i: int, eos: list[int]) -> list[dict[str, Any]]:
     """The ``i``-th setting's answers for every row of the batch, with each row's own figures."""
     begin = time.perf_counter()
     method = batch.methods[i]
@@ -242,7 +254,9 @@ def _answer(model, tokenizer, batch: _Batch, i: int, eos: list[int], pad: int) -
         positions, grown = positions + q, q
         if compressed:
             held = row_lengths(cache, valid)
-    tokens, fed = _decode(model, cache, logits, mask, positions, method, batch.limits, eos, pad)
+    # the rows' decode plans, before finished rows leave the batch
+    plan = copy.deepcopy(cache.plan) if isinstance(cache, KVCakeCache) else None
+    tokens, fed = _decode(model, cache, logits, mask, positions, method, batch.limits, eos)
     seconds = (time.perf_counter() - begin + batch.seconds / len(batch.methods)) / len(batch.samples)
     results = []
     for r, enc in enumerate(batch.encs):
@@ -251,7 +265,7 @@ def _answer(model, tokenizer, batch: _Batch, i: int, eos: list[int], pad: int) -
             "prediction": tokenizer.decode(tokens[r], skip_special_tokens=True), "generated_tokens": len(tokens[r]),
             "prompt_tokens": enc.length, "compressed_tokens": batch.lengths[r], "truncated_tokens": enc.truncated,
             "seconds": round(seconds, 3), **memory[r],
-            "kv_bytes_end": row_end_bytes(cache, r, before, fed[r], grown, max(1, batch.limits[r])),
+            "kv_bytes_end": row_end_bytes(cache, plan, r, before, fed[r], grown, max(1, batch.limits[r])),
         })
     return results
 
@@ -303,7 +317,7 @@ def answer_batch(model, tokenizer, samples: list[Sample], settings: list[Setting
             alone, together = settings, []
     for i, setting in enumerate(together):
         try:
-            results = _answer(model, tokenizer, batch, i, eos, pad)
+            results = _answer(model, tokenizer, batch, i, eos)
         except Exception:  # noqa: BLE001
             alone.append(setting)
             continue
