@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The evaluation of docs/eval/v2: enough samples to read, with 95% intervals. CPU (2 cores), float32, sdpa, greedy,
+# query-aware (the paper's setting), answers as long as each task allows. Every command resumes where it stopped
+# (rerun this script after an interruption); results are committed as they land.
+#
+#     bash docs/eval/v2/run.sh [qwen|qwen-vt|smollm2|ablations|report]
+#
+# Tasks: the single needle, NeedleBench multi-retrieval and RULER niah_multikey, niah_multivalue, niah_multiquery
+# (~2K-token prompts, 5 depths x 10 repetitions = 50 samples each) and RULER vt (50 samples). Answers are capped at
+# 64 tokens (--max-new-tokens): the answers these tasks ask for take 20-45 tokens, and rows that
+# run on past that repeat themselves (docs/eval/v2/README.md). R=folder puts the results elsewhere.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+R=${R:-docs/eval/v2/results}
+TASKS=needlebench/single,needlebench/multi_retrieval,ruler/niah_multikey,ruler/niah_multivalue,ruler/niah_multiquery
+METHODS=full,cake,snapkv,pyramidkv,ada-snapkv,cake-knorm,cake-expected-attention
+COMMON="--lengths 2000 --threads ${THREADS:-1} --no-progress --seed 1 --batch-size ${BATCH:-8} --max-new-tokens 64"
+
+qwen() {  # Qwen2.5-Coder-0.5B-Instruct at 10% and 5% kept, one task at a time
+  for task in ${TASKS//,/ }; do
+    kvcake eval --models qwen2.5-coder-0.5b-instruct --tasks "$task" --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+      --methods $METHODS --ratios 0.1,0.05 $COMMON --out $R/qwen
+  done
+}
+qwen_vt() {
+  kvcake eval --models qwen2.5-coder-0.5b-instruct --tasks ruler/vt --depths 0.5 --per-cell 50 \
+    --methods $METHODS --ratios 0.1,0.05 $COMMON --out $R/qwen-vt
+}
+smollm2() {  # SmolLM2-135M-Instruct at 25% kept
+  for task in ${TASKS//,/ }; do
+    kvcake eval --models smollm2-135m-instruct --tasks "$task" --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+      --methods $METHODS --ratios 0.25 $COMMON --out $R/smollm2
+  done
+  kvcake eval --models smollm2-135m-instruct --tasks ruler/vt --depths 0.5 --per-cell 50 \
+    --methods $METHODS --ratios 0.25 $COMMON --out $R/smollm2-vt
+}
+ablations() {  # what the allocation and the indicator each contribute, the authors' decoding, the chat-tail protocol
+  for task in needlebench/multi_retrieval ruler/niah_multikey; do
+    kvcake eval --models smollm2-135m-instruct --tasks "$task" --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+      --methods full,cake,snapkv,cake-snapkv,uniform-cake,cake-authors-decoding,h2o,tova --ratios 0.25 \
+      --protocols whole,tail $COMMON --out $R/smollm2-ablations
+  done
+}
+report() {
+  kvcake report $R/qwen $R/qwen-vt --out docs/eval/v2/qwen
+  kvcake report $R/smollm2 $R/smollm2-vt --out docs/eval/v2/smollm2
+  kvcake report $R/smollm2-ablations --out docs/eval/v2/ablations --reference cake
+}
+case "${1:-all}" in
+  qwen) qwen ;;
+  qwen-vt) qwen_vt ;;
+  smollm2) smollm2 ;;
+  ablations) ablations ;;
+  report) report ;;
+  all) smollm2; ablations; qwen; qwen_vt; report ;;
+  *) echo "usage: $0 [qwen|qwen-vt|smollm2|ablations|report|all]" >&2; exit 2 ;;
+esac
