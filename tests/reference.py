@@ -22,7 +22,8 @@ def brute_force_allocation(prefs: list[float], total: int, cap: int) -> list[int
     return budgets
 
 
-def cake_reference(attn: torch.Tensor, kv_heads: int, gamma: float, kernel: int, tau1: float = 1.0, tau2: float = 1.0):
+def cake_reference(attn: torch.Tensor, kv_heads: int, gamma: float, kernel: int, tau1: float = 1.0, tau2: float = 1.0,
+                   pooling: str = "avg"):
     """Preference (per row) and pooled, GQA-averaged indicator (B, Hkv, S - W) from window attention (B, Hq, W, S)."""
     a = attn.detach().double()
     batch, q_heads, window, seq = a.shape
@@ -45,7 +46,7 @@ def cake_reference(attn: torch.Tensor, kv_heads: int, gamma: float, kernel: int,
             pooled = torch.zeros(n, dtype=torch.float64)
             for i in range(n):
                 lo, hi = max(0, i - kernel // 2), min(n, i + kernel // 2 + 1)
-                pooled[i] = score[lo:hi].sum() / kernel
+                pooled[i] = score[lo:hi].sum() / kernel if pooling == "avg" else score[lo:hi].max()
             per_head.append(pooled)
         groups = q_heads // kv_heads
         stacked = torch.stack(per_head).reshape(kv_heads, groups, -1).mean(1)

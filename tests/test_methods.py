@@ -154,7 +154,7 @@ def reference_scores(name, attn, seq, view):
         last = attn[0, :, -1].double().mean(0)
         return last[None].expand(KV_HEADS, -1)[:, : seq - 1], [seq - 1]
     if type(scorer) is CakeScores:
-        _, ind = cake_reference(attn[:, :, -w:, :], KV_HEADS, gamma=200.0, kernel=5)
+        _, ind = cake_reference(attn[:, :, -w:, :], KV_HEADS, gamma=200.0, kernel=5, pooling=scorer.pooling)
         return ind[0], list(range(seq - w, seq))
     return scorer.prefill(view, w)[0, :, : seq - w].double(), list(range(seq - w, seq))
 

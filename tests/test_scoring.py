@@ -29,16 +29,17 @@ def test_window_attention_matches_dense_causal_softmax():
     assert torch.all(attn.sum(-1).sub(1).abs() < 1e-5)
 
 
-def test_statistics_match_the_reference():
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_statistics_match_the_reference(pooling):
     q, k = _qk()
-    method = CAKE(budget=16, window=8, tau1=1.6, tau2=0.6)
+    method = CAKE(budget=16, window=8, tau1=1.6, tau2=0.6, pooling=pooling)
     full_q = torch.cat([torch.randn(2, 4, 32, 16), q], dim=2)
     view = LayerView(query=full_q, keys=k, scaling=0.25, key_valid=None, softcap=None, layer=0, num_layers=1)
     attn = view.window_attention(8)
     torch.testing.assert_close(attn, window_attention(q, k, scaling=0.25))
     prefs = method.allocator.preference(view, 8)
     indicator = method.scorer.prefill(view, 8)[..., : 40 - 8]
-    ref_prefs, ref_indicator = cake_reference(attn, 2, method.gamma, method.kernel, method.tau1, method.tau2)
+    ref_prefs, ref_indicator = cake_reference(attn, 2, method.gamma, method.kernel, method.tau1, method.tau2, pooling)
     torch.testing.assert_close(prefs, torch.tensor(ref_prefs, dtype=torch.float64), rtol=1e-5, atol=0)
     torch.testing.assert_close(indicator.double(), ref_indicator, rtol=1e-4, atol=1e-7)
 
@@ -61,3 +62,30 @@ def test_non_finite_logits_raise():
     k[0, 1, 3, 0] = float("nan")
     with pytest.raises(NonFiniteAttentionError):
         window_attention(q, k, 0.25)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("decode_pooling", ["all", "outside-window"])
+def test_decode_scores_pool_each_head_then_average_the_group(pooling, decode_pooling):
+    """CAKE's decode-time score (§3.4), against a loop: each query head's attention pooled along the entries (the
+    window's own entries unpooled under ``outside-window``), then averaged over the heads sharing a KV head."""
+    from kvcake.methods.cake import CakeScores
+    from kvcake.methods.views import DecodeView
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(2, 4, 12, generator=g)
+    positions = torch.arange(12).expand(2, 2, 12)
+    view = DecodeView(query=torch.zeros(2, 4, 1, 8), scaling=1.0, softcap=None, positions=positions, allowed=None,
+                      stored=None, probs=probs, window=3)
+    got = CakeScores(kernel=5, pooling=pooling, decode_pooling=decode_pooling).decode(view)
+    cut = 12 - 3 if decode_pooling == "outside-window" else 12
+    expected = torch.zeros(2, 2, 12)
+    for b in range(2):
+        for head in range(4):
+            row = probs[b, head]
+            pooled = row.clone()
+            for i in range(cut):
+                part = row[max(0, i - 2): min(cut, i + 3)]
+                pooled[i] = part.sum() / 5 if pooling == "avg" else part.max()
+            expected[b, head // 2] += pooled / 2
+    torch.testing.assert_close(got, expected)

@@ -105,9 +105,9 @@ class WindowStatistics:
     mean: torch.Tensor
     row_var: torch.Tensor
 
-    def indicator(self, gamma: float, kernel: int, kv_heads: int) -> torch.Tensor:
+    def indicator(self, gamma: float, kernel: int, kv_heads: int, pooling: str = "avg") -> torch.Tensor:
         """CAKE's eviction indicator ``(B, Hkv, S - W)``: mean + gamma * var, pooled, GQA-averaged (§3.3)."""
-        return group_mean(pool_scores(self.mean + gamma * self.row_var, kernel), kv_heads)
+        return group_mean(pool_scores(self.mean + gamma * self.row_var, kernel, pooling), kv_heads)
 
 
 def window_statistics(attn: torch.Tensor) -> WindowStatistics:
@@ -146,12 +146,16 @@ class CakeScores(Scorer):
     what: ``all`` (default) pools over every stored entry, the window included, and the window is then protected;
     ``outside-window`` cuts the window off first and pools the rest with zero padding, as the authors' code does
     (the entries next to the window then score without their window neighbours).
+
+    ``pooling`` is the paper's average pooling by default; ``max`` (SnapKV's) is an ablation of ours, not in the
+    paper (composition ``cake-max-pooling``): it tells the indicator's pooling apart from its statistic.
     """
 
     gamma: float = field(default=200.0, metadata={"help": "CAKE: weight of the variance in mean + gamma * var"})
     kernel: int = field(default=5, metadata={"help": "pooling kernel along keys (odd)"})
     decode_pooling: str = field(default="all", metadata={
         "help": "CAKE decoding: pool over all entries (all) or the entries outside the window (outside-window)"})
+    pooling: str = field(default="avg", metadata={"help": "CAKE: pooling of the indicator along keys, avg or max"})
 
     name: ClassVar[str] = "cake"
 
@@ -161,17 +165,25 @@ class CakeScores(Scorer):
             raise ValueError(f"gamma must be finite and non-negative, got {self.gamma}")
         if self.decode_pooling not in ("all", "outside-window"):
             raise ValueError(f"decode_pooling must be 'all' or 'outside-window', got {self.decode_pooling!r}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
 
     def prefill(self, view: LayerView, window: int) -> torch.Tensor:
-        return view.with_window(_statistics(view, window).indicator(self.gamma, self.kernel, view.kv_heads))
+        stats = _statistics(view, window)
+        return view.with_window(stats.indicator(self.gamma, self.kernel, view.kv_heads, self.pooling))
 
     def decode(self, view: DecodeView) -> torch.Tensor:
-        # Average pooling and the group mean are both linear: averaging the group first pools G times fewer rows.
-        attention = group_mean(view.attention(), view.kv_heads)
+        attention = view.attention()
+        if self.pooling == "avg":
+            # Average pooling and the group mean are both linear: averaging the group first pools G times fewer rows.
+            attention = group_mean(attention, view.kv_heads)
         if self.decode_pooling == "all" or view.window <= 0:
-            return pool_scores(attention, self.kernel)
-        cut = max(0, attention.shape[-1] - view.window)
-        return torch.cat([pool_scores(attention[..., :cut], self.kernel), attention[..., cut:]], dim=-1)
+            pooled = pool_scores(attention, self.kernel, self.pooling)
+        else:
+            cut = max(0, attention.shape[-1] - view.window)
+            pooled = torch.cat([pool_scores(attention[..., :cut], self.kernel, self.pooling), attention[..., cut:]],
+                               dim=-1)
+        return pooled if self.pooling == "avg" else group_mean(pooled, view.kv_heads)
 
 
 # -- §3.1 / §3.2 the allocation ---------------------------------------------------------------------------------------
@@ -222,6 +234,8 @@ class CAKE(Method):
 register_composition("cake-snapkv", "CAKE's allocation with SnapKV's scores (the paper's compatibility experiment)",
                      CAKE, scorer=SnapKVScores)
 register_composition("cake-h2o", "CAKE's allocation with H2O's accumulated scores", CAKE, scorer=H2OScores)
+register_composition("cake-max-pooling", "CAKE with its indicator max-pooled as SnapKV's (an ablation, not the "
+                     "paper's)", CAKE, pooling="max")
 register_composition("uniform-cake", "CAKE's indicator with a uniform split (the paper's ablation)", CAKE,
                      allocator=Uniform)
 register_composition("cake-authors-decoding", "CAKE decoding as the authors' code does: every layer at its prefill "
