@@ -143,3 +143,11 @@ def test_a_long_hand_written_loop_regrows_its_buffers_without_losing_a_token(met
         assert loop(cache) == expected
         assert press.report.kept_now == [[140] * 4, [120] * 4]
         assert all(layer.slots.capacity > 140 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("method", [None, "cake", kvcake.CAKE])
+def test_a_block_without_a_method_is_refused_at_entry(method):
+    # compress(model, None) used to enter, and the first prefill failed deep inside with an AttributeError.
+    model = tiny_llama("sdpa")
+    with pytest.raises(TypeError, match="kvcake method"):
+        kvcake.compress(model, method)

@@ -48,6 +48,12 @@ class Compression:
 
     def __init__(self, model: torch.nn.Module, method: Any, *, max_new_tokens: int | None = None,
                  compile: bool = False, compile_mode: str | None = None, uncompressed_tail: int = 0) -> None:
+        from kvcake.methods.base import Method
+
+        if not isinstance(method, Method):
+            hint = " (a class: build one, e.g. kvcake.CAKE(budget=128))" if isinstance(method, type) else ""
+            raise TypeError(f"compress needs a kvcake method such as kvcake.CAKE(budget=128), got {method!r}{hint}; "
+                            "for the full cache, run the model outside a compress block")
         if not isinstance(uncompressed_tail, int) or uncompressed_tail < 0:
             raise ValueError(f"uncompressed_tail must be a non-negative integer, got {uncompressed_tail!r}")
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
