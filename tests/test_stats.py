@@ -144,6 +144,20 @@ def test_comparison_pairs_only_samples_both_answered():
     assert against_full["snapkv@r0.1"]["losses"] == 1 and against_full["cake@r0.25"]["ties"] == 1
 
 
+def test_a_variant_of_the_reference_method_is_compared_with_its_plain_label():
+    # CAKE with calibrated temperatures against CAKE (reference "cake"): it used to be skipped as "the reference's
+    # own setting", so calibrated vs default temperatures had no paired comparison.
+    rows = []
+    for i, (plain, tuned) in enumerate([(0.0, 100.0), (100.0, 100.0), (0.0, 0.0)]):
+        variant = _row("cake@r0.5", "t", f"s{i}", tuned)
+        variant.update(label="cake@r0.5,tau1=0.7", key=f"t|s{i}|cake@r0.5,tau1=0.7|query-aware", params={"tau1": 0.7})
+        rows += [_row("cake@r0.5", "t", f"s{i}", plain), variant, _row("snapkv@r0.5", "t", f"s{i}", 0.0)]
+    table = {(c["label"], c["task"]): c for c in compare_rows(rows, "cake")}
+    assert set(table) == {(label, task) for label in ("cake@r0.5,tau1=0.7", "snapkv@r0.5") for task in ("t", "average")}
+    tuned = table[("cake@r0.5,tau1=0.7", "average")]
+    assert tuned["reference"] == "cake@r0.5" and (tuned["wins"], tuned["ties"], tuned["losses"]) == (1, 2, 0)
+
+
 def test_the_score_plot_draws_each_interval_as_an_error_bar(tmp_path, monkeypatch):
     from matplotlib.container import ErrorbarContainer
 

@@ -3,7 +3,7 @@
 # query-aware (the paper's setting), answers as long as each task allows. Every command resumes where it stopped
 # (rerun this script after an interruption); results are committed as they land.
 #
-#     bash docs/eval/v2/run.sh [qwen|qwen-vt|smollm2|ablations|report]
+#     bash docs/eval/v2/run.sh [smollm2|calibrate|ablations|qwen|qwen-vt|report|all]
 #
 # Tasks: the single needle, NeedleBench multi-retrieval and RULER niah_multikey, niah_multivalue, niah_multiquery
 # (~2K-token prompts, 5 depths x 10 repetitions = 50 samples each) and RULER vt (50 samples). Answers are capped at
@@ -34,24 +34,36 @@ smollm2() {  # SmolLM2-135M-Instruct at 25% kept
   kvcake eval --models smollm2-135m-instruct --tasks ruler/vt --depths 0.5 --per-cell 50 \
     --methods $METHODS --ratios 0.25 $COMMON --out $R/smollm2-vt
 }
-ablations() {  # what the allocation and the indicator each contribute, the authors' decoding, the chat-tail protocol
-  for task in needlebench/multi_retrieval ruler/niah_multikey; do
-    kvcake eval --models smollm2-135m-instruct --tasks "$task" --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
-      --methods full,cake,snapkv,cake-snapkv,uniform-cake,cake-authors-decoding,h2o,tova --ratios 0.25 \
-      --protocols whole,tail $COMMON --out $R/smollm2-ablations
-  done
+calibrate() {  # CAKE's temperatures for SmolLM2 at 25% kept, on calibration prompts (seed calibration-0)
+  kvcake calibrate --model smollm2-135m-instruct --ratios 0.25 --samples 12 \
+    --tasks needlebench/single,ruler/niah_multikey --lengths 2000 --depths 0.25,0.5,0.75 --grid 0.4,0.7,1,1.5,2.3 \
+    --max-new-tokens 64 --threads ${THREADS:-1} --out docs/eval/v2/calibration/tau-smollm2.json
+}
+ablations() {  # what the allocation, the indicator and its pooling each contribute; the authors' decoding; the
+  # calibrated temperatures; every method under both protocols (the chat tail compressed or kept). The whole
+  # protocol's full, cake, snapkv and pyramidkv rows are in $R/smollm2 (the same samples).
+  local tau
+  tau=$(python -c "import json; t = json.load(open('docs/eval/v2/calibration/tau-smollm2.json'))['ratios']['0.25']; \
+print(f'--param cake.tau1={t[0]:g} --param cake.tau2={t[1]:g}')")
+  kvcake eval --models smollm2-135m-instruct --tasks needlebench/single --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+    --methods cake-snapkv,uniform-cake,cake-max-pooling,cake-authors-decoding,h2o,tova,cake $tau --ratios 0.25 \
+    $COMMON --out $R/smollm2-ablations
+  kvcake eval --models smollm2-135m-instruct --tasks needlebench/single --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+    --methods full,cake,snapkv,pyramidkv,ada-snapkv,h2o,tova,cake-authors-decoding --ratios 0.25 --protocols tail \
+    $COMMON --out $R/smollm2-tail
 }
 report() {
   kvcake report $R/qwen $R/qwen-vt --out docs/eval/v2/qwen
   kvcake report $R/smollm2 $R/smollm2-vt --out docs/eval/v2/smollm2
-  kvcake report $R/smollm2-ablations --out docs/eval/v2/ablations --reference cake
+  kvcake report $R/smollm2 $R/smollm2-ablations $R/smollm2-tail --out docs/eval/v2/ablations --reference cake
 }
 case "${1:-all}" in
   qwen) qwen ;;
   qwen-vt) qwen_vt ;;
   smollm2) smollm2 ;;
+  calibrate) calibrate ;;
   ablations) ablations ;;
   report) report ;;
-  all) smollm2; ablations; qwen; qwen_vt; report ;;
-  *) echo "usage: $0 [qwen|qwen-vt|smollm2|ablations|report|all]" >&2; exit 2 ;;
+  all) smollm2; calibrate; ablations; qwen; qwen_vt; report ;;
+  *) echo "usage: $0 [qwen|qwen-vt|smollm2|calibrate|ablations|report|all]" >&2; exit 2 ;;
 esac

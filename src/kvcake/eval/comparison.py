@@ -72,8 +72,8 @@ def _pairs(mine: dict[tuple, float], theirs: dict[tuple, float]) -> dict[str, tu
 def compare_rows(rows: list[dict[str, Any]], reference: str = DEFAULT_REFERENCE) -> list[dict[str, Any]]:
     """One row per (model, mode, protocol, setting, task) with pairs against its reference, and one per (model,
     mode, protocol, setting) for the ``average`` over the tasks with pairs (differences averaged over tasks; the
-    interval resamples pairs within each task). The reference's own settings, and ``full`` unless it is the reference,
-    are not compared."""
+    interval resamples pairs within each task). ``full`` (unless it is the reference) and the reference's plain
+    label are not compared; a variant of the reference method (other parameters) is compared with the plain one."""
     reference = reference.lower()
     scored = _scored(rows)
     label_rows: dict[tuple, dict[str, dict[str, Any]]] = {}
@@ -85,7 +85,8 @@ def compare_rows(rows: list[dict[str, Any]], reference: str = DEFAULT_REFERENCE)
         for label in sorted(labels):
             setting = labels[label]
             ref = _reference_label(labels, setting, reference)
-            if setting["method"] in (reference, "full") or ref is None:
+            # the reference's own variants (e.g. CAKE with calibrated temperatures) are compared with its plain label
+            if setting["method"] == "full" or ref is None or ref == label:
                 continue
             by_task = _pairs(scored.get(group, {}).get(label, {}), scored.get(group, {}).get(ref, {}))
             for task, (a, b) in by_task.items():
