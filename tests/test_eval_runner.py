@@ -213,7 +213,17 @@ def test_resume_refuses_other_method_parameters_and_other_samples(chat, tmp_path
     with pytest.raises(EvalDataError, match=r"cake@r0.5 answers made with scorer.gamma=100.0, not 200.0"):
         _run(chat, tmp_path, [sample(0)], settings)
     record["methods"]["cake@r0.5"]["scorer"]["gamma"] = 200.0
+    # A parameter added to kvcake since the folder was written resumes at its default, and is refused at another
+    # value: folders written before CAKE's indicator had a pooling option resume.
+    del record["methods"]["cake@r0.5"]["scorer"]["pooling"]
     path.write_text(json.dumps(record))
+    _run(chat, tmp_path, [sample(0)], settings)
+    from kvcake.eval.record import check_resume
+
+    old = {"methods": {"cake@r0.5": {"scorer": {"gamma": 200.0}}}}
+    new = {"methods": {"cake@r0.5": {"scorer": {"gamma": 200.0, "pooling": "max"}}}}
+    with pytest.raises(EvalDataError, match=r"cake@r0.5 answers made with scorer.pooling=None, not 'max'"):
+        check_resume(old, new, path, {"cake@r0.5": {"scorer": {"gamma": 200.0, "pooling": "avg"}}})
     # Another chat rule (or prompt) under the same task and id is another sample: its rows are not reused.
     for changed in (sample(0, chat=False), sample(0, context=STORY[:-1])):
         with pytest.raises(EvalDataError, match="another version of sample ruler/niah_single s0"):

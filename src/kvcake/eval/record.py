@@ -79,6 +79,12 @@ def method_parameters(settings: list[Setting]) -> dict[str, dict[str, Any]]:
     return {s.label: (s.build().parameters() if s.method != "full" else {"name": "full"}) for s in settings}
 
 
+def default_parameters(settings: list[Setting]) -> dict[str, dict[str, Any]]:
+    """Each setting's method at its budget or ratio with no parameter given: the defaults, by label."""
+    return {s.label: (Setting(s.method, s.budget, s.ratio).build().parameters() if s.method != "full"
+                      else {"name": "full"}) for s in settings}
+
+
 def read_record(folder: Path) -> dict[str, Any]:
     """``folder``'s ``run.json`` (empty when there is none)."""
     path = folder / RECORD
@@ -115,11 +121,14 @@ def _previous(previous: dict[str, Any], key: str) -> list[Any]:
     return [r[key] for r in previous.get("runs", []) if isinstance(r, dict) and key in r]
 
 
-def check_resume(previous: dict[str, Any], record: dict[str, Any], path: Path) -> None:
+def check_resume(previous: dict[str, Any], record: dict[str, Any], path: Path,
+                 defaults: dict[str, dict[str, Any]] | None = None) -> None:
     """Refuse to add ``record``'s run to a folder whose rows were made under other answer-changing settings.
 
     Compared are the :data:`ANSWER_SETTINGS` that ``record`` holds and the full method parameters of every label
-    the two share; a mismatch raises :class:`EvalDataError` naming the setting.
+    the two share; a mismatch raises :class:`EvalDataError` naming the setting. A parameter the earlier run did not
+    have (added to kvcake since) passes when this run gives it its default (``defaults``:
+    :func:`default_parameters`): a parameter is added with the default that keeps the earlier behaviour.
     """
     for key, option in ANSWER_SETTINGS.items():
         if key not in record:
@@ -134,7 +143,10 @@ def check_resume(previous: dict[str, Any], record: dict[str, Any], path: Path) -
         if label not in known:
             continue
         old, new = _flat(known[label]), _flat(_plain(params))
+        default = _flat(_plain((defaults or {}).get(label, {})))
         for name in sorted(set(old) | set(new)):
+            if name not in old and name in default and new.get(name) == default[name]:
+                continue  # added since, at its default
             if old.get(name) != new.get(name):
                 raise EvalDataError(f"{path} holds {label} answers made with {name}={old.get(name)!r}, not "
                                     f"{new.get(name)!r} (another kvcake version?): use another --out folder")

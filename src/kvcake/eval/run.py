@@ -19,7 +19,15 @@ from kvcake.eval.batching import answer_batch, batchable
 from kvcake.eval.files import RECORD, EvalDataWarning, Shard, barrier, ends_mid_line, row_key, scan_predictions
 from kvcake.eval.grid import Setting, check_run_options
 from kvcake.eval.prompts import question_length
-from kvcake.eval.record import add_run, check_resume, finish_run, method_parameters, read_record, run_record
+from kvcake.eval.record import (
+    add_run,
+    check_resume,
+    default_parameters,
+    finish_run,
+    method_parameters,
+    read_record,
+    run_record,
+)
 from kvcake.eval.sample import EvalDataError, Sample
 from kvcake.eval.summary import merge, write_metrics
 from kvcake.pipeline import chat_tail_length
@@ -109,7 +117,7 @@ class EvalRun:
         self.out.mkdir(parents=True, exist_ok=True)
         given = {**self.record, **self.answering(), "protocols": self.protocols, "batch_size": self.batch_size}
         previous = read_record(self.out)
-        check_resume(previous, given, self.out / RECORD)
+        check_resume(previous, given, self.out / RECORD, default_parameters(self.settings))
         found = scan_predictions(self.out)
         self.check_rows(found.rows)
         if found.ignored:
@@ -225,7 +233,7 @@ def evaluate(models: list[str | None], task_names: list[str], settings: list[Set
         folder = out / Path(model_name).name
         plan = planned(model_name, settings, options, dtype=dtype, attn=attn, max_length=max_length,
                        max_new_tokens=max_new_tokens)
-        check_resume(read_record(folder), plan, folder / RECORD)
+        check_resume(read_record(folder), plan, folder / RECORD, default_parameters(settings))
     shard = Shard.from_env()
     if device == "cuda" and shard.world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
