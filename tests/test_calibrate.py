@@ -71,7 +71,7 @@ def test_calibration_prompts_are_no_evaluation_prompts(chat):
     _, tokenizer = chat
     options = dict(lengths=[700], depths=[0.5], per_cell=2)
     evaluation = load_samples(["ruler/niah_multikey"], tokenizer, SuiteOptions(seed=0, **options))
-    calibration = cal._samples(tokenizer, ["ruler/niah_multikey"], 2, [700], [0.5], 0, None)
+    calibration = cal.search._samples(tokenizer, ["ruler/niah_multikey"], 2, [700], [0.5], 0, None)
     assert cal.calibration_seed(0) == "calibration-0"
     assert {s.context for s in evaluation}.isdisjoint({s.context for s in calibration})
     assert [s.id for s in evaluation] == [s.id for s in calibration]  # same cells, other prompts
@@ -107,7 +107,7 @@ def test_calibrate_writes_a_tau_file_that_presets_load(chat, chat_model_dir, tmp
         points = [cal.Point(**r) for r in data["results"] if str(r["budget"]) == key]
         top = None
         for p in points:
-            top = p if cal._better(p, top, data["score"]) else top
+            top = p if cal.choice._better(p, top, data["score"]) else top
         assert (top.tau1, top.tau2) == (t1, t2)
     # Loading: the nearest calibrated budget on a log scale (48 and 4096: the boundary is at sqrt(48 * 4096) = 443).
     assert tau_preset(str(out), 100) == tuple(data["budgets"]["48"])
