@@ -89,3 +89,16 @@ def test_decode_scores_pool_each_head_then_average_the_group(pooling, decode_poo
                 pooled[i] = part.sum() / 5 if pooling == "avg" else part.max()
             expected[b, head // 2] += pooled / 2
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+@pytest.mark.parametrize("length", [1, 2, 6, 33])
+def test_max_pooling_equals_torchs_max_pool(kernel, length):
+    # Max pooling is written with slices (max_pool1d made compiled decoding specialise the entry axis); its values
+    # must be exactly max_pool1d's, -inf padding included.
+    from kvcake.methods.attention import pool_scores
+
+    x = torch.randn(2, 3, length, generator=torch.Generator().manual_seed(length))
+    expected = torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2) if kernel > 1 else x
+    assert torch.equal(pool_scores(x, kernel, "max"), expected)
+    assert torch.equal(pool_scores(x.reshape(6, length), kernel, "max"), expected.reshape(6, length))

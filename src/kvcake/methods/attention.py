@@ -114,7 +114,14 @@ def pool_scores(scores: torch.Tensor, kernel: int, pooling: str = "avg") -> torc
     shape = scores.shape
     flat = scores if scores.dim() == 3 else scores.reshape(-1, 1, shape[-1])  # (N, C, L): rows pooled on their own
     if pooling == "max":
-        pooled = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+        # The maximum over shifted views of the -inf-padded scores: exactly max_pool1d's values, but with slices
+        # only, so that compiled decoding keeps the entry axis dynamic (max_pool1d specialises it to a constant).
+        radius = kernel // 2
+        padded = torch.nn.functional.pad(flat, (radius, radius), value=float("-inf"))
+        length = flat.shape[-1]
+        pooled = padded[..., :length]
+        for shift in range(1, kernel):
+            pooled = torch.maximum(pooled, padded[..., shift:shift + length])
     else:
         pooled = torch.nn.functional.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2,
                                                 count_include_pad=True)
