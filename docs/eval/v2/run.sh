@@ -51,6 +51,10 @@ print(f'--param cake.tau1={t[0]:g} --param cake.tau2={t[1]:g}')")
   kvcake eval --models smollm2-135m-instruct --tasks needlebench/single --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
     --methods full,cake,snapkv,pyramidkv,ada-snapkv,h2o,tova,cake-authors-decoding --ratios 0.25 --protocols tail \
     $COMMON --out $R/smollm2-tail
+  # H2O and TOVA evicting at prefill only (kvpress's presses do not evict while decoding): protocol or policy?
+  kvcake eval --models smollm2-135m-instruct --tasks needlebench/single --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+    --methods h2o,tova --param h2o.decode_eviction=false --param tova.decode_eviction=false --ratios 0.25 \
+    --protocols whole,tail $COMMON --out $R/smollm2-ablations
   # the newer scorers under a uniform split: whether their deficit is the scorer or CAKE's allocation
   kvcake eval --models smollm2-135m-instruct --tasks needlebench/single --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
     --methods knorm,expected-attention --ratios 0.25 $COMMON --out $R/smollm2-ablations
