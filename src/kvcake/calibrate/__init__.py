@@ -22,17 +22,13 @@ choice is made by the KL only when every correlation reaches ``threshold`` (0.8)
 broken by the KL), and the file says so (``score``, ``why``).
 """
 
+from kvcake.calibrate import options
 from kvcake.calibrate.choice import Point, choose, spearman
-from kvcake.calibrate.options import (
-                                      DEFAULT_GRID,
-                                      DEFAULT_TASKS,
-                                      THRESHOLD,
-                                      CalibrationError,
-                                      calibration_seed,
-                                      check_arguments,
-                                      check_grid,
-)
 from kvcake.calibrate.search import calibrate
+
+DEFAULT_GRID, DEFAULT_TASKS, THRESHOLD = options.DEFAULT_GRID, options.DEFAULT_TASKS, options.THRESHOLD
+CalibrationError, calibration_seed = options.CalibrationError, options.calibration_seed
+check_arguments, check_grid = options.check_arguments, options.check_grid
 
 __all__ = ["DEFAULT_GRID", "DEFAULT_TASKS", "THRESHOLD", "CalibrationError", "Point", "calibrate", "calibration_seed",
            "check_arguments", "check_grid", "choose", "spearman"]
