@@ -59,10 +59,13 @@ print(f'--param cake.tau1={t[0]:g} --param cake.tau2={t[1]:g}')")
   kvcake eval --models smollm2-135m-instruct --tasks needlebench/single --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
     --methods knorm,expected-attention --ratios 0.25 $COMMON --out $R/smollm2-ablations
 }
-report() {
-  kvcake report $R/qwen $R/qwen-vt --out docs/eval/v2/qwen
-  kvcake report $R/smollm2 $R/smollm2-vt --out docs/eval/v2/smollm2
-  kvcake report $R/smollm2 $R/smollm2-ablations $R/smollm2-tail --out docs/eval/v2/ablations --reference cake
+report() {  # the reports of whatever has landed (a folder not written yet is left out)
+  have() { for f in "$@"; do if [ -d "$f" ]; then echo "$f"; fi; done; }
+  if [ -d $R/qwen ]; then kvcake report $(have $R/qwen $R/qwen-vt) --out docs/eval/v2/qwen; fi
+  if [ -d $R/smollm2 ]; then kvcake report $(have $R/smollm2 $R/smollm2-vt) --out docs/eval/v2/smollm2; fi
+  if [ -d $R/smollm2-ablations ]; then
+    kvcake report $(have $R/smollm2 $R/smollm2-ablations $R/smollm2-tail) --out docs/eval/v2/ablations --reference cake
+  fi
 }
 case "${1:-all}" in
   qwen) qwen ;;
