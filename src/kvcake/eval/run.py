@@ -33,6 +33,23 @@ from kvcake.eval.summary import merge, write_metrics
 from kvcake.pipeline import chat_tail_length
 
 
+def interleaved(samples: list[Sample]) -> list[tuple[int, Sample]]:
+    """``(index, sample)`` of ``samples`` in rounds: the first sample of every task's every cell (length and depth),
+    then the second of each, and so on, each round in the samples' order. The synthetic suites list a task's
+    samples cell by cell (every repetition of depth 0, then of depth 0.25, ...), so a run answering in that order
+    and stopped part-way would have seen only the first depths; in rounds it has seen all of them, and the
+    difference it measures between two settings is not a few depths' difference. ``index`` is the position in
+    ``samples`` (what a shard takes its samples by)."""
+    seen: dict[tuple, int] = {}
+    rounds = []
+    for sample in samples:
+        cell = (sample.task, sample.meta.get("length"), sample.meta.get("depth"))
+        rounds.append(seen.get(cell, 0))
+        seen[cell] = rounds[-1] + 1
+    order = sorted(range(len(samples)), key=lambda i: (rounds[i], i))
+    return [(i, samples[i]) for i in order]
+
+
 @dataclass
 class EvalRun:
     """Everything ``kvcake eval`` runs on one model: the samples, the grid, the modes and protocols, and where
@@ -56,9 +73,10 @@ class EvalRun:
     batch_size: int = 1
 
     def pending(self, done: set[str]) -> list[tuple[Sample, str, str, list[Setting]]]:
-        """This shard's (sample, mode, protocol, settings still to answer), skipping rows already in ``done``."""
+        """This shard's (sample, mode, protocol, settings still to answer), skipping rows already in ``done``, in
+        :func:`interleaved` order: a run stopped part-way has answered a balanced part of every task and cell."""
         work = []
-        for index, sample in enumerate(self.samples):
+        for index, sample in interleaved(self.samples):
             if not self.shard.mine(index):
                 continue
             for mode in self.modes:
