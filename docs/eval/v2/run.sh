@@ -16,11 +16,10 @@ TASKS=needlebench/single,needlebench/multi_retrieval,ruler/niah_multikey,ruler/n
 METHODS=full,cake,snapkv,pyramidkv,ada-snapkv,cake-knorm,cake-expected-attention
 COMMON="--lengths 2000 --threads ${THREADS:-1} --no-progress --seed 1 --batch-size ${BATCH:-8} --max-new-tokens 64"
 
-qwen() {  # Qwen2.5-Coder-0.5B-Instruct at 10% and 5% kept, one task at a time
-  for task in ${TASKS//,/ }; do
-    kvcake eval --models qwen2.5-coder-0.5b-instruct --tasks "$task" --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
-      --methods $METHODS --ratios 0.1,0.05 $COMMON --out $R/qwen
-  done
+qwen() {  # Qwen2.5-Coder-0.5B-Instruct at 10% and 5% kept, the five tasks in one run: it answers in rounds (one
+  # sample of every task and depth, then the next), so a run stopped part-way holds a balanced part of each
+  kvcake eval --models qwen2.5-coder-0.5b-instruct --tasks $TASKS --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+    --methods $METHODS --ratios 0.1,0.05 $COMMON --out $R/qwen
 }
 qwen_vt() {
   kvcake eval --models qwen2.5-coder-0.5b-instruct --tasks ruler/vt --depths 0.5 --per-cell 50 \
