@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -263,3 +264,19 @@ def test_a_run_that_fails_is_recorded_as_failed(chat, tmp_path, monkeypatch):
     _run(chat, tmp_path, [sample(0)], settings)
     runs = json.loads((tmp_path / "run.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["failed", "completed"] and "finished" in runs[-1]
+
+
+def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(chat, tmp_path, monkeypatch):
+    settings = runner.grid(["full"])
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill PID` does to a run
+        yield
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr("kvcake.eval.run.answer_batch", killed)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        _run(chat, tmp_path, [sample(0)], settings)
+    runs = json.loads((tmp_path / "run.json").read_text())["runs"]
+    assert runs[-1]["status"] == "interrupted" and "SIGTERM" in runs[-1]["error"] and "finished" in runs[-1]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lasts only while the run answers

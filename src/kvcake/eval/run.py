@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,25 @@ from kvcake.eval.record import (
 from kvcake.eval.sample import EvalDataError, Sample
 from kvcake.eval.summary import merge, write_metrics
 from kvcake.pipeline import chat_tail_length
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While the run answers, SIGTERM (``kill``, a job scheduler's stop) stops it as Ctrl-C does, so that
+    ``run.json`` records the run ``interrupted`` rather than leaving it ``running``. Only the main thread can
+    take signals; elsewhere, and once the run ends, the handler in place before is kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def interleaved(samples: list[Sample]) -> list[tuple[int, Sample]]:
@@ -145,9 +167,10 @@ class EvalRun:
         rank0 = self.shard.rank == 0
         record = add_run(self.out, given, previous, write=rank0, ignored_lines=found.ignored_lines)
         try:
-            done = {r["key"] for r in found.rows if self.retry_failed is False or not r.get("error")}
-            self._append(self.pending(done))
-            rows = self._finish()
+            with _terminate_as_interrupt():
+                done = {r["key"] for r in found.rows if self.retry_failed is False or not r.get("error")}
+                self._append(self.pending(done))
+                rows = self._finish()
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             finish_run(self.out, record, status, write=rank0, error=f"{type(exc).__name__}: {exc}")
