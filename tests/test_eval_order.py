@@ -3,10 +3,12 @@ balanced part of each task and depth (the paired comparison of two settings is t
 
 from pathlib import Path
 
+import pytest
+
 from kvcake.eval import runner
 from kvcake.eval.files import Shard
 from kvcake.eval.run import interleaved
-from kvcake.eval.sample import Sample
+from kvcake.eval.sample import EvalDataError, Sample
 
 
 def _samples() -> list[Sample]:
@@ -42,3 +44,26 @@ def test_pending_answers_in_rounds_and_shards_keep_their_samples(tmp_path: Path)
     assert {s.meta["depth"] for s, *_ in work[:4] if "depth" in s.meta} == {0.0, 0.5}
     run.shard = Shard(rank=1, world=2)  # a shard takes the samples at its indices, whatever the order
     assert sorted(s.id for s, *_ in run.pending(set())) == sorted(samples[i].id for i in range(1, 9, 2))
+
+
+def test_a_sharded_environment_is_checked_before_the_work(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert Shard.from_env() == Shard(0, 1)
+    # WORLD_SIZE without RANK used to run as rank 0 (half the samples, another shard's among them) and fail only
+    # when it met the other shards at the end.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(EvalDataError, match="RANK, MASTER_ADDR, MASTER_PORT are not set: launch with torchrun"):
+        Shard.from_env()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(EvalDataError, match="MASTER_PORT is not set"):
+        Shard.from_env()
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert Shard.from_env() == Shard(1, 2)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(EvalDataError, match="RANK=2 is not a shard of WORLD_SIZE=2"):
+        Shard.from_env()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(EvalDataError, match="must be whole numbers"):
+        Shard.from_env()

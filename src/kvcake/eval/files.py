@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from kvcake.eval.sample import EvalDataError
+
 PREDICTIONS = "predictions"
 RECORD = "run.json"
 
@@ -110,7 +112,25 @@ class Shard:
 
     @classmethod
     def from_env(cls) -> Shard:
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        """This process's shard from the launcher's environment. A sharded environment that lacks what the shards
+        meet by at the end (``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) is refused now, not after the work: a
+        shard without its rank would answer rank 0's samples and then fail to join the others."""
+        env = os.environ
+        try:
+            world = int(env.get("WORLD_SIZE", "1"))
+            rank = int(env.get("RANK", "0"))
+        except ValueError:
+            raise EvalDataError(f"RANK={env.get('RANK')!r} and WORLD_SIZE={env.get('WORLD_SIZE')!r} must be "
+                                "whole numbers (torchrun sets them)") from None
+        if world > 1:
+            missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in env]
+            if missing:
+                raise EvalDataError(f"WORLD_SIZE={world} asks for a sharded run, but {', '.join(missing)} "
+                                    f"{'is' if len(missing) == 1 else 'are'} not set: launch with torchrun "
+                                    "--nproc-per-node N (or accelerate launch), or unset WORLD_SIZE")
+        if world < 1 or not 0 <= rank < world:
+            raise EvalDataError(f"RANK={rank} is not a shard of WORLD_SIZE={world}")
+        return cls(rank, world)
 
     @property
     def filename(self) -> str:
