@@ -4,6 +4,7 @@
 # (rerun this script after an interruption); results are committed as they land.
 #
 #     bash docs/eval/v2/run.sh [smollm2|calibrate|ablations|qwen|qwen-vt|report|all]
+#     SHARDS=2 bash docs/eval/v2/run.sh qwen     # Qwen's runs as two shards, one per core (torchrun)
 #
 # Tasks: the single needle, NeedleBench multi-retrieval and RULER niah_multikey, niah_multivalue, niah_multiquery
 # (~2K-token prompts, 5 depths x 10 repetitions = 50 samples each) and RULER vt (50 samples). Answers are capped at
@@ -16,13 +17,17 @@ TASKS=needlebench/single,needlebench/multi_retrieval,ruler/niah_multikey,ruler/n
 METHODS=full,cake,snapkv,pyramidkv,ada-snapkv,cake-knorm,cake-expected-attention
 COMMON="--lengths 2000 --threads ${THREADS:-1} --no-progress --seed 1 --batch-size ${BATCH:-8} --max-new-tokens 64"
 
+kv_eval() {  # kvcake eval, as SHARDS processes side by side (one core each) when SHARDS > 1
+  if [ "${SHARDS:-1}" -gt 1 ]; then torchrun --standalone --nproc-per-node "$SHARDS" -m kvcake.cli eval "$@"
+  else kvcake eval "$@"; fi
+}
 qwen() {  # Qwen2.5-Coder-0.5B-Instruct at 10% and 5% kept, the five tasks in one run: it answers in rounds (one
   # sample of every task and depth, then the next), so a run stopped part-way holds a balanced part of each
-  kvcake eval --models qwen2.5-coder-0.5b-instruct --tasks $TASKS --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+  kv_eval --models qwen2.5-coder-0.5b-instruct --tasks $TASKS --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
     --methods $METHODS --ratios 0.1,0.05 $COMMON --out $R/qwen
 }
 qwen_vt() {
-  kvcake eval --models qwen2.5-coder-0.5b-instruct --tasks ruler/vt --depths 0.5 --per-cell 50 \
+  kv_eval --models qwen2.5-coder-0.5b-instruct --tasks ruler/vt --depths 0.5 --per-cell 50 \
     --methods $METHODS --ratios 0.1,0.05 $COMMON --out $R/qwen-vt
 }
 smollm2() {  # SmolLM2-135M-Instruct at 25% kept
