@@ -179,3 +179,15 @@ def test_the_score_plot_draws_each_interval_as_an_error_bar(tmp_path, monkeypatc
         assert y == 25.0 and segment[:, 1].tolist() == [0.0, 75.0]  # the interval of 0, 0, 0, 100
     band = [p for p in panel.patches if p.get_alpha() == pytest.approx(0.08)]
     assert len(band) == 1  # the full cache's interval, around its dashed line
+
+
+def test_every_registered_method_has_its_own_colour():
+    """A report of the v2 grid showed Expected Attention and SnapKV in one blue, KNorm and PyramidKV in one orange
+    (the methods without a colour took matplotlib's cycle)."""
+    from kvcake.eval.figures import _color
+    from kvcake.methods.registry import method_names
+
+    colours = {name: _color(name) for name in method_names()}
+    assert all(colours.values())
+    assert len(set(colours.values())) == len(colours), colours
+    assert _color("a-method-added-since") == _color("a-method-added-since")  # stable from plot to plot

@@ -174,12 +174,19 @@ def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 COLORS = {"full": "black", "cake": "tab:red", "snapkv": "tab:blue", "pyramidkv": "tab:orange", "h2o": "tab:green",
           "tova": "tab:purple", "streamingllm": "tab:brown", "ada-snapkv": "tab:cyan", "ada-cake": "tab:pink",
-          "cake-snapkv": "tab:olive", "cake-h2o": "tab:gray", "uniform-cake": "gold", "snapkv-cake-alloc": "navy"}
+          "cake-snapkv": "tab:olive", "cake-h2o": "tab:gray", "uniform-cake": "gold", "snapkv-cake-alloc": "navy",
+          "knorm": "sienna", "expected-attention": "mediumseagreen", "cake-knorm": "darkgoldenrod",
+          "cake-expected-attention": "teal", "cake-max-pooling": "magenta", "cake-authors-decoding": "darkred"}
+#: Colours for methods COLORS does not name (a method added since, or a user's), picked by the name's hash.
+SPARE = ("indigo", "crimson", "darkkhaki", "slateblue", "chocolate", "darkcyan", "orchid", "yellowgreen")
 
 
 def _color(method: str):
-    """The same colour for a method in every plot."""
-    return COLORS.get(method)
+    """The same colour for a method in every plot (matplotlib's own cycle would give two methods one colour when
+    a plot shows more than ten, or give a method another colour from plot to plot)."""
+    import zlib
+
+    return COLORS.get(method) or SPARE[zlib.crc32(method.encode()) % len(SPARE)]
 
 
 def _view(mode: str, prot: str) -> str:
