@@ -4,6 +4,7 @@ tokens each layer kept."""
 from __future__ import annotations
 
 import math
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -182,10 +183,8 @@ SPARE = ("indigo", "crimson", "darkkhaki", "slateblue", "chocolate", "darkcyan",
 
 
 def _color(method: str):
-    """The same colour for a method in every plot (matplotlib's own cycle would give two methods one colour when
-    a plot shows more than ten, or give a method another colour from plot to plot)."""
-    import zlib
-
+    """The same colour for a method in every plot. A method without one used to take matplotlib's cycle, whose
+    colours are COLORS' own (Expected Attention drew in SnapKV's blue) and change from plot to plot."""
     return COLORS.get(method) or SPARE[zlib.crc32(method.encode()) % len(SPARE)]
 
 
