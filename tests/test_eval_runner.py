@@ -11,6 +11,7 @@ import torch
 
 from kvcake import models
 from kvcake.eval import runner
+from kvcake.eval.prompts import question_length
 from kvcake.eval.report import report
 from kvcake.eval.sample import EvalDataError, Sample
 
@@ -40,6 +41,35 @@ def test_encode_splits_the_chat_prompt_at_the_question(chat):
     tail = tokenizer.decode(enc.question_ids[0])
     assert head + tail == whole
     assert tail.startswith(s.question) and head.endswith(s.context)
+
+
+def test_answer_prefix_opens_the_assistant_turn(chat):
+    _, tokenizer = chat
+    s = sample(answer_prefix="Answer: it is")
+    enc = runner.encode(tokenizer, s)
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": s.prefix + s.context + s.question}],
+                                          tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(enc.context_ids[0]) + tokenizer.decode(enc.question_ids[0]) == whole + "Answer: it is"
+    assert question_length(tokenizer, s) == enc.question_ids.shape[1]
+    plain = runner.encode(tokenizer, sample(answer_prefix="Answer: it is", chat=False))
+    assert tokenizer.decode(plain.question_ids[0]) == s.question + "Answer: it is"
+    # the tail protocol leaves the answer prefix uncompressed with the template's tail
+    from kvcake.eval.answering import _tail_tokens
+    from kvcake.pipeline import chat_tail_length
+
+    added = len(tokenizer("Answer: it is", add_special_tokens=False)["input_ids"])
+    assert _tail_tokens(tokenizer, s, "query-aware", "tail") == chat_tail_length(tokenizer) + added
+    assert _tail_tokens(tokenizer, sample(), "query-aware", "tail") == chat_tail_length(tokenizer)
+    assert _tail_tokens(tokenizer, s, "query-aware", "whole") == 0
+
+
+def test_sample_hash_without_answer_prefix_is_unchanged():
+    # the hash of a sample without an answer prefix, as computed before the field existed: rows already written
+    # for such samples stay valid
+    s = Sample(task="ruler/niah_single", id="L2000_D0.5_R0", context="ctx", question="q?", answers=["1234567"],
+               metric="string_match_all", max_new_tokens=128, prefix="p", meta={"depth": 0.5})
+    assert s.digest() == "402e88c75508ff55"
+    assert Sample(**{**s.to_dict(), "answer_prefix": "A:"}).digest() != s.digest()
 
 
 def test_encode_without_chat_template_adds_bos_once(chat):

@@ -43,7 +43,7 @@ def one(module, task, tok, length=1000, depth=0.5, seed=0, **kw):
 
 
 def prompt(sample: Sample) -> str:
-    return sample.prefix + sample.context + sample.question
+    return sample.prefix + sample.context + sample.question + sample.answer_prefix
 
 
 # -- lengths, ids, determinism ---------------------------------------------------------------------------------------
@@ -248,7 +248,12 @@ def test_ruler_prompts_follow_the_templates(tok):
     assert one(ruler, "niah_single", tok).prefix.startswith("A special magic number is hidden within the following")
     vt = one(ruler, "vt", tok)
     assert vt.question.startswith("\nQuestion: Find all variables that are assigned the value")
-    assert vt.question.endswith("5 variables are assigned the value " + vt.meta["value"] + ", they are: ")
+    assert vt.question.endswith("assigned the value " + vt.meta["value"] + " in the text above.")
+    # RULER's answer prefix opens the assistant's turn: inside the user's, the models restated it and ran out of
+    # vt's 30 answer tokens before the first name (every setting scored 0, the full cache too)
+    assert vt.answer_prefix == ("Answer: According to the chain(s) of variable assignment in the text above, "
+                                "5 variables are assigned the value " + vt.meta["value"] + ", they are: ")
+    assert all(not one(ruler, t, tok).answer_prefix for t in ("niah_single", "niah_multiquery", "cwe", "fwe"))
     cwe = one(ruler, "cwe", tok)
     assert cwe.question.endswith("Answer: The top 10 words that appear most often in the list are:")
     fwe = one(ruler, "fwe", tok)

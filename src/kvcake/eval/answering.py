@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from kvcake.eval.grid import MODES, PROTOCOLS, Setting
-from kvcake.eval.prompts import Encoded, encode
+from kvcake.eval.prompts import Encoded, answer_prefix_length, encode
 from kvcake.eval.sample import Sample
 from kvcake.integration.cache import KVCakeCache
 from kvcake.integration.compat import cache_keyword
@@ -100,15 +100,15 @@ class _Prefill:
 
 
 def _tail_tokens(tokenizer, sample: Sample, mode: str, protocol: str) -> int:
-    """Prompt tokens left uncompressed at the end of the prefill: the chat template's tail under the ``tail``
-    protocol, for a query-aware sample prompted through the chat template; else none."""
+    """Prompt tokens left uncompressed at the end of the prefill: the chat template's tail (and the answer prefix
+    after it) under the ``tail`` protocol, for a query-aware sample prompted through the chat template; else none."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
     if protocol == "whole" or mode != "query-aware" or not (sample.chat and getattr(tokenizer, "chat_template", None)):
         return 0
     from kvcake.pipeline import chat_tail_length
 
-    return chat_tail_length(tokenizer)
+    return chat_tail_length(tokenizer) + answer_prefix_length(tokenizer, sample)
 
 
 def _prefill(model, tokenizer, sample: Sample, settings: list[Setting], mode: str, max_length: int | None,

@@ -6,7 +6,7 @@ template the boundary is found by rendering the template around a marker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,7 +18,7 @@ SPLIT = "\x00kvcake-question\x00"
 @dataclass
 class Encoded:
     context_ids: torch.Tensor  # (1, n): template head, prefix and context
-    question_ids: torch.Tensor  # (1, m): question and template tail (generation prompt)
+    question_ids: torch.Tensor  # (1, m): question, template tail (generation prompt) and answer prefix
     truncated: int  # context tokens removed from the middle
 
     @property
@@ -27,14 +27,15 @@ class Encoded:
 
 
 def _split_template(tokenizer, sample: Sample, context: str) -> tuple[str, str, bool]:
-    """The prompt text before and after the context/question boundary, and whether to add special tokens."""
+    """The prompt text before and after the context/question boundary, and whether to add special tokens. The
+    answer prefix ends the second part (after the chat template's generation prompt)."""
     if sample.chat and getattr(tokenizer, "chat_template", None):
         content = sample.prefix + context + SPLIT + sample.question
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
         head, tail = text.split(SPLIT)
-        return head, tail, False
-    return sample.prefix + context, sample.question, True
+        return head, tail + sample.answer_prefix, False
+    return sample.prefix + context, sample.question + sample.answer_prefix, True
 
 
 def encode(tokenizer, sample: Sample, max_length: int | None = None) -> Encoded:
@@ -65,3 +66,10 @@ def question_length(tokenizer, sample: Sample) -> int:
     them: cutting the context to fit never changes it."""
     _, tail, _ = _split_template(tokenizer, sample, sample.context)
     return len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+
+def answer_prefix_length(tokenizer, sample: Sample) -> int:
+    """Tokens the answer prefix adds at the end of the prompt, as :func:`encode` tokenises it."""
+    if not sample.answer_prefix:
+        return 0
+    return question_length(tokenizer, sample) - question_length(tokenizer, replace(sample, answer_prefix=""))

@@ -1,8 +1,10 @@
 """One evaluation sample, whatever suite it comes from.
 
-A prompt is ``prefix + context + question``. The context is the long part; in the query-agnostic mode it is
-prefilled (and compressed) on its own and the question is fed afterwards, in the query-aware mode the whole
-prompt is prefilled and compressed together (the paper's setting). Both modes see the same tokens.
+A prompt is ``prefix + context + question``, then ``answer_prefix``: under a chat template it opens the assistant's
+turn (RULER's answer prefix, which the model continues rather than restates). The context is the long part; in the
+query-agnostic mode it is prefilled (and compressed) on its own and the question is fed afterwards, in the
+query-aware mode the whole prompt is prefilled and compressed together (the paper's setting). Both modes see the
+same tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Sample:
     max_new_tokens: int
     prefix: str = ""           # prompt text before the context (instructions)
     chat: bool = True          # wrap the prompt in the model's chat template (when it has one)
+    answer_prefix: str = ""    # the start of the answer, after the template's generation prompt: the model goes on
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. length, depth, all_classes, first_line_only
 
     def to_dict(self) -> dict[str, Any]:
@@ -37,7 +40,10 @@ class Sample:
     def digest(self) -> str:
         """A short hash of everything the sample is (prompt text, references, metric, answer length, chat rule,
         meta): rows answering one version of a sample are never reused for another."""
-        text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, default=str)
+        data = self.to_dict()
+        if not data["answer_prefix"]:  # samples made before the field existed keep their hash
+            del data["answer_prefix"]
+        text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     @classmethod

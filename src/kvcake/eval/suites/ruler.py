@@ -9,7 +9,10 @@ the Paul Graham essays), and so are the keys: two corpus words joined by a hyphe
   depths). ``niah_multivalue``: 4 values for one key, all asked. ``niah_multiquery``: 4 keys, all asked. In the last
   two the first needle is at the depth and the others at random depths.
 * ``vt``: one chain of 4 hops (``VAR ABCDE = 12345``, ``VAR FGHIJ = VAR ABCDE``, ...) at random positions of the
-  haystack, after a short one-shot example; the answer is the 5 variables that hold the value.
+  haystack, after a short one-shot example; the answer is the 5 variables that hold the value. Its answer cue is
+  the sample's ``answer_prefix``, which opens the assistant's turn as RULER's answer prefix does, so the model
+  continues it with the names (inside the user's turn the models restate the cue and run out of vt's 30 tokens).
+  The ``niah_*`` cues stay at the end of the user's turn: the models answer them within their 128 tokens.
 * ``cwe``: a numbered list of words where 10 occur often (30 times, 6 below 4096 tokens) and the others rarely (3
   times, once below 4096), after a one-shot example; the answer is the 10 frequent ones. Words come from the
   haystack (:meth:`Haystack.words`), pairs of them when it runs short.
@@ -139,9 +142,10 @@ def _vt(haystack: Haystack, rng: random.Random) -> dict:
     example = (VT_TEMPLATE + VT_ANSWER).format(context=" ".join(noise).replace(". \n", ".\n"), query=ex_value,
                                                num_v=VT_HOPS + 1)
     names, chain, value = _vt_chain(rng, 5, VT_HOPS)
-    head, question = _split(VT_TEMPLATE + VT_ANSWER, query=value, num_v=VT_HOPS + 1)
+    head, question = _split(VT_TEMPLATE, query=value)
     depths = sorted(rng.random() for _ in chain)
     return {"prefix": example + " ".join(ex_names) + "\n\n" + head, "question": question,
+            "answer_prefix": VT_ANSWER.format(query=value, num_v=VT_HOPS + 1).lstrip(),
             "needles": list(zip(depths, chain, strict=True)), "answers": names, "max_new_tokens": MAX_NEW_TOKENS["vt"],
             "meta": {"chain": chain, "value": value}}
 
@@ -291,7 +295,8 @@ def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[f
             if task in DEPTH_TASKS or task == "vt":
                 spec = _niah(task, haystack, rng, depth) if depth is not None else _vt(haystack, rng)
                 context, measured = haystack.context(tokenizer, length, rng, needles=spec["needles"],
-                                                     prefix=spec["prefix"], question=spec["question"])
+                                                     prefix=spec["prefix"],
+                                                     question=spec["question"] + spec.get("answer_prefix", ""))
                 spec["meta"]["depths"] = [d for d, _ in spec["needles"]]
             elif task == "cwe":
                 spec, measured = _cwe(haystack, tokenizer, rng, length)
@@ -304,7 +309,8 @@ def generate(task: str, tokenizer, *, lengths: Sequence[int], depths: Sequence[f
             ident = f"L{length}_D{depth:g}_R{rep}" if depth is not None else f"L{length}_R{rep}"
             samples.append(Sample(task=f"ruler/{task}", id=ident, context=context, question=spec["question"],
                                   answers=list(spec["answers"]), metric="string_match_all",
-                                  max_new_tokens=spec["max_new_tokens"], prefix=spec["prefix"], chat=True, meta=meta))
+                                  max_new_tokens=spec["max_new_tokens"], prefix=spec["prefix"], chat=True,
+                                  answer_prefix=spec.get("answer_prefix", ""), meta=meta))
     return samples
 
 
