@@ -191,3 +191,20 @@ def test_every_registered_method_has_its_own_colour():
     assert all(colours.values())
     assert len(set(colours.values())) == len(colours), colours
     assert _color("a-method-added-since") == _color("a-method-added-since")  # stable from plot to plot
+
+
+def test_the_report_pairs_each_task_as_well_as_the_average():
+    # cake leads snapkv on task a and trails on task b: the average (0) hides both, the per-task table shows them.
+    from kvcake.eval.report import markdown
+
+    rows = []
+    for i in range(2):
+        rows += [_row("cake@r0.5", "a", f"s{i}", 100.0), _row("snapkv@r0.5", "a", f"s{i}", 0.0)]
+        rows += [_row("cake@r0.5", "b", f"s{i}", 0.0), _row("snapkv@r0.5", "b", f"s{i}", 100.0)]
+    text = markdown(summarise(rows), [], compare_rows(rows))
+    assert "| cake@r0.5 | snapkv@r0.5 | 2 | 4 | 2 | 0 | 2 | +0.0 [+0.0, +0.0] |" in text
+    assert "| method | reference | a | b |" in text
+    assert "| cake@r0.5 | snapkv@r0.5 | 2/0/0, +100.0 [+100.0, +100.0] | 0/0/2, -100.0 [-100.0, -100.0] |" in text
+    # one task: the average says it all, no second table
+    one = [r for r in rows if r["task"] == "a"]
+    assert "| method | reference | a |" not in markdown(summarise(one), [], compare_rows(one))

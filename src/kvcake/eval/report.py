@@ -95,7 +95,8 @@ def _score_table(model, mode, members: list[dict[str, Any]]) -> list[str]:
 
 
 def _comparison_table(model, mode, members: list[dict[str, Any]], reference: str) -> list[str]:
-    """The paired comparison of every setting of (model, mode) with the reference: the ``average`` rows."""
+    """The paired comparison of every setting of (model, mode) with the reference: the ``average`` rows, then the
+    tasks'."""
     average = [c for c in members if c["task"] == "average"]
     lines = [f"### {model} — {mode}: paired comparison with {reference}", "",
              (f"Each setting against {reference} at the same budget, on the samples both answered (same task, id "
@@ -106,9 +107,29 @@ def _comparison_table(model, mode, members: list[dict[str, Any]], reference: str
              "|---|---|---|---|---|---|---|---|"]
     for label in label_order(average):
         c = next(c for c in average if c["label"] == label)
-        diff = f"{c['difference']:+.1f} [{c['difference_low']:+.1f}, {c['difference_high']:+.1f}]"
         lines.append(f"| {label} | {c['reference']} | {c['tasks']} | {c['pairs']} | {c['wins']} | {c['ties']} | "
-                     f"{c['losses']} | {diff} |")
+                     f"{c['losses']} | {_difference(c)} |")
+    return lines + [""] + _comparison_by_task(members)
+
+
+def _difference(c: dict[str, Any]) -> str:
+    return f"{c['difference']:+.1f} [{c['difference_low']:+.1f}, {c['difference_high']:+.1f}]"
+
+
+def _comparison_by_task(members: list[dict[str, Any]]) -> list[str]:
+    """The same comparison task by task (when there is more than one): a setting may lead on one task and trail on
+    another, which the average hides."""
+    tasks = [t for t in dict.fromkeys(c["task"] for c in members) if t != "average"]
+    if len(tasks) < 2:
+        return []
+    cells = {(c["label"], c["task"]): c for c in members}
+    lines = ["By task: wins/ties/losses, then the mean difference [its interval] on that task's pairs.", "",
+             "| method | reference | " + " | ".join(t.split("/", 1)[-1] for t in tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
+    for label in label_order([c for c in members if c["task"] == "average"]):
+        row = [f"{c['wins']}/{c['ties']}/{c['losses']}, {_difference(c)}" if (c := cells.get((label, t))) else ""
+               for t in tasks]
+        lines.append(f"| {label} | {cells[label, 'average']['reference']} | " + " | ".join(row) + " |")
     return lines + [""]
 
 
