@@ -3,7 +3,7 @@
 # query-aware (the paper's setting), answers as long as each task allows. Every command resumes where it stopped
 # (rerun this script after an interruption); results are committed as they land.
 #
-#     bash docs/eval/v2/run.sh [smollm2|calibrate|ablations|qwen|qwen-vt|report|all]
+#     bash docs/eval/v2/run.sh [smollm2|calibrate|ablations|qwen|qwen-ablations|qwen-vt|report|all]
 #     SHARDS=2 bash docs/eval/v2/run.sh qwen     # Qwen's runs as two shards, one per core (torchrun)
 #
 # Tasks: the single needle, NeedleBench multi-retrieval and RULER niah_multikey, niah_multivalue, niah_multiquery
@@ -25,6 +25,12 @@ qwen() {  # Qwen2.5-Coder-0.5B-Instruct at 10% and 5% kept, the five tasks in on
   # sample of every task and depth, then the next), so a run stopped part-way holds a balanced part of each
   kv_eval --models qwen2.5-coder-0.5b-instruct --tasks $TASKS --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
     --methods $METHODS --ratios 0.1,0.05 $COMMON --out $R/qwen
+}
+qwen_ablations() {  # on Qwen's grid samples: CAKE's allocation with SnapKV's scorer, CAKE's indicator split
+  # uniformly, and max-pooled; paired against CAKE they split its per-task differences from SnapKV's into the
+  # allocation's part and the indicator's
+  kv_eval --models qwen2.5-coder-0.5b-instruct --tasks $TASKS --depths 0,0.25,0.5,0.75,1 --per-cell 10 \
+    --methods cake-snapkv,uniform-cake,cake-max-pooling --ratios 0.1,0.05 $COMMON --out $R/qwen-ablations
 }
 # RULER vt, full cache only: a floor check. Both models score near 0 on it under the full cache (they copy the
 # one-shot example's variable names), so it cannot rank methods; VT_METHODS=$METHODS runs the grid anyway.
@@ -70,17 +76,21 @@ report() {  # the reports of whatever has landed (a folder not written yet is le
   have() { for f in "$@"; do if [ -d "$f" ]; then echo "$f"; fi; done; }
   if [ -d $R/qwen ]; then kvcake report $(have $R/qwen $R/qwen-vt) --out docs/eval/v2/qwen; fi
   if [ -d $R/smollm2 ]; then kvcake report $(have $R/smollm2 $R/smollm2-vt) --out docs/eval/v2/smollm2; fi
+  if [ -d $R/qwen-ablations ]; then
+    kvcake report $R/qwen $R/qwen-ablations --out docs/eval/v2/qwen-ablations --reference cake
+  fi
   if [ -d $R/smollm2-ablations ]; then
     kvcake report $(have $R/smollm2 $R/smollm2-ablations $R/smollm2-tail) --out docs/eval/v2/ablations --reference cake
   fi
 }
 case "${1:-all}" in
   qwen) qwen ;;
+  qwen-ablations) qwen_ablations ;;
   qwen-vt) qwen_vt ;;
   smollm2) smollm2 ;;
   calibrate) calibrate ;;
   ablations) ablations ;;
   report) report ;;
-  all) smollm2; calibrate; ablations; qwen; qwen_vt; report ;;
-  *) echo "usage: $0 [qwen|qwen-vt|smollm2|calibrate|ablations|report|all]" >&2; exit 2 ;;
+  all) smollm2; calibrate; ablations; qwen; qwen_ablations; qwen_vt; report ;;
+  *) echo "usage: $0 [qwen|qwen-ablations|qwen-vt|smollm2|calibrate|ablations|report|all]" >&2; exit 2 ;;
 esac
