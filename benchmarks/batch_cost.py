@@ -30,10 +30,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from kvcake import models
+    from kvcake.engines.transformers.compat import cache_keyword
     from kvcake.eval.answering import _attached, size_for_answer
     from kvcake.eval.batching import _left_pad, record_batch
     from kvcake.eval.grid import Setting
-    from kvcake.integration.compat import cache_keyword
 
     model, _ = models.load(args.model)
     keyword = cache_keyword(model)

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 import kvcake
 from kvcake.bench import _decode, random_model
-from kvcake.integration.session import cache_keyword, output_cache
+from kvcake.engines.transformers.session import cache_keyword, output_cache
 from kvcake.methods.registry import build
 
 

@@ -31,8 +31,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvcake
 from kvcake.bench import hardware, sdpa_backend
-from kvcake.integration.compat import cache_keyword, output_cache
-from kvcake.integration.compiled import CompileCounts
+from kvcake.engines.transformers.compat import cache_keyword, output_cache
+from kvcake.engines.transformers.compiled import CompileCounts
 
 PROMPT, NEW, BUDGET = 200, 24, 64
 

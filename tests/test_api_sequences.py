@@ -15,7 +15,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import kvcake
 from conftest import tiny_llama
-from kvcake.integration.cache import UnsupportedCacheError
+from kvcake.engines.transformers.cache import UnsupportedCacheError
 
 MODEL = tiny_llama("sdpa", layers=2, seed=3)
 COVERING = kvcake.CAKE(budget=10**6, window=8)

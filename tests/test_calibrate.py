@@ -78,7 +78,7 @@ def test_calibration_prompts_are_no_evaluation_prompts(chat):
 
 
 def test_calibrate_writes_a_tau_file_that_presets_load(chat, chat_model_dir, tmp_path, monkeypatch):
-    from kvcake.integration import replay as replay_module
+    from kvcake.engines.transformers import replay as replay_module
 
     prefills = []
     record = replay_module.record_prefill

@@ -7,7 +7,7 @@ import torch
 
 import kvcake
 from conftest import prompt, tiny_llama
-from kvcake.integration.compiled import CompileCounts
+from kvcake.engines.transformers.compiled import CompileCounts
 from kvcake.methods import registry
 
 STEPS = 64

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 EXTRAS = {"typer", "rich", "tqdm", "matplotlib", "rouge", "gguf", "accelerate"}
-CORE = ["__init__.py", "_lazy.py", "methods", "integration"]
+CORE = ["__init__.py", "_lazy.py", "methods", "engines/transformers"]
 SRC = Path(__file__).resolve().parents[1] / "src" / "kvcake"
 
 SCRIPT = r"""

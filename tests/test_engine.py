@@ -516,7 +516,7 @@ def test_a_covering_budget_with_a_tail_still_generates_as_the_full_cache():
 def test_cascade_stages_applied_late_give_the_same_cache(monkeypatch):
     # On a GPU a stage's shares reach the host while later layers run, and the newest stage that has landed is
     # applied: simulate stages that land only at the end (the worst case) and compare with stages applied at once.
-    from kvcake.integration import prefill as prefill_module
+    from kvcake.engines.transformers import prefill as prefill_module
 
     model = tiny_llama("sdpa", layers=6)
     ids = prompt(200)

@@ -9,12 +9,12 @@ import torch
 import kvcake
 from conftest import prompt, tiny_llama
 from kvcake import models
+from kvcake.engines.transformers.replay import record_prefill, replay
 from kvcake.eval import batching, runner
 from kvcake.eval.batching import answer_batch
 from kvcake.eval.files import Shard
 from kvcake.eval.report import report
 from kvcake.eval.sample import EvalDataError, Sample
-from kvcake.integration.replay import record_prefill, replay
 from kvcake.methods import registry
 from kvcake.pipeline import chat_tail_length
 

@@ -128,7 +128,7 @@ def _gqa(x):
 
 def _views(model, ids, method):
     """What each layer's prefill attention saw, as the LayerViews the scorer and allocator are given."""
-    from kvcake.integration.replay import record_prefill
+    from kvcake.engines.transformers.replay import record_prefill
     from kvcake.methods.views import LayerView
 
     record, _ = record_prefill(model, ids, method)

@@ -12,8 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcake
 from conftest import prompt, tiny_llama
-from kvcake.integration.replay import record_prefill, replay
-from kvcake.integration.rope import Rotary
+from kvcake.engines.transformers.replay import record_prefill, replay
+from kvcake.engines.transformers.rope import Rotary
 from kvcake.methods.expected_attention import rotate_half, unrotate
 from kvcake.methods.registry import build
 from test_methods import (

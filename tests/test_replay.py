@@ -6,8 +6,8 @@ import torch
 
 import kvcake
 from conftest import prompt, tiny_llama
+from kvcake.engines.transformers.replay import queries_needed, record_prefill, replay
 from kvcake.eval.runner import feed, greedy
-from kvcake.integration.replay import queries_needed, record_prefill, replay
 from kvcake.methods import registry
 from test_families import tiny_model
 

@@ -7,7 +7,7 @@ from transformers import DynamicCache, StaticCache
 
 import kvcake
 from conftest import prompt, tiny_llama
-from kvcake.integration.cache import UnsupportedCacheError
+from kvcake.engines.transformers.cache import UnsupportedCacheError
 
 
 def hand_written_loop(model, ids, cache, steps):

@@ -21,12 +21,12 @@ __version__ = "0.1.0"
 
 #: Public names that do not come from the method registry, and the module holding each.
 _HOMES = {
-    "Compression": "kvcake.integration.session",
-    "UnsupportedModelError": "kvcake.integration.session",
-    "compress": "kvcake.integration.session",
-    "KVCakeCache": "kvcake.integration.cache",
-    "UnsupportedCacheError": "kvcake.integration.cache",
-    "Report": "kvcake.integration.report",
+    "Compression": "kvcake.engines.transformers.session",
+    "UnsupportedModelError": "kvcake.engines.transformers.session",
+    "compress": "kvcake.engines.transformers.session",
+    "KVCakeCache": "kvcake.engines.transformers.cache",
+    "UnsupportedCacheError": "kvcake.engines.transformers.cache",
+    "Report": "kvcake.engines.transformers.report",
     "NonFiniteAttentionError": "kvcake.methods.attention",
     "allocate": "kvcake.methods.allocation",
     "Method": "kvcake.methods.base",
@@ -34,12 +34,12 @@ _HOMES = {
     "Allocator": "kvcake.methods.base",
     "Uniform": "kvcake.methods.base",
 }
-_SUBMODULES = {"bench", "cli", "eval", "integration", "methods", "models", "needle", "pipeline", "plots"}
+_SUBMODULES = {"bench", "cli", "engines", "eval", "methods", "models", "needle", "pipeline", "plots"}
 
 if TYPE_CHECKING:  # what static type checkers see; at run time the same names load lazily
-    from kvcake.integration.cache import KVCakeCache, UnsupportedCacheError
-    from kvcake.integration.report import Report
-    from kvcake.integration.session import Compression, UnsupportedModelError, compress
+    from kvcake.engines.transformers.cache import KVCakeCache, UnsupportedCacheError
+    from kvcake.engines.transformers.report import Report
+    from kvcake.engines.transformers.session import Compression, UnsupportedModelError, compress
     from kvcake.methods.adakv import AdaKV
     from kvcake.methods.allocation import allocate
     from kvcake.methods.attention import NonFiniteAttentionError

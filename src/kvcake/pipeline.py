@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from kvcake.integration.compat import output_cache, text_config
-from kvcake.integration.session import compress
-from kvcake.integration.storage import cache_kv_bytes
+from kvcake.engines.transformers.compat import output_cache, text_config
+from kvcake.engines.transformers.session import compress
+from kvcake.engines.transformers.storage import cache_kv_bytes
 
 
 def static_compile_config(model):

@@ -38,7 +38,7 @@ from kvcake.bench.timing.loops import decode as _decode
 from kvcake.bench.timing.loops import greedy_steps
 from kvcake.bench.timing.runner import run_bench
 from kvcake.bench.writers import markdown_report, measurement_notes, write_results
-from kvcake.integration.storage import cache_kv_bytes
+from kvcake.engines.transformers.storage import cache_kv_bytes
 
 __all__ = [
     "MEANINGS", "MIB", "SDPA_BACKENDS", "SHAPES", "BenchRow", "PhaseMemory", "as_rows", "bench", "cache_kv_bytes",

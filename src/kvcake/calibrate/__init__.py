@@ -6,8 +6,8 @@ module searches (tau1, tau2) over a small grid for another model, per budget (an
 the harness generates (:mod:`kvcake.eval.suites`) from a seed no evaluation can use: ``calibration-<seed>``, a string,
 where ``kvcake eval --seed`` takes integers, so a calibration prompt is never an evaluation prompt.
 
-Each prompt is prefilled once and every (tau1, tau2) is replayed from that record (:mod:`kvcake.integration.replay`,
-exact). A setting is scored by
+Each prompt is prefilled once and every (tau1, tau2) is replayed from that record
+(:mod:`kvcake.engines.transformers.replay`, exact). A setting is scored by
 
 * the task metric: the greedy answer under CAKE at that setting, scored as ``kvcake eval`` scores it (the mean over
   the calibration samples);

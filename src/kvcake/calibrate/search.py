@@ -51,9 +51,9 @@ class _Search:
         key = (budget, ratio, tau1, tau2)
         if key in self.points:
             return self.points[key]
+        from kvcake.engines.transformers.replay import replay
         from kvcake.eval import metrics
         from kvcake.eval.answering import greedy
-        from kvcake.integration.replay import replay
 
         point = Point(budget, ratio, tau1, tau2)
         scores, divergences = [], []
@@ -86,8 +86,8 @@ def _forced_logits(model, cache, prompt: _Prompt, method):
     """Next-token logits ``(k - 1, vocab)`` after each of the forced answer tokens, fed in one chunk."""
     import torch
 
+    from kvcake.engines.transformers.compat import cache_keyword
     from kvcake.eval.answering import _attached
-    from kvcake.integration.compat import cache_keyword
 
     n = prompt.ids.shape[1]
     ids = prompt.forced
@@ -154,10 +154,10 @@ def _prepare(model, tokenizer, sample, first_method, k: int, max_new_tokens: int
     """Prefill one sample (recording it for every setting) and the full cache's teacher-forced reference."""
     import torch
 
+    from kvcake.engines.transformers.replay import queries_needed, record_prefill, replay
     from kvcake.eval import metrics
     from kvcake.eval.answering import greedy
     from kvcake.eval.prompts import encode
-    from kvcake.integration.replay import queries_needed, record_prefill, replay
 
     device = next(model.parameters()).device
     limit = min(sample.max_new_tokens, max_new_tokens or sample.max_new_tokens)

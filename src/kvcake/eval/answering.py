@@ -1,8 +1,8 @@
 """Answering a sample under every setting of the grid, from one shared prefill.
 
 For every sample the prompt is prefilled once and every method's cache is rebuilt from that prefill
-(:mod:`kvcake.integration.replay`), which is exact: the compressed prefill gives the same cache as a forward under
-that method. Answers are greedy. Two modes:
+(:mod:`kvcake.engines.transformers.replay`), which is exact: the compressed prefill gives the same cache as a
+forward under that method. Answers are greedy. Two modes:
 
 * ``query-aware`` (the paper's setting): the whole prompt, question included, is prefilled and compressed;
 * ``query-agnostic``: the context is prefilled and compressed alone, then the question is fed to the compressed
@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
+from kvcake.engines.transformers.cache import KVCakeCache
+from kvcake.engines.transformers.compat import cache_keyword
+from kvcake.engines.transformers.replay import queries_needed, record_prefill, replay
+from kvcake.engines.transformers.session import compress
+from kvcake.engines.transformers.storage import cache_kv_bytes
 from kvcake.eval.grid import MODES, PROTOCOLS, Setting
 from kvcake.eval.prompts import Encoded, answer_prefix_length, encode
 from kvcake.eval.sample import Sample
-from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.compat import cache_keyword
-from kvcake.integration.replay import queries_needed, record_prefill, replay
-from kvcake.integration.session import compress
-from kvcake.integration.storage import cache_kv_bytes
 
 
 def _attached(model, method):

@@ -2,11 +2,11 @@
 
 The rows of a batch are samples of one task, mode and protocol. They are left-padded to the longest, prefilled
 together once (each row compressed as if it ran alone: the engine reads the padding from the attention mask), and
-every setting's cache is replayed from that batched record (:mod:`kvcake.integration.replay`). Decoding is greedy
-with a stop per row: a row that is done leaves the batch (the cache drops its row), and the loop ends when every
-row is done or at the answer length. In the query-agnostic mode the question is fed to the compressed
-cache in one chunk, so a batch holds only questions of one token length (tokens fed after the prefill are always
-attended: padding inside a fed chunk would be seen).
+every setting's cache is replayed from that batched record (:mod:`kvcake.engines.transformers.replay`). Decoding is
+greedy with a stop per row: a row that is done leaves the batch (the cache drops its row), and the loop ends when
+every row is done or at the answer length. In the query-agnostic mode the question is fed to the compressed cache in
+one chunk, so a batch holds only questions of one token length (tokens fed after the prefill are always attended:
+padding inside a fed chunk would be seen).
 
 What a row reports is what it would report alone: the memory figures are counted per row as a batch of one holds
 them (:func:`row_memory`, :func:`row_end_bytes`), not the padded batch's tensors. The model's outputs for a padded
@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from kvcake.engines.transformers.cache import KVCakeCache
+from kvcake.engines.transformers.compat import cache_keyword, output_cache, text_config
+from kvcake.engines.transformers.replay import PrefillRecord, queries_needed, replay
+from kvcake.engines.transformers.session import compress
 from kvcake.eval.answering import _attached, _tail_tokens, answer_settings, size_for_answer
 from kvcake.eval.grid import Setting
 from kvcake.eval.prompts import Encoded, encode
 from kvcake.eval.sample import Sample
-from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.compat import cache_keyword, output_cache, text_config
-from kvcake.integration.replay import PrefillRecord, queries_needed, replay
-from kvcake.integration.session import compress
 
 Result = dict[str, Any] | Exception
 
@@ -46,7 +46,7 @@ def batchable(model) -> bool:
 @torch.no_grad()
 def record_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, method, queries: int | None = None,
                  tail: int = 0) -> tuple[PrefillRecord, Any]:
-    """:func:`kvcake.integration.replay.record_prefill` for a left-padded batch: the prefill of ``input_ids``
+    """:func:`kvcake.engines.transformers.replay.record_prefill` for a left-padded batch: the prefill of ``input_ids``
     ``(B, S)`` under ``attention_mask`` (0 on the padding), each row at its own positions ``0 .. n_r - 1``."""
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,

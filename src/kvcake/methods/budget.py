@@ -1,6 +1,6 @@
 """The budget state of one request: what each compressed layer may keep, during the cascade and while decoding.
 
-This is the policy half of the engine, with no transformers in it: the cache (the integration layer) stores the
+This is the policy half of the engine, with no transformers in it: the cache (an engine's) stores the
 tensors and asks a :class:`RequestBudget` how many entries each layer keeps.
 
 * Prefill (CAKE §3.3): every compressed layer, once prefilled, hands in its preference; in the cascade the whole

@@ -10,9 +10,9 @@ import torch
 
 from kvcake.bench.probes import PhaseMemory, memory_fields
 from kvcake.bench.timing.loops import cache_of, cache_tokens, decode, median, prefill, random_ids
-from kvcake.integration.report import Report
-from kvcake.integration.session import compress
-from kvcake.integration.storage import cache_kv_bytes
+from kvcake.engines.transformers.report import Report
+from kvcake.engines.transformers.session import compress
+from kvcake.engines.transformers.storage import cache_kv_bytes
 from kvcake.methods.base import Method
 
 if TYPE_CHECKING:

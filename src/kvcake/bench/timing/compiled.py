@@ -160,7 +160,7 @@ def compiled_method_case(model, ids: torch.Tensor, method: Method, decode_tokens
     One compressed cache serves every run: it is reset, prefilled eagerly (cascade included) and frozen into its
     fixed-shape decoding buffers, which are reused at the same addresses from run to run.
     """
-    from kvcake.integration.session import compress
+    from kvcake.engines.transformers.session import compress
 
     mode = mode or compile_mode(device)
     length = int(ids.shape[1])

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kvcake.integration.compat import cache_keyword, output_cache, text_config
+from kvcake.engines.transformers.compat import cache_keyword, output_cache, text_config
 
 
 def device_of(model) -> torch.device:

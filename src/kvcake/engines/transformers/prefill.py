@@ -20,7 +20,7 @@ class PrefillLayer:
     scaling: float | None = None
     softcap: float | None = None
     positions: torch.Tensor | None = None  # RoPE positions (position_ids) of the prompt, None: 0 .. S-1
-    rotary: Any = None  # the layer's rotary embedding (kvcake.integration.rope.Rotary), None if it has none
+    rotary: Any = None  # the layer's rotary embedding (kvcake.engines.transformers.rope.Rotary), None if it has none
 
 
 class Stage:

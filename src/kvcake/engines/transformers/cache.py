@@ -1,9 +1,10 @@
 """A transformers cache whose full-attention layers can hold different numbers of tokens.
 
-:class:`KVCakeCache` stores each full-attention layer in a :class:`~kvcake.integration.storage.CompressedLayer`,
-scores a layer when its prefill ends (through the method's scorer and allocator) and evicts what the request's
-:class:`~kvcake.methods.budget.RequestBudget` says, keeps the memory figures, and builds the report. Sliding-window
-layers (Gemma-2/3, Mistral with a window) keep transformers' own bounded cache and are left out of the allocation.
+:class:`KVCakeCache` stores each full-attention layer in a
+:class:`~kvcake.engines.transformers.storage.CompressedLayer`, scores a layer when its prefill ends (through the
+method's scorer and allocator) and evicts what the request's :class:`~kvcake.methods.budget.RequestBudget` says, keeps
+the memory figures, and builds the report. Sliding-window layers (Gemma-2/3, Mistral with a window) keep transformers'
+own bounded cache and are left out of the allocation.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from kvcake.integration.masks import key_valid
-from kvcake.integration.prefill import PrefillLayer, Stage
-from kvcake.integration.report import Report
-from kvcake.integration.storage import CompressedLayer, cache_kv_bytes, layer_kv_bytes
+from kvcake.engines.transformers.masks import key_valid
+from kvcake.engines.transformers.prefill import PrefillLayer, Stage
+from kvcake.engines.transformers.report import Report
+from kvcake.engines.transformers.storage import CompressedLayer, cache_kv_bytes, layer_kv_bytes
 from kvcake.methods.attention import NonFiniteAttentionError
 from kvcake.methods.base import Method
 from kvcake.methods.budget import RequestBudget
@@ -88,7 +89,8 @@ class KVCakeCache(DynamicCache):
         self._nonfinite: torch.Tensor | None = None
         self.peak_kv_bytes = 0
         self._scored_this_step = False
-        #: A dict here makes the prefill record every layer's attention inputs (:mod:`kvcake.integration.replay`).
+        #: A dict here makes the prefill record every layer's attention inputs
+        #: (:mod:`kvcake.engines.transformers.replay`).
         self.recorder: dict | None = None
         #: With a recorder: keep only the last this-many queries of each layer (None: all of them).
         self.record_queries: int | None = None
@@ -364,7 +366,8 @@ class KVCakeCache(DynamicCache):
 
     # -- reading what happened -----------------------------------------------------------------------------------------
     def report(self) -> Report:
-        """What the request did: budgets, kept lengths and memory (see :class:`~kvcake.integration.report.Report`)."""
+        """What the request did: budgets, kept lengths and memory
+        (see :class:`~kvcake.engines.transformers.report.Report`)."""
         self.check_finite()
         plan, layers = self.plan, self.layers_in_order()
         rows = 0 if plan is None else plan.rows

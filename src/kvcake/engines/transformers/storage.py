@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from kvcake.integration.masks import allowed_columns
-from kvcake.integration.slots import Slots
+from kvcake.engines.transformers.masks import allowed_columns
+from kvcake.engines.transformers.slots import Slots
 
 FILLER = -1  # position of a slot that only pads a row to the layer's physical length, or of a free slot
 

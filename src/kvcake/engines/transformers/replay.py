@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.compat import cache_keyword, output_cache, text_config
-from kvcake.integration.prefill import PrefillLayer
-from kvcake.integration.session import compress
+from kvcake.engines.transformers.cache import KVCakeCache
+from kvcake.engines.transformers.compat import cache_keyword, output_cache, text_config
+from kvcake.engines.transformers.prefill import PrefillLayer
+from kvcake.engines.transformers.session import compress
 
 
 @dataclass

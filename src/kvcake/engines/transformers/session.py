@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from kvcake.integration import attention
-from kvcake.integration.cache import KVCakeCache, UnsupportedCacheError
-from kvcake.integration.compat import cache_argument, cache_keyword, output_cache, text_config
-from kvcake.integration.report import Report
+from kvcake.engines.transformers import attention
+from kvcake.engines.transformers.cache import KVCakeCache, UnsupportedCacheError
+from kvcake.engines.transformers.compat import cache_argument, cache_keyword, output_cache, text_config
+from kvcake.engines.transformers.report import Report
 
 SUPPORTED_BACKENDS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 #: torch.compile modes for compiled decoding; None picks "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere.

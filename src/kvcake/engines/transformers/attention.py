@@ -8,7 +8,8 @@ the wrapper needs no global state. It sees post-RoPE queries and the layer's cac
 
 * during prefill: run the backend unchanged (prefill outputs are exact), then score the layer from its window
   attention and let the cache evict (cascade);
-* afterwards: attend over the entries the layer kept with the layer's own mask (:mod:`kvcake.integration.decode`).
+* afterwards: attend over the entries the layer kept with the layer's own mask
+  (:mod:`kvcake.engines.transformers.decode`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.decode import attend_compressed, attend_slots
-from kvcake.integration.rope import rotary_for
+from kvcake.engines.transformers.cache import KVCakeCache
+from kvcake.engines.transformers.decode import attend_compressed, attend_slots
+from kvcake.engines.transformers.rope import rotary_for
 
 PREFIX = "kvcake_"
 #: The keyword argument that carries the request's cache from the model's forward down to the attention calls.

@@ -2,9 +2,9 @@
 
 Layers now hold different entries than the logical sequence, so transformers' mask does not fit them:
 
-* one token at a time (the decoding step), a layer is in fixed-shape slots (:mod:`kvcake.integration.slots`): the
-  query's attention over every slot is computed once, in float32, with the free slots masked; the layer's output and
-  the eviction scores both come from it, and the entries the method drops are freed in place
+* one token at a time (the decoding step), a layer is in fixed-shape slots (:mod:`kvcake.engines.transformers.slots`):
+  the query's attention over every slot is computed once, in float32, with the free slots masked; the layer's output
+  and the eviction scores both come from it, and the entries the method drops are freed in place
   (:func:`attend_slots`: no host synchronisation, no changing shape, so the step compiles);
 * several tokens at once after prefill (a question fed after a compressed context), the layer is in the prefill
   layout and builds its own mask from the original positions of its entries (:func:`attend_compressed`).
@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvcake.integration.cache import KVCakeCache
-from kvcake.integration.slots import Slots
-from kvcake.integration.storage import CompressedLayer
+from kvcake.engines.transformers.cache import KVCakeCache
+from kvcake.engines.transformers.slots import Slots
+from kvcake.engines.transformers.storage import CompressedLayer
 from kvcake.methods.attention import attention_probs
 from kvcake.methods.decoding import select_drops
 from kvcake.methods.views import DecodeView

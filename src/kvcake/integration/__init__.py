@@ -1,1 +1,0 @@
-"""The integration layer: the only code that knows transformers."""
