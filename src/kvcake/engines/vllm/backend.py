@@ -1,0 +1,149 @@
+"""vLLM's CPU attention, with kvcake's compressed layers: vLLM's own kernel over each request's region.
+
+Installed by :class:`~kvcake.engines.vllm.worker.KVCakeWorker` in place of ``CPU_ATTN`` (only in a worker that runs
+kvcake). For a layer kvcake compresses:
+
+* the metadata builder gives every request that decodes over a compacted region the block table from the region's
+  first block, a sequence length of the region plus the new tokens, and the slots at the region's end for the new
+  tokens (:meth:`KVCakeMetadataBuilder.build`);
+* the attention writes new tokens there, runs vLLM's kernel, then scores prompts that end in this step and applies
+  decode-time eviction; after the last layer the prompts that ended are compacted (:mod:`kvcake.engines.vllm.requests`).
+
+Prompts are attended in full, as vLLM does: scoring and compaction happen once the whole prompt was computed, so
+the kept entries are the cascade's (one-shot and cascade keep the same entries), while the prompt's blocks are held
+until the step ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from kvcake.engines.vllm.engine import Engine, current
+from kvcake.engines.vllm.paged import PagedLayer
+
+
+@dataclass
+class KVCakeMetadata(CPUAttentionMetadata):
+    """vLLM's metadata, plus each request's whole block table (``block_table`` starts at the region)."""
+
+    full_block_table: torch.Tensor | None = None
+
+
+def _compressed(layer_name: str) -> tuple[Engine, int] | None:
+    engine = current()
+    if engine is None or layer_name not in engine.layers:
+        return None
+    return engine, engine.layers[layer_name]
+
+
+class KVCakeMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
+        found = _compressed(self.layer_names[0]) if len(self.layer_names) == 1 else None
+        if found is None:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        engine, layer = found
+        common = common_attn_metadata
+        tables = common.block_table_tensor
+        shifted, seq_lens, slots = tables.clone(), common.seq_lens.clone(), common.slot_mapping.clone()
+        starts = common.query_start_loc_cpu.tolist()
+        bs = self.block_size
+        for i, row in enumerate(engine.rows()):
+            state = engine.decoding(row)
+            if state is None:
+                continue
+            region = state.regions[layer]
+            queries = starts[i + 1] - starts[i]
+            width = tables.shape[1] - region.first_block
+            shifted[i, :width] = tables[i, region.first_block:]
+            seq_lens[i] = region.count + queries
+            new = torch.arange(queries) + region.first_block * bs + region.count
+            slots[starts[i]:starts[i + 1]] = tables[i, new // bs] * bs + new % bs
+        common = replace(common, block_table_tensor=shifted, seq_lens=seq_lens, slot_mapping=slots,
+                         max_seq_len=int(seq_lens[: len(starts) - 1].max()))
+        metadata = super().build(common_prefix_len, common, fast_build)
+        values = {f.name: getattr(metadata, f.name) for f in fields(metadata)}
+        return KVCakeMetadata(**values, full_block_table=tables)
+
+
+class KVCakeImpl(CPUAttentionBackendImpl):
+    def do_kv_cache_update(self, layer: Any, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        metadata = get_forward_context().attn_metadata
+        own = metadata.get(layer.layer_name) if isinstance(metadata, dict) else None
+        if isinstance(own, KVCakeMetadata):
+            slot_mapping = own.slot_mapping  # new tokens go to the end of their region
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+
+    def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor, output_scale: Any = None,
+                output_block_scale: Any = None) -> torch.Tensor:
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                              output_block_scale)
+        found = _compressed(layer.layer_name)
+        if found is None or not isinstance(attn_metadata, KVCakeMetadata):
+            return out
+        engine, index = found
+        softcap = self.logits_soft_cap or None
+        paged = PagedLayer(kv_cache)
+        tables = attn_metadata.full_block_table
+        assert tables is not None
+        starts = attn_metadata.query_start_loc.tolist()
+        ended = []
+        for i, row in enumerate(engine.rows()):
+            lo, hi = starts[i], starts[i + 1]
+            if row.ends_prompt:
+                if row.computed != 0:
+                    raise RuntimeError(f"kvcake: request {row.req_id}'s prompt was split across steps; the vLLM engine "
+                                       "scores a prompt in one step (enable_chunked_prefill=False)")
+                engine.state(row).score_layer(index, query[lo:hi], key[lo:hi], value[lo:hi], self.scale, softcap)
+                ended.append(row)
+            elif (state := engine.decoding(row)) is not None:
+                state.decoded(index, paged, tables[i], query[lo:hi], self.scale, softcap)
+        if index == len(engine.layers) - 1:
+            self._after_last_layer(engine, ended)
+        return out
+
+    @staticmethod
+    def _after_last_layer(engine: Engine, ended: list[Any]) -> None:
+        """Compact the prompts that ended, move regions that passed a block; note every first block that changed."""
+        context = get_forward_context()
+        names = list(engine.layers)
+        layers = [PagedLayer(context.no_compile_layers[name].kv_cache) for name in names]
+        metadata = [context.attn_metadata[name] for name in names]
+        for i, row in enumerate(engine.rows()):
+            tables = [m.full_block_table[i] for m in metadata]
+            state = engine.requests.get(row.req_id)
+            if row in ended:
+                assert state is not None
+                engine.first_blocks[row.req_id] = state.compact(layers, tables)
+            elif state is not None and engine.decoding(row) is not None:
+                moved = state.advance(layers, tables)
+                if moved is not None:
+                    engine.first_blocks[row.req_id] = moved
+
+
+class KVCakeCPUBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[KVCakeImpl]:
+        return KVCakeImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KVCakeMetadataBuilder]:
+        return KVCakeMetadataBuilder
+
+
+__all__ = ["KVCakeCPUBackend", "KVCakeImpl", "KVCakeMetadata", "KVCakeMetadataBuilder"]

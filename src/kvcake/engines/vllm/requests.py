@@ -1,0 +1,216 @@
+"""One request inside the vLLM engine: its prefill scored layer by layer, its kept entries compacted into its own
+blocks, and each layer held at its budget while it decodes.
+
+A compressed layer's entries live in a *region*: ``count`` consecutive slots starting at the first slot of block
+``first_block`` of the request's block table for that layer (every layer has its own table: one KV-cache group per
+layer). The attention backend hands vLLM's kernel the table from ``first_block`` on and a sequence length of
+``count`` plus the new tokens, and writes a new token at the region's end. Blocks before ``first_block`` hold nothing
+the request reads, so the scheduler returns them to vLLM's pool.
+
+``first_block`` is the largest block index that still leaves room for the next token at the region's end:
+``(logical_length - count) // block_size``. Without decode-time eviction it is fixed after prefill (the region and the
+logical length grow together); with it the region keeps its size while the logical length grows, and once a whole
+block has passed, the region moves one block on (its entries are copied, the block it left is freed): the cost of
+block granularity is that copy, once per ``block_size`` generated tokens, and at most one partly used block per layer.
+
+What to keep is decided by :mod:`kvcake.methods` alone (the scorer, the allocator, :class:`RequestBudget`,
+:func:`select_drops`), exactly as the transformers engine asks it, so both engines keep the same entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from kvcake.engines.vllm.paged import PagedLayer
+from kvcake.methods.attention import attention_probs
+from kvcake.methods.base import Method
+from kvcake.methods.budget import RequestBudget
+from kvcake.methods.decoding import select_drops
+from kvcake.methods.views import DecodeView, LayerView
+
+
+class Phase(Enum):
+    """Where a request is: its prompt being prefilled, or decoding over compacted regions."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class Region:
+    """The entries one layer of a request holds after compaction (see the module docstring)."""
+
+    first_block: int
+    count: int
+    positions: torch.Tensor | None  # (Hkv, count) original position of each slot; kept only for decode-time eviction
+    stored: torch.Tensor | None = None  # (Hkv, count) scores kept beside the entries (H2O's sums)
+
+    def slots(self, block_size: int, extra: int = 0) -> torch.Tensor:
+        """The region's slots (and ``extra`` after it), in the request's block table."""
+        start = self.first_block * block_size
+        return torch.arange(start, start + self.count + extra)
+
+
+def top_positions(ranked: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions ``(Hkv, count)`` of the ``count`` highest-ranked entries per head, in increasing order; ties go to the
+    earlier position (a stable sort), as the transformers engine keeps them."""
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :count]
+    return torch.sort(order, dim=-1).values
+
+
+@dataclass
+class RequestState:
+    """What the worker knows of one request between steps."""
+
+    method: Method
+    prompt_tokens: int
+    num_layers: int
+    block_size: int
+    phase: Phase = Phase.PREFILL
+    budget: RequestBudget | None = None
+    ranked: list[torch.Tensor | None] = field(default_factory=list)  # per layer (Hkv, S): scores, window at +inf
+    raw: list[torch.Tensor | None] = field(default_factory=list)  # per layer: the scores themselves (H2O keeps them)
+    regions: list[Region] = field(default_factory=list)
+    logical: int = 0  # tokens whose entries were computed (prompt, then generated)
+
+    def __post_init__(self) -> None:
+        self.budget = RequestBudget(self.method, self.num_layers, [self.prompt_tokens], self.prompt_tokens)
+        self.ranked = [None] * self.num_layers
+        self.raw = [None] * self.num_layers
+
+    @property
+    def evicts_while_decoding(self) -> bool:
+        return self.method.decode_eviction
+
+    @property
+    def keeps_scores(self) -> bool:
+        return self.method.decode_eviction and self.method.scorer.keeps_scores
+
+    # -- prefill -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_layer(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                    softcap: float | None) -> None:
+        """Score one layer at the end of the prompt: ``query`` ``(S, Hq, D)``, ``keys``/``values`` ``(S, Hkv, D)``."""
+        method = self.method
+        view = LayerView(query=query.transpose(0, 1).unsqueeze(0), keys=keys.transpose(0, 1).unsqueeze(0),
+                         scaling=scaling, key_valid=None, softcap=softcap, layer=layer, num_layers=self.num_layers,
+                         values=values.transpose(0, 1).unsqueeze(0))
+        preference = method.allocator.preference(view, method.window)
+        scores = method.scorer.prefill(view, method.window)[0].float()
+        ranked = scores.clone()
+        ranked[..., max(0, ranked.shape[-1] - method.window):] = float("inf")
+        self.ranked[layer] = ranked
+        self.raw[layer] = scores if self.keeps_scores else None
+        assert self.budget is not None
+        self.budget.push(preference, keys.device)
+
+    @torch.no_grad()
+    def compact(self, layers: list[PagedLayer], tables: list[torch.Tensor]) -> list[int]:
+        """After the last layer was scored: keep each layer's budget, move the kept entries to the start of its
+        region, and return each layer's first block (those before it are free)."""
+        budget = self.budget
+        assert budget is not None
+        budget.set_shares(budget.device_shares().tolist())
+        budget.finish_device()
+        self.regions = []
+        for index, (paged, table) in enumerate(zip(layers, tables, strict=True)):
+            ranked, raw = self.ranked[index], self.raw[index]
+            assert ranked is not None
+            heads = ranked.shape[0]
+            if budget.keeps_everything(index):  # nothing to evict: the layer stays as vLLM wrote it
+                count, kept = self.prompt_tokens, None
+            else:
+                count = int(budget.keep_counts(index, ranked.unsqueeze(0))[0])
+                kept = top_positions(ranked, count)
+            first = (self.prompt_tokens - count) // self.block_size
+            region = Region(first, count, None)
+            if kept is not None:
+                keys, values = paged.read(table, kept)
+                paged.write(table, region.slots(self.block_size).expand(heads, -1), keys, values)
+            if self.evicts_while_decoding:
+                positions = torch.arange(count).expand(heads, -1) if kept is None else kept
+                region.positions = positions.clone()
+                if raw is not None:
+                    region.stored = raw.gather(-1, positions)
+            self.regions.append(region)
+        self.ranked, self.raw = [None] * self.num_layers, [None] * self.num_layers
+        self.logical = self.prompt_tokens
+        self.phase = Phase.DECODE
+        return [r.first_block for r in self.regions]
+
+    # -- decoding ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decoded(self, layer: int, paged: PagedLayer, table: torch.Tensor, query: torch.Tensor, scaling: float,
+                softcap: float | None) -> None:
+        """After the attention of one new token (``query`` ``(1, Hq, D)``, written at the region's end): grow the
+        region, and with decode-time eviction drop what the method drops and keep the region compact."""
+        region = self.regions[layer]
+        position = self.logical  # the new token's position (the logical length before it)
+        region.count += 1
+        if not self.evicts_while_decoding:
+            return
+        assert region.positions is not None and self.budget is not None
+        heads = region.positions.shape[0]
+        region.positions = torch.cat([region.positions, region.positions.new_full((heads, 1), position)], dim=1)
+        if region.stored is not None:
+            region.stored = torch.cat([region.stored, region.stored.new_zeros(heads, 1)], dim=1)
+        target = self.budget.decode_targets(position + 1)[0][layer]
+        drops = region.count - target
+        if drops <= 0 and region.stored is None:
+            return
+        slots = region.slots(self.block_size).expand(heads, -1)
+        order = torch.sort(region.positions, dim=-1, stable=True).indices  # slot order -> position order
+        keys, values = paged.read(table, slots.gather(-1, order))
+        q = query.transpose(0, 1).unsqueeze(0).unsqueeze(2).float()  # (1, Hq, 1, D)
+        probs = attention_probs(q, keys.unsqueeze(0).float(), scaling, None, softcap, check=False)[:, :, 0]
+        stored = None if region.stored is None else region.stored.gather(-1, order).unsqueeze(0)
+        view = DecodeView(query=q, scaling=scaling, softcap=softcap, positions=region.positions.gather(-1, order)[None],
+                          allowed=None, stored=stored, probs=probs, window=self.method.window,
+                          read_keys=lambda: keys.unsqueeze(0), read_values=lambda: values.unsqueeze(0))
+        scores = self.method.scorer.decode(view)[0]
+        if region.stored is not None:
+            region.stored = torch.empty_like(region.stored).scatter_(-1, order, scores.to(region.stored.dtype))
+        if drops > 0:
+            occupied = torch.ones_like(scores, dtype=torch.bool)
+            dropped = select_drops(scores[None], occupied[None], torch.tensor([[drops]]), self.method.window, drops)[0]
+            self._remove(region, paged, table, torch.zeros_like(dropped).scatter_(-1, order, dropped))
+
+    def _remove(self, region: Region, paged: PagedLayer, table: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Free the slots marked ``(Hkv, count)`` (the same number per head): entries past the new end move into the
+        freed slots before it, so the region stays one run of slots."""
+        heads, count = dropped.shape
+        remaining = count - int(dropped[0].sum())
+        index = torch.arange(count).expand(heads, -1)
+        holes = index[dropped & (index < remaining)].view(heads, -1)  # freed slots inside the new run
+        movers = index[~dropped & (index >= remaining)].view(heads, -1)  # kept entries past its end
+        if movers.shape[1]:
+            start = region.first_block * self.block_size
+            keys, values = paged.read(table, start + movers)
+            paged.write(table, start + holes, keys, values)
+        for name in ("positions", "stored"):
+            table_ = getattr(region, name)
+            if table_ is not None:
+                table_ = table_.scatter(-1, holes, table_.gather(-1, movers))
+                setattr(region, name, table_[:, :remaining].contiguous())
+        region.count = remaining
+
+    def advance(self, layers: list[PagedLayer], tables: list[torch.Tensor]) -> list[int] | None:
+        """After every layer decoded a token: the logical length grows; a region whose first block the request no
+        longer needs moves on. Returns every layer's first block when one moved, else None."""
+        self.logical += 1
+        moved = False
+        for region, paged, table in zip(self.regions, layers, tables, strict=True):
+            first = (self.logical - region.count) // self.block_size
+            if first > region.first_block:
+                heads = paged.heads
+                keys, values = paged.read(table, region.slots(self.block_size).expand(heads, -1))
+                region.first_block = first
+                paged.write(table, region.slots(self.block_size).expand(heads, -1), keys, values)
+                moved = True
+        return [r.first_block for r in self.regions] if moved else None
+
+
+__all__ = ["Phase", "Region", "RequestState", "top_positions"]
