@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kvcake.cli import bench, calibrate, evaluate, generate, info  # noqa: F401 - each registers its commands on the app
+from kvcake.cli import bench, calibrate, evaluate, generate, info, serve  # noqa: F401 - each registers its commands on the app
 from kvcake.cli.common import app, err, one_line, sample_text
 
 

@@ -10,8 +10,9 @@ or ``kvcake serve MODEL --method cake --ratio 0.1`` (vLLM's OpenAI server with t
 
 How it fits in vLLM 0.32 (every piece is one of vLLM's extension points):
 
-* :func:`register`, the ``vllm.general_plugins`` entry point, runs in every vLLM process and only tells vLLM which
-  block manager serves kvcake's KV-cache spec: nothing changes unless kvcake is asked for.
+* :func:`register`, the ``vllm.general_plugins`` entry point, runs in every vLLM process: it tells vLLM which block
+  manager serves kvcake's KV-cache spec, and puts kvcake's attention backend in place of ``CPU_ATTN``, which is
+  vLLM's own CPU attention unless kvcake is asked for: nothing changes unless asked.
 * :class:`~kvcake.engines.vllm.worker.KVCakeWorker` (``worker_cls``) gives every compressed layer a KV-cache spec of
   its own, hence its own group and block table over vLLM's one pool, and installs the attention backend
   (:mod:`~kvcake.engines.vllm.backend`), which scores, compacts and decodes through :mod:`kvcake.methods`.
@@ -31,9 +32,12 @@ from kvcake.engines.vllm.settings import SCHEDULER_CLS, WORKER_CLS, KVCakeConfig
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point (called by vLLM in each of its processes)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
     from kvcake.engines.vllm import blocks
 
     blocks.register()
+    register_backend(AttentionBackendEnum.CPU_ATTN, "kvcake.engines.vllm.backend.KVCakeCPUBackend")
 
 
 __all__ = ["SCHEDULER_CLS", "WORKER_CLS", "KVCakeConfigError", "engine_args", "register"]

@@ -1,7 +1,8 @@
 """vLLM's CPU attention, with kvcake's compressed layers: vLLM's own kernel over each request's region.
 
-Installed by :class:`~kvcake.engines.vllm.worker.KVCakeWorker` in place of ``CPU_ATTN`` (only in a worker that runs
-kvcake). For a layer kvcake compresses:
+Registered by the plugin in place of ``CPU_ATTN``; in a worker that does not run kvcake it is vLLM's CPU attention
+unchanged, and it refuses to start where ``additional_config`` asks for kvcake without kvcake's scheduler and worker
+(the request would otherwise be served uncompressed). For a layer kvcake compresses:
 
 * the metadata builder gives every request that decodes over a compacted region the block table from the region's
   first block, a sequence length of the region plus the new tokens, and the slots at the region's end for the new
@@ -30,6 +31,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from kvcake.engines.vllm.engine import Engine, current
 from kvcake.engines.vllm.paged import PagedLayer
+from kvcake.engines.vllm.settings import EngineSettings
+from kvcake.engines.vllm.worker import checked_settings
 
 
 @dataclass
@@ -47,6 +50,11 @@ def _compressed(layer_name: str) -> tuple[Engine, int] | None:
 
 
 class KVCakeMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if current() is None and EngineSettings.from_additional_config(vllm_config.additional_config) is not None:
+            checked_settings(vllm_config)  # kvcake asked for without its scheduler and worker: refused, never ignored
+
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
         found = _compressed(self.layer_names[0]) if len(self.layer_names) == 1 else None
         if found is None:
@@ -126,6 +134,7 @@ class KVCakeImpl(CPUAttentionBackendImpl):
             if row in ended:
                 assert state is not None
                 engine.first_blocks[row.req_id] = state.compact(layers, tables)
+                engine.kept[row.req_id] = [region.count for region in state.regions]
             elif state is not None and engine.decoding(row) is not None:
                 moved = state.advance(layers, tables)
                 if moved is not None:

@@ -49,7 +49,8 @@ class Engine:
         self.runner: Any = None  # the model runner: its input batch gives the step's rows
         self._scheduled: dict[str, int] = {}
         self._rows: list[Row] | None = None
-        self.first_blocks: dict[str, list[int]] = {}  # what this step tells the scheduler
+        self.first_blocks: dict[str, list[int]] = {}  # what this step tells the scheduler: first blocks that moved
+        self.kept: dict[str, list[int]] = {}  # and the entries each layer kept, for prompts compacted in this step
 
     # -- the step ----------------------------------------------------------------------------------------------------
     def begin_step(self, scheduler_output: Any) -> None:
@@ -87,8 +88,10 @@ class Engine:
         state = self.requests.get(row.req_id)
         return state if state is not None and state.phase is Phase.DECODE and row.computed >= row.prompt else None
 
-    def end_step(self) -> dict[str, list[int]]:
-        report, self.first_blocks = self.first_blocks, {}
+    def end_step(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """What the step tells the scheduler (first blocks that moved, entries kept by prompts compacted)."""
+        report = (self.first_blocks, self.kept)
+        self.first_blocks, self.kept = {}, {}
         return report
 
 

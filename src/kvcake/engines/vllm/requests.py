@@ -164,7 +164,7 @@ class RequestState:
         slots = region.slots(self.block_size).expand(heads, -1)
         order = torch.sort(region.positions, dim=-1, stable=True).indices  # slot order -> position order
         keys, values = paged.read(table, slots.gather(-1, order))
-        q = query.transpose(0, 1).unsqueeze(0).unsqueeze(2).float()  # (1, Hq, 1, D)
+        q = query.transpose(0, 1).unsqueeze(0).float()  # (1, Hq, 1, D)
         probs = attention_probs(q, keys.unsqueeze(0).float(), scaling, None, softcap, check=False)[:, :, 0]
         stored = None if region.stored is None else region.stored.gather(-1, order).unsqueeze(0)
         view = DecodeView(query=q, scaling=scaling, softcap=softcap, positions=region.positions.gather(-1, order)[None],

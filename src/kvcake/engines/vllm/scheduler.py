@@ -20,7 +20,8 @@ class KVCakeScheduler(Scheduler):
     """Frees, per compressed layer, the blocks before the first block the worker reported.
 
     ``held_after_prefill[request_id]``: the blocks the request held in each compressed layer once its prompt was
-    compacted, read from the layers' block managers (what vLLM's pool really lent it).
+    compacted, read from the layers' block managers (what vLLM's pool really lent it); ``kept_after_prefill``: the
+    entries each layer kept, as the worker reported them.
     """
 
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
@@ -34,6 +35,7 @@ class KVCakeScheduler(Scheduler):
                 assert isinstance(manager, blocks.LayerBlocks)
                 self.layer_blocks[group.kv_cache_spec.layer_index] = manager
         self.held_after_prefill: dict[str, list[int]] = {}
+        self.kept_after_prefill: dict[str, list[int]] = {}
         if vllm_config.cache_config.enable_prefix_caching:
             logger.warning("kvcake: prefix caching serves no hit from the layers kvcake compresses (their blocks no "
                            "longer hold the tokens their hashes name)")
@@ -43,14 +45,19 @@ class KVCakeScheduler(Scheduler):
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         reported = getattr(model_runner_output, "kvcake_first_blocks", None) or {}
         for request_id, first_blocks in reported.items():
-            fresh = request_id not in self.held_after_prefill
             for layer, first in enumerate(first_blocks):
                 self.layer_blocks[layer].free_before(request_id, first)
-            if fresh:
-                self.held_after_prefill[request_id] = [self.layer_blocks[layer].held(request_id)
-                                                       for layer in range(len(first_blocks))]
-                while len(self.held_after_prefill) > HISTORY:
-                    self.held_after_prefill.pop(next(iter(self.held_after_prefill)))
+        for request_id, kept in (getattr(model_runner_output, "kvcake_kept", None) or {}).items():
+            self.kept_after_prefill[request_id] = kept
+            self.held_after_prefill[request_id] = [self.layer_blocks[layer].held(request_id)
+                                                   for layer in range(len(kept))]
+            if len(kept) and self.log_stats:
+                logger.info("kvcake: request %s keeps %d of %d entries in %d blocks", request_id, sum(kept),
+                            len(kept) * self.requests[request_id].num_prompt_tokens, sum(self.held_after_prefill[
+                                request_id]))
+            for table in (self.kept_after_prefill, self.held_after_prefill):
+                while len(table) > HISTORY:
+                    table.pop(next(iter(table)))
         return super().update_from_output(scheduler_output, model_runner_output)
 
 

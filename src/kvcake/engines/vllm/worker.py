@@ -9,21 +9,22 @@ from typing import Any
 
 import vllm
 from vllm.platforms import current_platform
-from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from kvcake.engines.vllm import blocks
+from kvcake.engines.vllm import blocks, register
 from kvcake.engines.vllm.engine import Engine, install
 from kvcake.engines.vllm.settings import EngineSettings, KVCakeConfigError, check_vllm
 
 
 @dataclass
 class KVCakeRunnerOutput(ModelRunnerOutput):
-    """A step's output, and per request whose regions moved, each compressed layer's first block."""
+    """A step's output, and per request whose regions moved, each compressed layer's first block (and, for prompts
+    compacted in the step, the entries each layer kept)."""
 
     kvcake_first_blocks: dict[str, list[int]] = field(default_factory=dict)
+    kvcake_kept: dict[str, list[int]] = field(default_factory=dict)
 
 
 def checked_settings(vllm_config: Any) -> EngineSettings:
@@ -48,8 +49,7 @@ class KVCakeWorker(CPUWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = checked_settings(self.vllm_config)
-        register_backend(AttentionBackendEnum.CPU_ATTN, "kvcake.engines.vllm.backend.KVCakeCPUBackend")
-        blocks.register()
+        register()  # what the plugin entry point does, in case vLLM runs with plugins filtered (VLLM_PLUGINS)
         self.kvcake = Engine(settings.method, self.vllm_config.cache_config.block_size)
         install(self.kvcake)
 
@@ -66,7 +66,24 @@ class KVCakeWorker(CPUWorker):
             raise KVCakeConfigError("kvcake: this model has no full-attention layer kvcake can compress")
         first = next(spec for name, spec in specs.items() if name in self.kvcake.layers)
         self._check_layout(first)
+        self._check_backend()
         return specs
+
+    def _check_backend(self) -> None:
+        """Every compressed layer runs kvcake's attention, or the engine refuses to start (a layer whose backend vLLM
+        chose before kvcake's was registered would decode over blocks it never compacted)."""
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention import Attention
+
+        from kvcake.engines.vllm.backend import KVCakeCPUBackend
+
+        layers = get_layers_from_vllm_config(self.vllm_config, Attention, list(self.kvcake.layers))
+        wrong = sorted(name for name, layer in layers.items()
+                       if not issubclass(layer.get_attn_backend(), KVCakeCPUBackend))
+        if wrong or len(layers) != len(self.kvcake.layers):
+            raise KVCakeConfigError(f"kvcake: {len(wrong) or 'some'} attention layers do not run kvcake's backend "
+                                    f"(e.g. {(wrong or ['?'])[0]}); was vLLM already started in this process "
+                                    "without kvcake? Start the kvcake engine in a fresh process")
 
     def _check_layout(self, spec: Any) -> None:
         from vllm import _custom_ops as ops
@@ -96,7 +113,8 @@ class KVCakeWorker(CPUWorker):
         if not isinstance(output, ModelRunnerOutput) or not self.kvcake.first_blocks:
             return output
         values = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
-        return KVCakeRunnerOutput(**values, kvcake_first_blocks=self.kvcake.end_step())
+        first_blocks, kept = self.kvcake.end_step()
+        return KVCakeRunnerOutput(**values, kvcake_first_blocks=first_blocks, kvcake_kept=kept)
 
 
 __all__ = ["KVCakeRunnerOutput", "KVCakeWorker", "checked_settings"]
