@@ -173,6 +173,8 @@ def test_worker_job_and_engine_arguments():
     job["setting"] = Setting("vllm", "cake", 0.1).to_dict()
     args = engine_arguments(job)
     assert args["additional_config"] == {"kvcake": {"method": "cake", "ratio": 0.1}} and "hf_overrides" not in args
+    if "scheduler_cls" in args:  # kvcake's vLLM engine is importable: its classes come with the config
+        assert args["worker_cls"].startswith("kvcake.") and not args["enable_chunked_prefill"]
     job["setting"] = Setting("vllm", "full").to_dict()
     assert {"additional_config", "hf_overrides"}.isdisjoint(engine_arguments(job))
     result = {"requests": [dict(index=0, prompt_tokens=100, arrival_s=0.0, output_tokens=8, first_token_s=1.0,
@@ -181,3 +183,27 @@ def test_worker_job_and_engine_arguments():
               "clock": Clock(wall_s=2.0).to_dict()}
     records, clock = external.to_records(result, requests)
     assert records[0].found is True and records[1].found is None and clock.wall_s == 2.0
+
+
+def test_gpu_script_runs_at_a_tiny_shape_on_the_cpu(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput_gpu.py"
+    spec = importlib.util.spec_from_file_location("throughput_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--dry-run", "--out", str(tmp_path), "--requests", "4", "--output", "4"])
+    full, cake = (c["summary"] for c in result["cases"][:2])
+    assert full["served"] == cake["served"] == 4 and full["output_tokens"] == 16
+    assert cake["max_running"] > full["max_running"] == 2  # a pool of two full requests
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_deadline_stops_new_batches():
+    model = tiny_llama(layers=2)
+    per_token = bytes_per_token(model.config, 4)
+    requests = _requests(4, 20)
+    records, _, info = hf.serve(model, None, Setting("transformers", "full"), requests, 3, 2 * 23 * per_token,
+                                per_token, deadline=0.0)
+    assert info["cut_at_deadline"] == 4 and all("deadline" in r.refused for r in records)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kvcake.bench.throughput.memory import BLOCK_TOKENS
 from kvcake.bench.throughput.record import Clock, RequestRecord
 from kvcake.bench.throughput.settings import Setting
 from kvcake.bench.throughput.workload import Request
@@ -28,8 +29,9 @@ class EnvironmentMissingError(FileNotFoundError):
 
 
 def job_for(setting: Setting, requests: list[Request], model_folder: str | Path, output_tokens: int, pool: int,
-            config: Any) -> dict[str, Any]:
-    """The JSON job of a worker."""
+            config: Any, per_token: int = 0) -> dict[str, Any]:
+    """The JSON job of a worker. vLLM's pool is given one block more than ``pool`` (``per_token`` bytes per token):
+    vLLM keeps its first block as a null block that no request may use, so requests get the same room as elsewhere."""
     text = getattr(config, "text_config", None) or config
     longest = max(r.prompt_tokens for r in requests)
     window = None
@@ -38,7 +40,7 @@ def job_for(setting: Setting, requests: list[Request], model_folder: str | Path,
     return {
         "setting": setting.to_dict(),
         "model": str(model_folder),
-        "pool_bytes": int(pool),
+        "pool_bytes": int(pool + (BLOCK_TOKENS * per_token if setting.engine == "vllm" else 0)),
         "output_tokens": int(output_tokens),
         "max_model_len": int(longest + output_tokens + 16),
         "layers": int(text.num_hidden_layers),

@@ -139,12 +139,16 @@ def plan_batch(model, setting: Setting, method, requests: list[Request], output_
 
 def serve(model, tokenizer, setting: Setting, requests: list[Request], output_tokens: int, pool: int,
           per_token: int, progress: Callable[[int], None] | None = None,
-          max_batch: int | None = None) -> tuple[list[RequestRecord], Clock, dict[str, Any]]:
-    """Serve every request of the workload under ``setting`` (engine ``transformers``) within ``pool`` KV bytes."""
+          max_batch: int | None = None,
+          deadline: float | None = None) -> tuple[list[RequestRecord], Clock, dict[str, Any]]:
+    """Serve every request of the workload under ``setting`` (engine ``transformers``) within ``pool`` KV bytes.
+
+    ``tokenizer`` None (random weights): padding id 0 and no needle check. ``deadline`` (a ``time.perf_counter``
+    value): no batch starts after it; the requests left are marked as not started."""
     from kvcake.methods.registry import build
 
     method = None if setting.method == "full" else build(setting.method, ratio=setting.ratio)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = 0 if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
     batch, per_request, info = plan_batch(model, setting, method, requests, output_tokens, pool, per_token, pad)
     if max_batch is not None:
         batch = min(batch, max_batch)
@@ -160,6 +164,11 @@ def serve(model, tokenizer, setting: Setting, requests: list[Request], output_to
     queue = sorted(requests, key=lambda r: (r.arrival_s, r.index))
     start = time.perf_counter()
     while queue:
+        if deadline is not None and time.perf_counter() > deadline:
+            for r in queue:
+                records[r.index].refused = "not started: the run's deadline passed"
+            info["cut_at_deadline"] = len(queue)
+            break
         now = time.perf_counter() - start
         if queue[0].arrival_s > now:
             time.sleep(queue[0].arrival_s - now)
@@ -178,7 +187,8 @@ def serve(model, tokenizer, setting: Setting, requests: list[Request], output_to
         for r, row in zip(chosen, tokens, strict=True):
             rec = records[r.index]
             rec.first_token_s, rec.finish_s, rec.output_tokens = first, end, len(row)
-            rec.found = r.answer in tokenizer.decode(row, skip_special_tokens=True)
+            if tokenizer is not None:  # random weights (no tokenizer) answer nothing to check
+                rec.found = r.answer in tokenizer.decode(row, skip_special_tokens=True)
             if progress:
                 progress(1)
     clock.wall_s = time.perf_counter() - start

@@ -4,10 +4,11 @@
 
 Standard library, torch, transformers and kvpress only. kvpress answers one request at a time through its
 ``kv-press-text-generation`` pipeline, which is what its users get: the context is prefilled and compressed by the
-press, the question is fed uncompressed, then tokens are decoded one by one. The model's forwards are clocked by
-forward hooks (a forward of more than one token is prefill, of one token a decoding step), and the cache passed to
-the pipeline is read after every forward. The end-of-sequence check of the pipeline is given no token to stop at, so
-that every answer has exactly the workload's length.
+press, the question is fed uncompressed, then tokens are decoded one by one. The decoder's forwards (every one of
+them: kvpress prefills the context through the decoder alone) are clocked by forward hooks (a forward of more than
+one token is prefill, of one token a decoding step), and the cache passed to the pipeline is read after every
+forward. The end-of-sequence check of the pipeline is given no token to stop at, so that every answer has exactly
+the workload's length.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
                                                  local_files_only=True).eval()
     model.generation_config.eos_token_id = [-1]  # no token stops an answer: fixed-length answers
     pipe: Any = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)  # type: ignore[call-overload]
-    hooks = _Clocked(model, clock)
+    hooks = _Clocked(model.model, clock)  # the decoder: kvpress prefills the context through it, not the LM head
     info = dict(kvpress=getattr(kvpress, "__version__", None), transformers=transformers.__version__,
                 torch=torch.__version__, press=repr(press))
     pending = sorted(job["requests"], key=lambda r: (r["arrival_s"], r["index"]))

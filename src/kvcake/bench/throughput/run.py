@@ -73,7 +73,8 @@ def run_case(setting: Setting, requests: list[Request], workload: Workload, pool
             records, clock, info = hf.serve(model, tokenizer, setting, requests, workload.output_tokens, pool,
                                             per_token, progress=progress, max_batch=plan.max_batch)
         else:
-            job = external.job_for(setting, requests, folder, workload.output_tokens, pool, model.config)
+            job = external.job_for(setting, requests, folder, workload.output_tokens, pool, model.config,
+                                     per_token)
             if setting.engine == "vllm":
                 job["max_num_seqs"] = plan.max_batch or 256
             result = external.run_worker(setting, job, plan.python.get(setting.engine), log=logs / "worker.log")

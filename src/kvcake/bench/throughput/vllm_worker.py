@@ -28,19 +28,33 @@ def _plugin_missing() -> str | None:
             "vLLM engine has landed; this row is refused, not run")
 
 
+def kvcake_arguments(method: str, ratio: float) -> dict[str, Any]:
+    """What kvcake's vLLM engine asks ``LLM`` for (its ``engine_args``: ``additional_config`` and its scheduler and
+    worker classes); without the engine installed, its ``additional_config`` alone (vLLM then refuses or ignores it,
+    and the row says so)."""
+    try:
+        from kvcake.engines.vllm import engine_args
+    except ImportError:
+        return {"additional_config": {"kvcake": {"method": method, "ratio": ratio}}}
+    return dict(engine_args(method, ratio=ratio))
+
+
 def engine_arguments(job: dict[str, Any]) -> dict[str, Any]:
-    """LLM(...) keyword arguments of a job's setting: vLLM alone, its own sliding window, or kvcake's plugin."""
+    """LLM(...) keyword arguments of a job's setting: vLLM alone, its own sliding window, or kvcake's plugin.
+
+    Every row runs with prefix caching off (the prompts are distinct anyway) and without chunked prefill (kvcake's
+    engine scores a prompt in one piece), so that the rows differ only in what their KV cache holds."""
     setting = job["setting"]
     kwargs: dict[str, Any] = dict(model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True,
                                   max_model_len=job["max_model_len"], kv_cache_memory_bytes=int(job["pool_bytes"]),
-                                  enable_prefix_caching=False, max_num_seqs=int(job.get("max_num_seqs", 256)),
-                                  seed=0)
+                                  enable_prefix_caching=False, enable_chunked_prefill=False,
+                                  max_num_seqs=int(job.get("max_num_seqs", 256)), seed=0)
     method = setting["method"]
     if method == "window":
         kwargs["hf_overrides"] = {"layer_types": ["sliding_attention"] * int(job["layers"]),
                                   "sliding_window": int(job["window_tokens"]), "use_sliding_window": True}
     elif method != "full":
-        kwargs["additional_config"] = {"kvcake": {"method": method, "ratio": setting["ratio"]}}
+        kwargs.update(kvcake_arguments(method, setting["ratio"]))
     return kwargs
 
 
@@ -66,6 +80,10 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
     info["engine_start_s"] = time.perf_counter() - started
     info["vllm"] = vllm.__version__
     info["engine_arguments"] = {k: v for k, v in kwargs.items() if k != "model"}
+    if "scheduler_cls" in kwargs:
+        import kvcake
+
+        info["kvcake_engine_from"] = kvcake.__file__
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     config = scheduler.kv_cache_config
@@ -74,7 +92,8 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
     usable = block_pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
     per_block = pool / config.num_blocks
     block_tokens = scheduler.cache_config.block_size
-    info.update(pool_bytes=pool, num_blocks=config.num_blocks, block_tokens=block_tokens,
+    info.update(pool_bytes=int(usable * per_block), engine_pool_bytes=pool, num_blocks=config.num_blocks,
+                block_tokens=block_tokens,
                 kv_cache_groups=len(config.kv_cache_groups))
     params = SamplingParams(max_tokens=int(job["output_tokens"]), ignore_eos=True, temperature=0.0)
     pending = sorted(job["requests"], key=lambda r: (r["arrival_s"], r["index"]))
@@ -98,7 +117,7 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
             except (ValueError, RuntimeError) as exc:
                 records[r["index"]]["refused"] = f"vLLM refused it: {exc}"
                 continue
-            ids[rid] = r["index"]
+            ids[rid] = ids[f"r{r['index']}"] = r["index"]  # outputs may carry either id
         if not engine.has_unfinished_requests():
             continue
         before = {rid: (req.num_computed_tokens, req.num_prompt_tokens) for rid, req in scheduler.requests.items()}
