@@ -138,6 +138,8 @@ def run(plan: Plan, out_dir: str | Path, progress: bool = True, log: Callable[[s
                     prompt_length=length, seconds=time.time() - started, model=plan.model)
         path.write_text(json.dumps(case, indent=1))
         done.append(case)
+        if setting.engine != "transformers":  # the other environments report at the end of their case
+            bar(len(requests))
         s = case["summary"]
         log(f"  served {s['served']}/{s['requests']}, decode {s['decode_tokens_per_s'] or 0:.1f} tok/s, "
             f"at once {s['max_running']}, {case['error'] or ''}")
