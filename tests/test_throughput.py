@@ -207,3 +207,37 @@ def test_deadline_stops_new_batches():
     records, _, info = hf.serve(model, None, Setting("transformers", "full"), requests, 3, 2 * 23 * per_token,
                                 per_token, deadline=0.0)
     assert info["cut_at_deadline"] == 4 and all("deadline" in r.refused for r in records)
+
+
+def test_run_writes_results_resumes_and_refuses_a_missing_environment(chat_model_dir, tmp_path, monkeypatch):
+    from kvcake.bench.throughput.run import Plan, run
+
+    plan = Plan(workload=Workload(requests=2, prompt_tokens=64, output_tokens=3),
+                settings=parse_settings("transformers:full,vllm:full"), model=str(chat_model_dir),
+                python={"vllm": str(tmp_path / "no-such-python")})
+    cases = run(plan, tmp_path / "out", progress=False, log=lambda line: None)
+    full, missing = cases
+    assert full["summary"]["served"] == 2 and full["summary"]["output_tokens"] == 6
+    assert full["summary"]["found_of"] == 2  # the needle was looked for in each answer
+    assert missing["summary"]["served"] == 0 and "no python at" in missing["error"]
+    for name in ("results.json", "results.csv", "results.md", "throughput_vs_budget.png",
+                 "concurrency_vs_prompt.png"):
+        assert (tmp_path / "out" / name).is_file()
+    assert "no python at" in (tmp_path / "out" / "results.md").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a saved case was run again")
+
+    monkeypatch.setattr(hf, "serve", refuse)
+    again = run(plan, tmp_path / "out", progress=False, log=lambda line: None)
+    assert again[0]["summary"] == full["summary"]  # resumed from its file; the failed case was tried again
+    assert "no python at" in again[1]["error"]
+
+
+def test_cli_refuses_bad_settings_with_a_message():
+    from typer.testing import CliRunner
+
+    from kvcake.cli import app
+
+    result = CliRunner().invoke(app, ["throughput", "--settings", "transformers:cake"])
+    assert result.exit_code != 0 and "ratio" in result.output
