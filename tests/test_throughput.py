@@ -221,7 +221,7 @@ def test_run_writes_results_resumes_and_refuses_a_missing_environment(chat_model
     assert full["summary"]["found_of"] == 2  # the needle was looked for in each answer
     assert missing["summary"]["served"] == 0 and "no python at" in missing["error"]
     for name in ("results.json", "results.csv", "results.md", "throughput_vs_budget.png",
-                 "concurrency_vs_prompt.png"):
+                 "concurrency_vs_prompt.png", "headline.png"):
         assert (tmp_path / "out" / name).is_file()
     assert "no python at" in (tmp_path / "out" / "results.md").read_text()
 

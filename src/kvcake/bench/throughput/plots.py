@@ -42,4 +42,34 @@ def plot_all(cases: list[Mapping[str, Any]], out: Path) -> dict[str, Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths["concurrency_vs_prompt"] = save(fig, out / "concurrency_vs_prompt.png")
+    paths["headline"] = plot_headline(cases, out)
     return paths
+
+
+def plot_headline(cases: list[Mapping[str, Any]], out: Path) -> Path:
+    """Bars per setting at the first budget and prompt length: decoding-phase output tokens/s, requests running
+    at once, and answers found (a fast setting that loses the needle shows it)."""
+    from kvcake.plots import pyplot, save
+
+    plt = pyplot()
+    first = [c for c in cases if (c["pool_full_requests"], c["prompt_length"]) ==
+             (cases[0]["pool_full_requests"], cases[0]["prompt_length"]) and not c.get("error")] if cases else []
+    labels = [c["setting"]["label"] for c in first]
+    panels = [("decode_tokens_per_s", "output tokens/s, decoding phase"), ("max_running", "requests at once"),
+              ("found", "needles found")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        values = [c["summary"][key] or 0 for c in first]
+        ax.barh(range(len(labels)), values, color=[plt.cm.tab10(i % 10) for i in range(len(labels))])
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [""] * len(labels), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.3g}" if isinstance(v, float) else f" {v}", va="center", fontsize=8)
+    if first:
+        c = first[0]
+        fig.suptitle(f"Same KV pool ({c['summary']['pool_bytes'] / 2**20:.0f} MiB, {c['pool_full_requests']:g} "
+                     f"full-cache requests), {c['summary']['requests']} requests of ~{c['prompt_length']} tokens",
+                     fontsize=10)
+    fig.tight_layout()
+    return save(fig, out / "headline.png")
