@@ -156,10 +156,20 @@ def test_results_files_and_ratios(tmp_path):
     assert ratios["vllm:cake@0.1 / vllm:full"]["decode_tokens_per_s"] == 3.0
     assert ratios["vllm:cake@0.1 / vllm:full"]["max_running"] == 6.0
     assert ratios["transformers:snapkv@0.1 / kvpress:snapkv@0.1"]["decode_tokens_per_s"] == 4.0
+    assert ratios["vllm:cake@0.1 / vllm:full"]["found"] is None  # no request records: nothing to pair
     paths = writers.write_all(cases, {"plan": {"model": "tiny"}}, tmp_path)
     assert json.loads(paths["json"].read_text())["cases"][1]["setting"]["label"] == "vllm:cake@0.1"
     assert len(paths["csv"].read_text().splitlines()) == 5
     assert "3.00×" in paths["md"].read_text()
+
+
+def test_needles_found_are_paired_on_the_same_requests():
+    base = _case("transformers", "full", None, 1, 1)
+    mine = _case("transformers", "cake", 0.1, 1, 1)
+    base["requests"] = [{"index": i, "found": True} for i in range(10)]
+    mine["requests"] = [{"index": i, "found": i != 3} for i in range(10)] + [{"index": 10, "found": False}]
+    f = writers.found_difference(mine, base)
+    assert f["pairs"] == 10 and f["difference"] == pytest.approx(-0.1) and f["low"] <= -0.1 <= f["high"] <= 0
 
 
 def test_worker_job_and_engine_arguments():

@@ -49,9 +49,24 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def found_difference(case: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Needles found, ``case`` minus ``base``, paired on the requests both served, with the eval's bootstrap
+    interval (:func:`kvcake.eval.stats.compare`); None without such pairs."""
+    from kvcake.eval.stats import compare
+
+    mine = {r["index"]: r["found"] for r in case.get("requests", []) if r.get("found") is not None}
+    theirs = {r["index"]: r["found"] for r in base.get("requests", []) if r.get("found") is not None}
+    both = sorted(set(mine) & set(theirs))
+    if not both:
+        return None
+    result = compare([("needle", [float(mine[i]) for i in both], [float(theirs[i]) for i in both])])
+    return {"pairs": len(both), "difference": result.difference, "low": result.low, "high": result.high}
+
+
 def comparisons(cases: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each case against its baseline (:func:`baseline_of`): decoding-phase and end-to-end throughput and the
-    requests running at once, as ratios (for kvpress rows: kvcake's figure over kvpress's)."""
+    requests running at once, as ratios (for kvpress rows: kvcake's figure over kvpress's), and the needles found,
+    paired (:func:`found_difference`)."""
     rows = []
     for case in cases:
         base = baseline_of(case, cases)
@@ -68,7 +83,9 @@ def comparisons(cases: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
                      "decode_tokens_per_s": ratio(a["decode_tokens_per_s"], b["decode_tokens_per_s"]),
                      "output_tokens_per_s": ratio(a["output_tokens_per_s"], b["output_tokens_per_s"]),
                      "requests_per_s": ratio(a["requests_per_s"], b["requests_per_s"]),
-                     "max_running": ratio(a["max_running"], b["max_running"])})
+                     "max_running": ratio(a["max_running"], b["max_running"]),
+                     "found": found_difference(case, base) if case["setting"]["engine"] != "kvpress" else
+                     found_difference(base, case)})
     return rows
 
 
@@ -92,13 +109,15 @@ def markdown(cases: list[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
             f"{mib(s['pool_bytes'])} | {s['found']}/{s['found_of']} |")
     ratios = comparisons(cases)
     if ratios:
-        lines += ["", "| pool | prompt | comparison | decode tok/s | out tok/s | req/s | at once |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| pool | prompt | comparison | decode tok/s | out tok/s | req/s | at once | needles found, "
+                  "paired difference [95% interval] |", "|---|---|---|---|---|---|---|---|"]
         for r in ratios:
+            f = r["found"]
+            found = "—" if f is None else f"{f['difference']:+.2f} [{f['low']:+.2f}, {f['high']:+.2f}] ({f['pairs']})"
             lines.append(f"| {r['pool_full_requests']:g} | {r['prompt_length']} | {r['comparison']} | "
                          + " | ".join(_num(r[k]) + ("×" if r[k] is not None else "") for k in
                                       ("decode_tokens_per_s", "output_tokens_per_s", "requests_per_s",
-                                       "max_running")) + " |")
+                                       "max_running")) + f" | {found} |")
     notes = [f"- {c['setting']['label']} (pool {c['pool_full_requests']:g}, prompt {c['prompt_length']}): "
              f"{c['error'] or next((r['refused'] for r in c['requests'] if r['refused']), '')}"
              for c in cases if c["error"] or c["summary"]["refused"]]
