@@ -251,3 +251,18 @@ def test_cli_refuses_bad_settings_with_a_message():
 
     result = CliRunner().invoke(app, ["throughput", "--settings", "transformers:cake"])
     assert result.exit_code != 0 and "ratio" in result.output
+
+
+def test_vllm_block_bytes_count_an_aliased_pool_once():
+    from types import SimpleNamespace
+
+    from kvcake.bench.throughput.vllm_worker import block_bytes
+
+    page = 2 * 128 * 3 * 64 * 4  # one layer's keys and values for 128 tokens
+    one_group = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=SimpleNamespace(
+        page_size_bytes=page), layer_names=[f"l{i}" for i in range(30)])])
+    per_layer = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=SimpleNamespace(
+        page_size_bytes=page), layer_names=[f"l{i}"]) for i in range(30)])
+    assert block_bytes(one_group) == 30 * page and block_bytes(per_layer) == page
+    # the same pool: 13 thirty-layer blocks or 390 one-layer blocks
+    assert 13 * block_bytes(one_group) == 390 * block_bytes(per_layer)

@@ -58,6 +58,13 @@ def engine_arguments(job: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def block_bytes(config: Any) -> int:
+    """Bytes one block of the pool holds: its group's page (one layer's keys and values for a block of tokens)
+    times the layers of that group. Not the sum of the cache tensors' sizes: when every layer has a group of its own
+    (kvcake's vLLM engine), the groups' tensors alias one allocation and that sum counts it once per group."""
+    return max(int(g.kv_cache_spec.page_size_bytes) * len(g.layer_names) for g in config.kv_cache_groups)
+
+
 def serve(job: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     records = [dict(index=r["index"], prompt_tokens=len(r["ids"]), arrival_s=r["arrival_s"]) for r in job["requests"]]
@@ -87,10 +94,10 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     config = scheduler.kv_cache_config
-    pool = sum(int(t.size) for t in config.kv_cache_tensors)
     block_pool = scheduler.kv_cache_manager.block_pool
     usable = block_pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
-    per_block = pool / config.num_blocks
+    per_block = block_bytes(config)
+    pool = config.num_blocks * per_block
     block_tokens = scheduler.cache_config.block_size
     info.update(pool_bytes=int(usable * per_block), engine_pool_bytes=pool, num_blocks=config.num_blocks,
                 block_tokens=block_tokens,
@@ -108,9 +115,10 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
         while pending and pending[0]["arrival_s"] <= now:
             r = pending.pop(0)
             need = len(r["ids"]) + int(job["output_tokens"])
-            if -(-need // block_tokens) > usable:
-                records[r["index"]]["refused"] = (f"needs {need} tokens of KV, the pool holds {usable * block_tokens}:"
-                                                  " refused before running")
+            if -(-need // block_tokens) * len(config.kv_cache_groups) > usable:  # a block per group
+                held = usable // len(config.kv_cache_groups) * block_tokens
+                records[r["index"]]["refused"] = (f"needs {need} tokens of KV, the pool holds {held}: refused "
+                                                  "before running")
                 continue
             try:
                 rid = engine.add_request(f"r{r['index']}", {"prompt_token_ids": r["ids"]}, params)
