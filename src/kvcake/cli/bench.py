@@ -51,3 +51,47 @@ def bench_command(
     out.print("written: " + ", ".join(str(p) for p in paths.values()))
 
 
+
+
+@app.command("throughput")
+def throughput_command(
+    settings: str = typer.Option(
+        "transformers:full,transformers:cake@0.1,transformers:snapkv@0.1,kvpress:snapkv@0.1,vllm:full,"
+        "vllm:window@0.1,vllm:cake@0.1,vllm:snapkv@0.1,vllm:streamingllm@0.1",
+        help="Comma-separated engine:method[@kept ratio] settings (engines: transformers, vllm, kvpress; "
+             "vllm:window@R is vLLM's own sliding window over R of the prompt)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Embedded model name or local model folder."),
+    requests: int = typer.Option(32, help="Requests in the workload."),
+    prompt_tokens: str = typer.Option("2048", help="Prompt length in tokens; several (comma-separated) sweep it."),
+    spread: float = typer.Option(0.0, help="Prompt lengths drawn uniformly in length x (1 ± spread)."),
+    output_tokens: int = typer.Option(256, help="Tokens generated per request, always exactly (ignore_eos)."),
+    rate: float | None = typer.Option(None, help="Poisson arrivals at this many requests/s (default: all at once)."),
+    pool: str = typer.Option("2", help="KV pool, in full-cache requests of the longest prompt + answer; several "
+                                       "(comma-separated) sweep it."),
+    max_batch: int | None = typer.Option(None, help="Cap on requests served at once (default: what the pool holds)."),
+    vllm_python: str | None = typer.Option(None, help="python of the vLLM environment "
+                                                      "(default: $KVCAKE_VLLM_PYTHON or /tmp/kvcake-vllm-venv)."),
+    kvpress_python: str | None = typer.Option(None, help="python of the kvpress environment (default: "
+                                                         "$KVCAKE_KVPRESS_PYTHON or /tmp/kvcake-kvpress-venv)."),
+    seed: int = typer.Option(0, help="Seed of the prompts and arrivals."),
+    out_dir: Path = typer.Option(Path("throughput-results"), "--out", help="Folder for results and plots; a run "
+                                                                            "started again there resumes."),
+) -> None:
+    """Serve a workload of needle prompts under each engine x method setting at a fixed KV memory budget; report
+    requests and tokens per second (end to end and decoding phase), concurrency, latency, KV memory, refusals and
+    answers found."""
+    from kvcake.bench.throughput.run import Plan, parse_floats, parse_ints, run
+    from kvcake.bench.throughput.settings import parse_settings
+    from kvcake.bench.throughput.workload import Workload
+
+    try:
+        lengths = parse_ints(prompt_tokens)
+        workload = Workload(requests=requests, prompt_tokens=lengths[0], spread=spread, output_tokens=output_tokens,
+                            arrival="all" if rate is None else "poisson", rate=rate, seed=seed)
+        python = {k: v for k, v in (("vllm", vllm_python), ("kvpress", kvpress_python)) if v}
+        plan = Plan(workload=workload, settings=parse_settings(settings), pools=parse_floats(pool),
+                    prompt_lengths=lengths, model=model, python=python, max_batch=max_batch)
+        run(plan, out_dir, log=out.print)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        fail(str(exc))
+    out.print(f"written: {out_dir / 'results.md'}")
