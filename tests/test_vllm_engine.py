@@ -31,8 +31,8 @@ from kvcake.engines.vllm import engine_args  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = models.cache_root() / "smollm2-135m-instruct"
 BLOCK = 32
-NEW = 24
-LENGTHS = (1400, 700, 1100, 420)  # prompt tokens of the mixed batch (the first is also run alone)
+NEW = 16
+LENGTHS = (900, 400, 650, 250)  # prompt tokens of the mixed batch (the first is also run alone)
 #: name -> the method's settings (CAKE with its default decode-time eviction; two prefill-only methods).
 METHODS = {"cake": {"ratio": 0.1}, "snapkv": {"budget": 96}, "streamingllm": {"budget": 80}}
 
@@ -121,21 +121,9 @@ def runs():
     held after its prefill, and kvcake's transformers engine's tokens and kept entries for the same prompts."""
     prompts = _prompts(AutoTokenizer.from_pretrained(MODEL))
     params = vllm.SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
-    plain = _plain_vllm(prompts)
-    result = {"prompts": prompts, "plain": plain["tokens"], "plain_pool": plain["pool"], "methods": {}}
-    for name, settings in {**METHODS, "cake-covering": {"budget": 4096}}.items():
-        method = "cake" if name == "cake-covering" else name
-        llm = _engine(**engine_args(method, **settings))
-        alone = list(llm.generate([{"prompt_token_ids": prompts[0]}], params)[0].outputs[0].token_ids)
-        scheduler = _core(llm).scheduler
-        held_alone = list(scheduler.held_after_prefill.values())[0]
-        mixed = _staggered(llm, prompts)
-        result["methods"][name] = {"alone": alone, "mixed": mixed, "held": held_alone,
-                                   "layers": len(scheduler.layer_blocks),
-                                   "pool_after": scheduler.kv_cache_manager.block_pool.get_num_free_blocks()}
-        _shutdown(llm)
+    result = {"prompts": prompts, "methods": {name: {} for name in METHODS}}
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="sdpa").eval()
-    for name, settings in METHODS.items():
+    for name, settings in METHODS.items():  # first: vLLM lowers the process's torch threads to one
         reference, kept = [], []
         for ids in prompts:
             with kvcake.compress(model, kvcake.methods.build(name, **settings)) as press:
@@ -143,6 +131,20 @@ def runs():
             reference.append(out[0, len(ids):].tolist())
             kept.append(press.report.kept_after_prefill[0])
         result["methods"][name].update(reference=reference, kept=kept)
+    del model
+    plain = _plain_vllm(prompts)
+    result.update(plain=plain["tokens"], plain_pool=plain["pool"])
+    for name, settings in {**METHODS, "cake-covering": {"budget": 4096}}.items():
+        method = "cake" if name == "cake-covering" else name
+        llm = _engine(**engine_args(method, **settings))
+        alone = list(llm.generate([{"prompt_token_ids": prompts[0]}], params)[0].outputs[0].token_ids)
+        scheduler = _core(llm).scheduler
+        held_alone = list(scheduler.held_after_prefill.values())[0]
+        mixed = _staggered(llm, prompts)
+        result["methods"].setdefault(name, {}).update(
+            alone=alone, mixed=mixed, held=held_alone, kept_vllm=list(scheduler.kept_after_prefill.values())[0],
+            layers=len(scheduler.layer_blocks), pool_after=scheduler.kv_cache_manager.block_pool.get_num_free_blocks())
+        _shutdown(llm)
     return result
 
 
@@ -179,6 +181,7 @@ def test_blocks_held_after_prefill_follow_each_layers_budget(runs, name):
     filled block, and no layer holds the prompt's blocks (one block table for all layers would)."""
     got = runs["methods"][name]
     kept = got["kept"][0]
+    assert got["kept_vllm"] == kept  # the worker kept, per layer, what the transformers engine keeps
     prompt_blocks = -(-len(runs["prompts"][0]) // BLOCK)
     assert len(got["held"]) == len(kept) == got["layers"]
     for layer, (held, entries) in enumerate(zip(got["held"], kept, strict=True)):

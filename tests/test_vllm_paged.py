@@ -1,0 +1,111 @@
+"""The vLLM engine's request state on a paged cache, without vLLM: what a region holds is always what its position
+table says, compaction keeps the top-scored entries, decode-time eviction keeps the region one run of slots at its
+target, and regions move on block by block."""
+
+from __future__ import annotations
+
+import torch
+
+from kvcake.engines.vllm.paged import PagedLayer
+from kvcake.engines.vllm.requests import Phase, RequestState, top_positions
+from kvcake.methods.registry import build
+
+HEADS, DIM, BLOCK, Q_HEADS = 2, 8, 4, 4
+
+
+def _paged(blocks: int = 64) -> tuple[PagedLayer, torch.Tensor]:
+    cache = torch.zeros(blocks, HEADS, BLOCK, 2 * DIM)
+    table = torch.randperm(blocks)  # a request's blocks, in any order of the pool
+    return PagedLayer(cache), table
+
+
+def _key(position: int) -> torch.Tensor:
+    """A key whose every number encodes its position and head, so a slot's content names its token."""
+    return torch.arange(HEADS, dtype=torch.float32).view(HEADS, 1).expand(HEADS, DIM) + 1000.0 * position
+
+
+def test_read_gives_back_what_write_stored_per_head():
+    paged, table = _paged()
+    slots = torch.tensor([[3, 9, 17], [5, 9, 30]])
+    keys, values = torch.randn(HEADS, 3, DIM), torch.randn(HEADS, 3, DIM)
+    paged.write(table, slots, keys, values)
+    got_k, got_v = paged.read(table, slots)
+    assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    # the keys of a block and head are stored transposed ([D, block]), as vLLM's CPU kernel reads them
+    block, offset = table[slots[0, 0] // BLOCK], slots[0, 0] % BLOCK
+    raw = paged.keys.reshape(-1, HEADS, BLOCK * DIM)[block, 0].view(DIM, BLOCK)[:, offset]
+    assert torch.equal(raw, keys[0, 0])
+
+
+def test_top_positions_is_a_stable_top_k_in_position_order():
+    ranked = torch.tensor([[0.5, 0.9, 0.5, 0.1, float("inf")], [1.0, 1.0, 1.0, 2.0, float("inf")]])
+    assert top_positions(ranked, 3).tolist() == [[0, 1, 4], [0, 3, 4]]
+
+
+def _prefilled(method, prompt: int, layers: int = 3, seed: int = 0) -> tuple[RequestState, list, list]:
+    torch.manual_seed(seed)
+    state = RequestState(method, prompt, layers, BLOCK)
+    pages = [_paged() for _ in range(layers)]
+    for layer, (paged, table) in enumerate(pages):
+        keys = torch.stack([_key(p) for p in range(prompt)])  # (S, Hkv, D)
+        keys = keys + 0.01 * torch.randn_like(keys)
+        values = torch.randn(prompt, HEADS, DIM)
+        paged.write(table, torch.arange(prompt).expand(HEADS, -1), keys.transpose(0, 1), values.transpose(0, 1))
+        state.score_layer(layer, torch.randn(prompt, Q_HEADS, DIM), keys / 1000.0, values, 0.3, None)
+    return state, [p for p, _ in pages], [t for _, t in pages]
+
+
+def _check_region(state: RequestState, layers, tables) -> None:
+    for region, paged, table in zip(state.regions, layers, tables, strict=True):
+        assert region.positions is not None and region.positions.shape == (HEADS, region.count)
+        keys, _ = paged.read(table, region.slots(BLOCK).expand(HEADS, -1))
+        named = torch.round(keys[..., 0] / 1000.0).long()  # the position each slot's key encodes
+        assert torch.equal(named, region.positions)
+        assert (state.logical - region.count) // BLOCK == region.first_block
+
+
+def test_compaction_keeps_the_top_scored_entries_at_the_start_of_the_region():
+    method = build("cake", budget=12, window=2)
+    state, layers, tables = _prefilled(method, 40)
+    ranked = [r.clone() for r in state.ranked]
+    firsts = state.compact(layers, tables)
+    assert state.phase is Phase.DECODE
+    counts = [r.count for r in state.regions]
+    assert sum(counts) == 3 * 12  # the budget, spent exactly
+    for region, rank, first in zip(state.regions, ranked, firsts, strict=True):
+        assert region.first_block == first == (40 - region.count) // BLOCK
+        assert torch.equal(region.positions, top_positions(rank, region.count))
+    _check_region(state, layers, tables)
+
+
+def test_decoding_holds_each_layer_at_its_target_and_moves_regions_on():
+    method = build("cake", budget=12, window=2)
+    state, layers, tables = _prefilled(method, 40)
+    state.compact(layers, tables)
+    moved_any = False
+    for step in range(3 * BLOCK + 1):
+        position = state.logical
+        for layer, (paged, table) in enumerate(zip(layers, tables, strict=True)):
+            region = state.regions[layer]
+            slot = region.first_block * BLOCK + region.count  # where the backend writes the new token
+            key = _key(position).unsqueeze(1)
+            paged.write(table, torch.tensor([[slot]] * HEADS), key, torch.randn(HEADS, 1, DIM))
+            state.decoded(layer, paged, table, torch.randn(1, Q_HEADS, DIM), 0.3, None)
+            target = state.budget.decode_targets(position + 1)[0][layer]
+            assert state.regions[layer].count == target
+            assert int(state.regions[layer].positions.max()) == position  # the new token is kept (window)
+        moved_any |= state.advance(layers, tables) is not None
+        _check_region(state, layers, tables)
+    assert moved_any
+
+
+def test_without_decode_eviction_a_region_only_grows():
+    method = build("snapkv", budget=12, window=2)
+    state, layers, tables = _prefilled(method, 40)
+    firsts = state.compact(layers, tables)
+    for _ in range(2 * BLOCK):
+        for layer, (paged, table) in enumerate(zip(layers, tables, strict=True)):
+            state.decoded(layer, paged, table, torch.randn(1, Q_HEADS, DIM), 0.3, None)
+        assert state.advance(layers, tables) is None
+    assert [r.count for r in state.regions] == [12 + 2 * BLOCK] * 3
+    assert [r.first_block for r in state.regions] == firsts
