@@ -25,7 +25,13 @@ from kvcake.methods.views import LayerView
 
 
 class UnsupportedCacheError(ValueError):
-    """A cache kvcake cannot compress (another kind, or one that already holds tokens)."""
+    """A cache kvcake cannot compress (another kind, or one that already holds tokens), or a kvcake cache used where
+    it cannot be continued exactly (outside a compress block of its model and method, or cropped after decode-time
+    eviction)."""
+
+
+#: Who may feed a cache without a compress block's forward: :func:`kvcake.engines.transformers.replay.replay`.
+REPLAY = "replay"
 
 
 #: Generated tokens the decoding buffers are sized for when the caller does not say.
@@ -64,6 +70,12 @@ class KVCakeCache(DynamicCache):
 
     def __init__(self, config: Any, method: Method) -> None:
         super().__init__(config=config)
+        #: The decoder configuration of the model the cache was made for: it continues on that model only.
+        self.model_config = config
+        #: The compress block whose forward is feeding the cache now (set and cleared around each forward by the
+        #: block's hooks), or :data:`REPLAY`. None: no block is running the cache, and ``update`` refuses: a forward
+        #: outside the block would read the compressed or slot-laid-out entries as a plain cache.
+        self.feeder: Any = None
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:
                 self.layers[i] = CompressedLayer()
@@ -145,6 +157,41 @@ class KVCakeCache(DynamicCache):
         self._reorder_rows(torch.as_tensor(indices).tolist())
         self._frozen_for = None
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether :meth:`crop` puts the cache back as it was: not under decode-time eviction."""
+        return not self.method.decode_eviction and all(getattr(layer, "is_croppable", True) for layer in self.layers)
+
+    def crop(self, max_length: int) -> None:
+        """Forget the newest ``-max_length`` tokens (transformers' convention: a count <= 0), as prompt-lookup and
+        assisted decoding do with the draft tokens the model rejected.
+
+        Exact for methods that evict nothing while decoding (prefill-only: SnapKV, PyramidKV, ...): after the prefill
+        their layers only grow, so dropping the newest entries leaves what the cache held before those tokens came.
+        Refused (:class:`UnsupportedCacheError`) for a method with decode-time eviction once a layer was compressed
+        or laid out for decoding: the entries the draft tokens made it evict, and the scores they changed, cannot be
+        restored when the drafts are rejected, so the answer would differ from ordinary decoding's without a word.
+        Cropping into the compressed prompt is refused too (its budgets were allocated for the whole prompt).
+        """
+        if max_length > 0:
+            raise ValueError(f"crop takes the number of tokens to remove as a count <= 0, got {max_length}")
+        if max_length == 0:
+            return
+        layers = self.layers_in_order()
+        touched = any(layer.positions is not None or layer.slots is not None for layer in layers)
+        if self.method.decode_eviction and (touched or any(layer.scores is not None for layer in layers)):
+            raise UnsupportedCacheError(
+                f"cropping a kvcake cache under {self.method.name} with decode-time eviction is not supported: the "
+                "entries evicted for the dropped (draft) tokens cannot be restored, so prompt-lookup or assisted "
+                "decoding would not give the tokens of ordinary decoding; build the method with "
+                "decode_eviction=False, or decode without draft tokens")
+        keep = (layers[0].logical_length() if layers else self.get_seq_length()) + max_length
+        prefill = self.plan.prefill_length if self.plan is not None else 0
+        if touched and keep < prefill:
+            raise UnsupportedCacheError(f"cannot crop a kvcake cache to {keep} tokens, inside its compressed prompt "
+                                        f"of {prefill}: start a new request instead")
+        super().crop(max_length)
+
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now, all layers."""
@@ -174,6 +221,11 @@ class KVCakeCache(DynamicCache):
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.feeder is None:
+            raise UnsupportedCacheError(
+                "a kvcake cache is fed only inside a kvcake.compress block of its model and method: outside one, "
+                "the model would read its compressed entries as a plain cache and answer wrongly; continue it inside "
+                "`with kvcake.compress(model, method):` (the block it came from, or a new one with an equal method)")
         if self.prefill_kept is not None and not torch.compiler.is_compiling() and layer_idx in self._slot:
             if key_states.shape[2] > 1:
                 self._frozen_for = None  # the layers go back to the prefill layout for a multi-token feed
