@@ -189,7 +189,7 @@ def test_a_cache_goes_on_in_a_new_block_with_an_equal_method_and_nowhere_else():
     assert again.sequences[:, ids.shape[1]:].tolist() == expected[1]
 
 
-def test_a_forward_that_raised_does_not_leave_its_cache_usable_outside():
+def test_a_block_left_by_an_exception_leaves_no_cache_usable_outside():
     model = varied_llama()
     cache = DynamicCache()
     with pytest.raises(ZeroDivisionError), kvcake.compress(model, kvcake.CAKE(budget=30, window=8)):
@@ -321,3 +321,20 @@ def test_a_chat_over_a_needle_context_on_the_embedded_model():
     with pytest.raises(UnsupportedCacheError, match="inside a kvcake.compress block"):
         model.generate(torch.cat([out.sequences, more[0]], 1), cache=out.past_key_values, max_new_tokens=8,
                        do_sample=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [COVER, 40], ids=["covering", "evicting"])
+def test_three_turns_under_compiled_decoding_give_the_eager_blocks_tokens(budget):
+    # Compiled steps do not update the host's lengths, and a turn thawed the layers out of their decoding buffers:
+    # the second turn's mask was sized from a stale length, and its first compiled step met a thawed layer.
+    from kvcake.engines.transformers.compiled import CompileCounts
+
+    model = varied_llama()
+    first, more = prompt(100, seed=1), [prompt(8, seed=2), prompt(5, seed=3)]
+    with kvcake.compress(model, kvcake.CAKE(budget=budget, window=8)):
+        expected = turns(model, first, more)
+    CompileCounts.start()
+    with kvcake.compress(model, kvcake.CAKE(budget=budget, window=8), compile=True):
+        assert turns(model, first, more) == expected
+    assert CompileCounts.read().graph_breaks == 0

@@ -162,6 +162,20 @@ class KVCakeCache(DynamicCache):
         """Whether :meth:`crop` puts the cache back as it was: not under decode-time eviction."""
         return not self.method.decode_eviction and all(getattr(layer, "is_croppable", True) for layer in self.layers)
 
+    def forward_done(self) -> None:
+        """After a forward of the block: a compiled-decoding cache that was fed several tokens after its prefill (a
+        chat's next turn) goes back into its decoding buffers now, outside compiled code, as it did after prefill."""
+        if (self.freeze_after_prefill and self.prefill_kept is not None and self._frozen_for is None
+                and not torch.compiler.is_compiling()):
+            self._ensure_frozen()
+
+    def sync_lengths(self) -> None:
+        """Read each decoding layer's logical length back from its device cursor: compiled steps cannot update the
+        host's count, and the next call (a chat's next turn through ``generate``) reads ``get_seq_length()``."""
+        for layer in self.layers_in_order():
+            if layer.slots is not None:
+                layer.seen = layer.logical_length()
+
     def crop(self, max_length: int) -> None:
         """Forget the newest ``-max_length`` tokens (transformers' convention: a count <= 0), as prompt-lookup and
         assisted decoding do with the draft tokens the model rejected.

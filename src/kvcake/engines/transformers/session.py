@@ -106,7 +106,7 @@ class Compression:
                           "those to transformers' own bounded cache: nothing will be compressed", UserWarning,
                           stacklevel=2)
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self._after_hook = self.model.register_forward_hook(self._after_forward)
+        self._after_hook = self.model.register_forward_hook(self._after_forward, always_call=True)
         if callable(getattr(self.model, "generate", None)):
             # An instance attribute for the block's duration (removed on exit), so that each generate call tells its
             # cache how many tokens it will generate.
@@ -192,6 +192,8 @@ class Compression:
             out = original(*args, **kwargs)
             if self.last_cache is not None:
                 self.last_cache.check_finite()
+                if self.last_cache.compiled:
+                    self.last_cache.sync_lengths()
             return out
         finally:
             self._call_tokens = self._draft_prompt = None
@@ -237,6 +239,7 @@ class Compression:
 
     def _after_forward(self, module, args, output):
         if self._feeding is not None:
+            self._feeding.forward_done()
             self._feeding.feeder, self._feeding = None, None
         if self._draft_logits is not None:
             output.logits, self._draft_logits = torch.cat([self._draft_logits, output.logits], dim=1), None

@@ -121,7 +121,7 @@ class CompressedLayer(DynamicLayer):
             # and a constant size keeps it from changing shape (and a compiled step from recompiling) as the
             # sequence grows. Several tokens (a chat's next turn) thaw the layer and need the logical mask.
             return 1, 0
-        return self.seen + query_length, 0
+        return self.logical_length() + query_length, 0
 
     def reset(self) -> None:
         super().reset()
