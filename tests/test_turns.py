@@ -199,6 +199,19 @@ def test_a_block_left_by_an_exception_leaves_no_cache_usable_outside():
         model(prompt(3), cache=cache)
 
 
+def test_a_forward_that_raised_leaves_its_cache_unfed():
+    # The block marks a cache as fed for the duration of its forward only, also when the forward raises: another
+    # model's forward inside the block must not read it.
+    model, other = varied_llama(), varied_llama(seed=3)
+    with kvcake.compress(model, kvcake.CAKE(budget=30, window=8)) as press:
+        cache = press.new_cache()
+        model(prompt(50), cache=cache)
+        with pytest.raises(RuntimeError):
+            model(prompt(4, seed=2), cache=cache, position_ids=torch.zeros(1, 3, dtype=torch.long))
+        with pytest.raises(UnsupportedCacheError, match="inside a kvcake.compress block"):
+            other(prompt(3), cache=cache)
+
+
 # -- cropping: prompt-lookup and assisted decoding ---------------------------------------------------------------------
 def repetitive(length: int = 40, times: int = 3) -> torch.Tensor:
     """A prompt whose n-grams recur, so that prompt-lookup decoding proposes draft tokens."""

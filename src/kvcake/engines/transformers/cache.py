@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from kvcake.engines.transformers import turns
+from kvcake.engines.transformers.errors import UnsupportedCacheError
 from kvcake.engines.transformers.masks import key_valid
 from kvcake.engines.transformers.prefill import PrefillLayer, Stage
 from kvcake.engines.transformers.report import Report
@@ -22,13 +24,6 @@ from kvcake.methods.attention import NonFiniteAttentionError
 from kvcake.methods.base import Method
 from kvcake.methods.budget import RequestBudget
 from kvcake.methods.views import LayerView
-
-
-class UnsupportedCacheError(ValueError):
-    """A cache kvcake cannot compress (another kind, or one that already holds tokens), or a kvcake cache used where
-    it cannot be continued exactly (outside a compress block of its model and method, or cropped after decode-time
-    eviction)."""
-
 
 #: Who may feed a cache without a compress block's forward: :func:`kvcake.engines.transformers.replay.replay`.
 REPLAY = "replay"
@@ -162,49 +157,10 @@ class KVCakeCache(DynamicCache):
         """Whether :meth:`crop` puts the cache back as it was: not under decode-time eviction."""
         return not self.method.decode_eviction and all(getattr(layer, "is_croppable", True) for layer in self.layers)
 
-    def forward_done(self) -> None:
-        """After a forward of the block: a compiled-decoding cache that was fed several tokens after its prefill (a
-        chat's next turn) goes back into its decoding buffers now, outside compiled code, as it did after prefill."""
-        if (self.freeze_after_prefill and self.prefill_kept is not None and self._frozen_for is None
-                and not torch.compiler.is_compiling()):
-            self._ensure_frozen()
-
-    def sync_lengths(self) -> None:
-        """Read each decoding layer's logical length back from its device cursor: compiled steps cannot update the
-        host's count, and the next call (a chat's next turn through ``generate``) reads ``get_seq_length()``."""
-        for layer in self.layers_in_order():
-            if layer.slots is not None:
-                layer.seen = layer.logical_length()
-
     def crop(self, max_length: int) -> None:
-        """Forget the newest ``-max_length`` tokens (transformers' convention: a count <= 0), as prompt-lookup and
-        assisted decoding do with the draft tokens the model rejected.
-
-        Exact for methods that evict nothing while decoding (prefill-only: SnapKV, PyramidKV, ...): after the prefill
-        their layers only grow, so dropping the newest entries leaves what the cache held before those tokens came.
-        Refused (:class:`UnsupportedCacheError`) for a method with decode-time eviction once a layer was compressed
-        or laid out for decoding: the entries the draft tokens made it evict, and the scores they changed, cannot be
-        restored when the drafts are rejected, so the answer would differ from ordinary decoding's without a word.
-        Cropping into the compressed prompt is refused too (its budgets were allocated for the whole prompt).
-        """
-        if max_length > 0:
-            raise ValueError(f"crop takes the number of tokens to remove as a count <= 0, got {max_length}")
-        if max_length == 0:
-            return
-        layers = self.layers_in_order()
-        touched = any(layer.positions is not None or layer.slots is not None for layer in layers)
-        if self.method.decode_eviction and (touched or any(layer.scores is not None for layer in layers)):
-            raise UnsupportedCacheError(
-                f"cropping a kvcake cache under {self.method.name} with decode-time eviction is not supported: the "
-                "entries evicted for the dropped (draft) tokens cannot be restored, so prompt-lookup or assisted "
-                "decoding would not give the tokens of ordinary decoding; build the method with "
-                "decode_eviction=False, or decode without draft tokens")
-        keep = (layers[0].logical_length() if layers else self.get_seq_length()) + max_length
-        prefill = self.plan.prefill_length if self.plan is not None else 0
-        if touched and keep < prefill:
-            raise UnsupportedCacheError(f"cannot crop a kvcake cache to {keep} tokens, inside its compressed prompt "
-                                        f"of {prefill}: start a new request instead")
-        super().crop(max_length)
+        """Forget the newest ``-max_length`` tokens (a count <= 0), as prompt-lookup and assisted decoding do with
+        rejected draft tokens: see :func:`kvcake.engines.transformers.turns.crop`."""
+        turns.crop(self, max_length)
 
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
@@ -236,10 +192,7 @@ class KVCakeCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.feeder is None:
-            raise UnsupportedCacheError(
-                "a kvcake cache is fed only inside a kvcake.compress block of its model and method: outside one, "
-                "the model would read its compressed entries as a plain cache and answer wrongly; continue it inside "
-                "`with kvcake.compress(model, method):` (the block it came from, or a new one with an equal method)")
+            raise UnsupportedCacheError(turns.UNFED)
         if self.prefill_kept is not None and not torch.compiler.is_compiling() and layer_idx in self._slot:
             if key_states.shape[2] > 1:
                 self._frozen_for = None  # the layers go back to the prefill layout for a multi-token feed

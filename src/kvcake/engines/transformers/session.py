@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from kvcake.engines.transformers import attention, drafts
+from kvcake.engines.transformers import attention, drafts, turns
 from kvcake.engines.transformers.cache import KVCakeCache, UnsupportedCacheError
 from kvcake.engines.transformers.compat import cache_argument, cache_keyword, output_cache, text_config
 from kvcake.engines.transformers.report import Report
@@ -193,7 +193,7 @@ class Compression:
             if self.last_cache is not None:
                 self.last_cache.check_finite()
                 if self.last_cache.compiled:
-                    self.last_cache.sync_lengths()
+                    turns.sync_lengths(self.last_cache)
             return out
         finally:
             self._call_tokens = self._draft_prompt = None
@@ -239,7 +239,7 @@ class Compression:
 
     def _after_forward(self, module, args, output):
         if self._feeding is not None:
-            self._feeding.forward_done()
+            turns.refreeze(self._feeding)
             self._feeding.feeder, self._feeding = None, None
         if self._draft_logits is not None:
             output.logits, self._draft_logits = torch.cat([self._draft_logits, output.logits], dim=1), None
