@@ -241,8 +241,9 @@ class Compression:
         if self._feeding is not None:
             turns.refreeze(self._feeding)
             self._feeding.feeder, self._feeding = None, None
-        if self._draft_logits is not None:
-            output.logits, self._draft_logits = torch.cat([self._draft_logits, output.logits], dim=1), None
+        logits, self._draft_logits = self._draft_logits, None
+        if logits is not None and output is not None:  # None: the forward raised
+            output.logits = torch.cat([logits, output.logits], dim=1)
         return output
 
     def _prefill_before_drafts(self, cache: KVCakeCache, prompt: int, args: tuple,
