@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from kvcake.engines.transformers import turns
+from kvcake.engines.transformers.errors import UnsupportedCacheError
 from kvcake.engines.transformers.masks import key_valid
 from kvcake.engines.transformers.prefill import PrefillLayer, Stage
 from kvcake.engines.transformers.report import Report
@@ -23,9 +25,8 @@ from kvcake.methods.base import Method
 from kvcake.methods.budget import RequestBudget
 from kvcake.methods.views import LayerView
 
-
-class UnsupportedCacheError(ValueError):
-    """A cache kvcake cannot compress (another kind, or one that already holds tokens)."""
+#: Who may feed a cache without a compress block's forward: :func:`kvcake.engines.transformers.replay.replay`.
+REPLAY = "replay"
 
 
 #: Generated tokens the decoding buffers are sized for when the caller does not say.
@@ -64,6 +65,12 @@ class KVCakeCache(DynamicCache):
 
     def __init__(self, config: Any, method: Method) -> None:
         super().__init__(config=config)
+        #: The decoder configuration of the model the cache was made for: it continues on that model only.
+        self.model_config = config
+        #: The compress block whose forward is feeding the cache now (set and cleared around each forward by the
+        #: block's hooks), or :data:`REPLAY`. None: no block is running the cache, and ``update`` refuses: a forward
+        #: outside the block would read the compressed or slot-laid-out entries as a plain cache.
+        self.feeder: Any = None
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:
                 self.layers[i] = CompressedLayer()
@@ -145,6 +152,16 @@ class KVCakeCache(DynamicCache):
         self._reorder_rows(torch.as_tensor(indices).tolist())
         self._frozen_for = None
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether :meth:`crop` puts the cache back as it was: not under decode-time eviction."""
+        return not self.method.decode_eviction and all(getattr(layer, "is_croppable", True) for layer in self.layers)
+
+    def crop(self, max_length: int) -> None:
+        """Forget the newest ``-max_length`` tokens (a count <= 0), as prompt-lookup and assisted decoding do with
+        rejected draft tokens: see :func:`kvcake.engines.transformers.turns.crop`."""
+        turns.crop(self, max_length)
+
     # -- memory accounting -------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now, all layers."""
@@ -174,6 +191,8 @@ class KVCakeCache(DynamicCache):
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.feeder is None:
+            raise UnsupportedCacheError(turns.UNFED)
         if self.prefill_kept is not None and not torch.compiler.is_compiling() and layer_idx in self._slot:
             if key_states.shape[2] > 1:
                 self._frozen_for = None  # the layers go back to the prefill layout for a multi-token feed

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from kvcake.engines.transformers.cache import KVCakeCache
+from kvcake.engines.transformers.cache import REPLAY, KVCakeCache
 from kvcake.engines.transformers.compat import cache_keyword, output_cache, text_config
 from kvcake.engines.transformers.prefill import PrefillLayer
 from kvcake.engines.transformers.session import compress
@@ -78,12 +78,17 @@ def replay(model, record: PrefillRecord, method) -> DynamicCache:
     cache = DynamicCache(config=config) if method is None else KVCakeCache(config=config, method=method)
     if isinstance(cache, KVCakeCache):
         cache.tail = record.tail
-    for layer_idx in sorted(record.layers):
-        layer = record.layers[layer_idx]
-        # Entries may be reordered or shrunk in place while decoding: give every cache its own copy.
-        key, value = cache.update(layer.key.clone(), layer.value.clone(), layer_idx)
-        if isinstance(cache, KVCakeCache) and layer.query is not None and cache.compressed_layer(layer_idx):
-            assert layer.scaling is not None
-            cache.prefill_layer(layer_idx, layer.query, key, value, layer.key_valid, layer.scaling,
-                                layer.softcap, layer.positions, layer.rotary)
+        cache.feeder = REPLAY  # fed here without a forward; decoding goes on inside a compress block
+    try:
+        for layer_idx in sorted(record.layers):
+            layer = record.layers[layer_idx]
+            # Entries may be reordered or shrunk in place while decoding: give every cache its own copy.
+            key, value = cache.update(layer.key.clone(), layer.value.clone(), layer_idx)
+            if isinstance(cache, KVCakeCache) and layer.query is not None and cache.compressed_layer(layer_idx):
+                assert layer.scaling is not None
+                cache.prefill_layer(layer_idx, layer.query, key, value, layer.key_valid, layer.scaling,
+                                    layer.softcap, layer.positions, layer.rotary)
+    finally:
+        if isinstance(cache, KVCakeCache):
+            cache.feeder = None
     return cache

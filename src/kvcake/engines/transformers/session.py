@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from kvcake.engines.transformers import attention
+from kvcake.engines.transformers import attention, drafts, turns
 from kvcake.engines.transformers.cache import KVCakeCache, UnsupportedCacheError
 from kvcake.engines.transformers.compat import cache_argument, cache_keyword, output_cache, text_config
 from kvcake.engines.transformers.report import Report
@@ -68,12 +68,16 @@ class Compression:
         self.uncompressed_tail = uncompressed_tail
         self._compiled: Any = None
         self._call_tokens: int | None = None  # max_new_tokens of the generate call in progress
+        self._draft_prompt: int | None = None  # prompt length of an assisted generate call in progress
+        self._draft_logits: torch.Tensor | None = None  # the prompt's last logits, for the forward that drafts on it
         self.active_cache: KVCakeCache | None = None
         self.last_cache: KVCakeCache | None = None
         self._report: Report | None = None
         self._report_error: Exception | None = None  # why the last request's report could not be made
         self._saved: list[tuple[Any, str]] = []
         self._hook: Any = None
+        self._after_hook: Any = None
+        self._feeding: KVCakeCache | None = None  # the cache of the forward running now
         self._cache_name: str | None = None
 
     # -- attach / detach ---------------------------------------------------------------------------------------------
@@ -102,6 +106,7 @@ class Compression:
                           "those to transformers' own bounded cache: nothing will be compressed", UserWarning,
                           stacklevel=2)
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._after_hook = self.model.register_forward_hook(self._after_forward, always_call=True)
         if callable(getattr(self.model, "generate", None)):
             # An instance attribute for the block's duration (removed on exit), so that each generate call tells its
             # cache how many tokens it will generate.
@@ -111,9 +116,12 @@ class Compression:
     def __exit__(self, *exc: object) -> None:
         if self.model.__dict__.get("generate") == self._generate:
             del self.model.__dict__["generate"]
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._after_hook):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._after_hook = None
+        if self._feeding is not None:  # a forward that raised: its cache is no longer fed by this block
+            self._feeding.feeder, self._feeding = None, None
         for config, name in reversed(self._saved):
             config._attn_implementation = name
         self._saved.clear()
@@ -174,15 +182,21 @@ class Compression:
         """``model.generate`` inside the block: the model's own, told how many tokens it will generate."""
         original = type(self.model).generate.__get__(self.model)  # type: ignore[attr-defined]
         self._call_tokens = _new_tokens(self.model, args, kwargs)
+        if drafts.assisted(self.model, kwargs):
+            if self.method.decode_eviction:
+                raise UnsupportedCacheError(drafts.REFUSAL.format(name=self.method.name))
+            self._draft_prompt = drafts.prompt_length(args, kwargs)
         try:
             if self.compile:
                 kwargs = self._compile_kwargs(kwargs)
             out = original(*args, **kwargs)
             if self.last_cache is not None:
                 self.last_cache.check_finite()
+                if self.last_cache.compiled:
+                    turns.sync_lengths(self.last_cache)
             return out
         finally:
-            self._call_tokens = None
+            self._call_tokens = self._draft_prompt = None
 
     def _cache_kwarg(self) -> str:
         """The name the model's forward takes its cache under, read once per model."""
@@ -212,9 +226,59 @@ class Compression:
             # The caller's own object becomes the compressed cache, in place (see KVCakeCache.adopt).
             cache = KVCakeCache.adopt(cache, text_config(self.model), self.method)  # type: ignore[arg-type]
             self._prepare(cache)
+        else:
+            self._continue(cache)
+        if self._draft_prompt is not None:  # the first forward of an assisted generate call
+            prompt, self._draft_prompt = self._draft_prompt, None
+            if not torch.compiler.is_compiling() and cache.plan is None and not cache.get_seq_length():
+                args, kwargs = self._prefill_before_drafts(cache, prompt, args, kwargs)
         self._use(cache)
+        cache.feeder, self._feeding = self, cache
         kwargs[attention.CACHE_KWARG] = cache
         return args, kwargs
+
+    def _after_forward(self, module, args, output):
+        if self._feeding is not None:
+            turns.refreeze(self._feeding)
+            self._feeding.feeder, self._feeding = None, None
+        logits, self._draft_logits = self._draft_logits, None
+        if logits is not None and output is not None:  # None: the forward raised
+            output.logits = torch.cat([logits, output.logits], dim=1)
+        return output
+
+    def _prefill_before_drafts(self, cache: KVCakeCache, prompt: int, args: tuple,
+                               kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """Assisted and prompt-lookup decoding prefill the prompt and the first draft tokens in one forward. The
+        prompt alone is prefilled (and compressed) first, as ordinary decoding does, and the forward goes on with
+        the drafts only, on the compressed cache; the prompt's last logits are put back in front of the drafts'."""
+        split = drafts.split(args, kwargs, prompt)
+        if split is None:
+            return args, kwargs
+        first, rest_args, rest = split
+        out = self.model(**first, **{self._cache_kwarg(): cache}, use_cache=True, logits_to_keep=1)
+        self._draft_logits = out.logits[:, -1:]
+        return rest_args, rest
+
+    def _continue(self, cache: KVCakeCache) -> None:
+        """Check that a kvcake cache the caller passed may go on in this block: made for this model, holding a
+        request of an equal method (or none yet). Either mismatch would attend over entries another model wrote, or
+        continue a request another method compressed under this one's budgets: refused. Host-side checks, made
+        once at the forward that starts a compiled decoding, not inside the compiled steps."""
+        if torch.compiler.is_compiling():
+            return
+        if cache.model_config is not text_config(self.model):
+            raise UnsupportedCacheError("this kvcake cache was made for another model; a kvcake cache continues only "
+                                        "on the model whose compress block filled it")
+        held = cache.get_seq_length()
+        if cache.method != self.method:
+            if held or cache.plan is not None:
+                raise UnsupportedCacheError(
+                    f"this kvcake cache holds {held} tokens compressed by {cache.method!r}; this block compresses "
+                    f"with {self.method!r}: continue it in a block with an equal method, or start a new request")
+            cache.method = self.method  # an empty cache simply takes this block's method
+            self._prepare(cache)
+        elif held and self._call_tokens is not None:
+            cache.decode_horizon = self._call_tokens  # the next turn's generate: its decoding buffers' size
 
     def _prepare(self, cache: KVCakeCache) -> None:
         """Settings a cache of this block gets (the ones new_cache gives)."""

@@ -145,6 +145,13 @@ class Slots:
         self.count.add_(1)
         self.cursor.add_(1)
 
+    def forget_from(self, position: int) -> None:
+        """Free the slots of the tokens at ``position`` and after, and move the logical cursor back to it."""
+        dropped = self.positions >= position
+        self.positions.masked_fill_(dropped, -1)
+        self.count.sub_(dropped.sum(dim=-1))
+        self.cursor.fill_(position)
+
     def order(self) -> torch.Tensor:
         """Slots ``(B, Hkv, C)`` by increasing position: free slots (-1) first, then the tokens."""
         return torch.sort(self.positions, dim=-1, stable=True).indices

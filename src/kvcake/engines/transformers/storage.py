@@ -112,15 +112,16 @@ class CompressedLayer(DynamicLayer):
         return self.seen
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
-        if self.slots is not None:
-            # Frozen layers build their own mask from their slots: transformers' mask goes unused, and a constant
-            # size keeps it from changing shape (and a compiled step from recompiling) as the sequence grows.
-            return 1, 0
         # transformers >= 5.x passes the query length (int); older 5.x releases pass ``cache_position`` (a tensor
         # of the new tokens' positions), whose length is the query length.
         if isinstance(query_length, torch.Tensor):
             query_length = query_length.shape[0]
-        return self.seen + query_length, 0
+        if self.slots is not None and query_length == 1:
+            # A decoding step of a frozen layer builds its own mask from its slots: transformers' mask goes unused,
+            # and a constant size keeps it from changing shape (and a compiled step from recompiling) as the
+            # sequence grows. Several tokens (a chat's next turn) thaw the layer and need the logical mask.
+            return 1, 0
+        return self.logical_length() + query_length, 0
 
     def reset(self) -> None:
         super().reset()
@@ -134,10 +135,27 @@ class CompressedLayer(DynamicLayer):
         self.slots = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.positions is not None or self.slots is not None:
-            raise NotImplementedError("cropping a compressed KV cache (assisted decoding) is not supported by kvcake")
+        """Forget the newest ``-tokens_to_remove`` tokens (a count <= 0, transformers' convention): the entries at
+        those positions, which are the newest of every row and head as long as nothing was evicted after them (the
+        cache checks that the method evicts nothing while decoding)."""
+        count = -tokens_to_remove
+        if count <= 0 or not self.is_initialized:
+            return
+        keep = self.logical_length() - count
+        if self.slots is not None:
+            self.slots.forget_from(keep)
+            self.seen = keep
+            return
+        if self.positions is not None:
+            if not bool((self.positions[..., -count:] >= keep).all()):
+                raise ValueError(f"the newest {count} entries of the layer are not its last {count} tokens")
+            self.positions = self.positions[..., :-count]
+            if self.valid_counts is not None:
+                self.valid_counts = [v - count for v in self.valid_counts]
         super().crop(tokens_to_remove)
-        self.seen = self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
+        if self.scores is not None:
+            self.scores = self.scores[..., :-count]
+        self.seen = keep
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.slots is not None:
