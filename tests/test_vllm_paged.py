@@ -83,7 +83,7 @@ def test_decoding_holds_each_layer_at_its_target_and_moves_regions_on():
     state, layers, tables = _prefilled(method, 40)
     state.compact(layers, tables)
     moved_any = False
-    for step in range(3 * BLOCK + 1):
+    for _ in range(3 * BLOCK + 1):
         position = state.logical
         for layer, (paged, table) in enumerate(zip(layers, tables, strict=True)):
             region = state.regions[layer]
