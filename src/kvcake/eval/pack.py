@@ -4,7 +4,8 @@ same lines twice gives the same bytes).
 
 The readers (:func:`kvcake.eval.files.scan_predictions`, ``kvcake report``) take compressed and plain files alike,
 and a run resumed on a packed folder appends to a fresh plain file; packing again folds those lines in after the
-packed ones, so the last row of a key still wins::
+packed ones, so the last row of a key still wins. Pack a folder only when no run is writing into it (a run
+appending to a file that packing removes would lose its rows)::
 
     python -m kvcake.eval.pack docs/eval/results docs/eval/v2/results
 """

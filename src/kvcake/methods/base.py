@@ -137,13 +137,13 @@ class Method:
     window : int, optional
         The last ``window`` tokens are always kept (the observation window, or the recent window of H2O); default:
         the method's own.
-    cascade : bool
-        Evict layer by layer during prefill (memory never exceeds the budget plus one layer); False allocates once
-        after the last layer (identical final cache, full-cache peak).
+    cascade : bool, optional
+        Evict layer by layer during prefill (memory never exceeds the budget plus one layer; the default); False
+        allocates once after the last layer (identical final cache, full-cache peak).
     decode_eviction : bool, optional
         Keep each layer at its budget while generating, dropping the lowest-scored non-window entry per step;
         default: the method's own.
-    decode_budget : str
+    decode_budget : str, optional
         With decode-time eviction, each layer's target: ``resplit`` (default) re-splits the budget with caps grown
         by the generated tokens, so a layer capped by a short prompt may grow and a budget covering prompt and
         answer evicts nothing; ``prefill`` keeps every layer at its prefill budget, as the authors' code does.
@@ -154,6 +154,10 @@ class Method:
         rest goes to the best scores of any head of the layer. None: all heads keep the same count.
     **options
         Parameters of the scorer or the allocator, by name (e.g. CAKE's ``kernel``, ``gamma``, ``tau1``, ``tau2``).
+
+    ``window``, ``cascade``, ``decode_eviction`` and ``decode_budget`` left as None take their default, written once,
+    in their field's metadata (:func:`option`; :meth:`default` reads it): the command line, ``kvcake methods`` and
+    the docs' parameter table read the same.
     """
 
     budget: int | None
