@@ -31,8 +31,9 @@ def main() -> None:
 
     from kvcake import models
     from kvcake.engines.transformers.compat import cache_keyword
-    from kvcake.eval.answering import _attached, size_for_answer
-    from kvcake.eval.batching import _left_pad, record_batch
+    from kvcake.engines.transformers.replay import record_prefill
+    from kvcake.eval.answering import attached, size_for_answer
+    from kvcake.eval.batching import left_pad
     from kvcake.eval.grid import Setting
 
     model, _ = models.load(args.model)
@@ -45,9 +46,9 @@ def main() -> None:
         return None if args.method == "full" else Setting(args.method, ratio=args.ratio).build()
 
     def prefill(rows):
-        ids, mask = _left_pad(rows, 0)
+        ids, mask = left_pad(rows, 0)
         start = time.process_time()
-        _, cache = record_batch(model, ids, mask, build())
+        _, cache = record_prefill(model, ids, build(), attention_mask=mask)
         return time.process_time() - start, cache, mask
 
     prefill(padded[:1])  # warm-up
@@ -65,7 +66,7 @@ def main() -> None:
         positions = torch.tensor([r.shape[1] for r in rows])
         costs = []
         method = build()
-        with _attached(model, method):
+        with attached(model, method):
             for _ in range(args.steps):
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
                 start = time.process_time()

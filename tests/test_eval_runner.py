@@ -54,13 +54,13 @@ def test_answer_prefix_opens_the_assistant_turn(chat):
     plain = runner.encode(tokenizer, sample(answer_prefix="Answer: it is", chat=False))
     assert tokenizer.decode(plain.question_ids[0]) == s.question + "Answer: it is"
     # the tail protocol leaves the answer prefix uncompressed with the template's tail
-    from kvcake.eval.answering import _tail_tokens
+    from kvcake.eval.answering import tail_tokens
     from kvcake.pipeline import chat_tail_length
 
     added = len(tokenizer("Answer: it is", add_special_tokens=False)["input_ids"])
-    assert _tail_tokens(tokenizer, s, "query-aware", "tail") == chat_tail_length(tokenizer) + added
-    assert _tail_tokens(tokenizer, sample(), "query-aware", "tail") == chat_tail_length(tokenizer)
-    assert _tail_tokens(tokenizer, s, "query-aware", "whole") == 0
+    assert tail_tokens(tokenizer, s, "query-aware", "tail") == chat_tail_length(tokenizer) + added
+    assert tail_tokens(tokenizer, sample(), "query-aware", "tail") == chat_tail_length(tokenizer)
+    assert tail_tokens(tokenizer, s, "query-aware", "whole") == 0
 
 
 def test_sample_hash_without_answer_prefix_is_unchanged():

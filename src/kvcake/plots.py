@@ -16,10 +16,27 @@ def pyplot():
 
 
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` to ``path`` and release it."""
+    """Write ``fig`` to ``path`` and release it (a PNG as a palette image: :func:`shrink_png`)."""
     path = Path(path)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+    if path.suffix.lower() == ".png":
+        shrink_png(path)
+    return path
+
+
+def shrink_png(path: str | Path) -> Path:
+    """Rewrite a PNG as a 256-colour palette image (no dithering): a plot's flat colours and anti-aliased edges fit
+    in a palette, and the file is about a third of matplotlib's RGBA one."""
+    from PIL import Image
+
+    path = Path(path)
+    with Image.open(path) as image:
+        if image.mode == "P":
+            return path
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                dither=Image.Dither.NONE)
+    palette.save(path, format="PNG", optimize=True)
     return path
 
 

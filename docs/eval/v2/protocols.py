@@ -4,9 +4,9 @@
     python docs/eval/v2/protocols.py
 """
 
-import json
 from pathlib import Path
 
+from kvcake.eval.files import read_predictions
 from kvcake.eval.stats import compare
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -14,8 +14,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     rows = []
-    for path in sorted(RESULTS.glob("smollm2*/smollm2-135m-instruct/predictions.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for folder in sorted(RESULTS.glob("smollm2*/smollm2-135m-instruct")):
+        rows += read_predictions(folder)
     scores: dict[tuple[str, str], dict[str, float]] = {}
     for r in rows:
         if r["task"] == "needlebench/single" and r.get("error") is None:

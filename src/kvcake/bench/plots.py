@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcake.bench.summary import MIB, Grid
+from kvcake.methods.registry import color
 
 
 class _Figures:
@@ -22,7 +23,7 @@ class _Figures:
         self.save = save
         self.grid = Grid(rows)
         self.out_dir = out_dir
-        self.colors = {m: self.plt.cm.tab10(i % 10) for i, m in enumerate(self.grid.methods)}
+        self.colors = {m: color(m) for m in self.grid.methods}  # each method's colour in every plot
         self.written: list[Path] = []
 
     def series(self, method: str, key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:

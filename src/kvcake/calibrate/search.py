@@ -87,12 +87,12 @@ def _forced_logits(model, cache, prompt: _Prompt, method):
     import torch
 
     from kvcake.engines.transformers.compat import cache_keyword
-    from kvcake.eval.answering import _attached
+    from kvcake.eval.answering import attached
 
     n = prompt.ids.shape[1]
     ids = prompt.forced
     positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
-    with torch.no_grad(), _attached(model, method):
+    with torch.no_grad(), attached(model, method):
         out = model(input_ids=ids, position_ids=positions, **{cache_keyword(model): cache}, use_cache=True)
     return out.logits[0].float()
 

@@ -34,7 +34,7 @@ from kvcake.eval.prompts import Encoded, answer_prefix_length, encode
 from kvcake.eval.sample import Sample
 
 
-def _attached(model, method):
+def attached(model, method):
     """``method`` attached to ``model`` for a block (nothing for the full cache)."""
     return compress(model, method) if method is not None else contextlib.nullcontext()
 
@@ -60,7 +60,7 @@ def greedy(model, cache, logits: torch.Tensor, position: int, method, max_new_to
     tokens: list[int] = []
     keyword = cache_keyword(model)
     device = logits.device
-    with _attached(model, method):
+    with attached(model, method):
         nxt = int(logits[0].argmax())
         while nxt not in stop and len(tokens) < max_new_tokens:
             tokens.append(nxt)
@@ -78,7 +78,7 @@ def greedy(model, cache, logits: torch.Tensor, position: int, method, max_new_to
 def feed(model, cache, ids: torch.Tensor, position: int, method) -> torch.Tensor:
     """Run ``ids`` on top of ``cache`` (the question after a compressed context); the last position's logits."""
     positions = torch.arange(position, position + ids.shape[1], device=ids.device)[None]
-    with _attached(model, method):
+    with attached(model, method):
         out = model(input_ids=ids, position_ids=positions, **{cache_keyword(model): cache}, use_cache=True,
                     logits_to_keep=1)
     return out.logits[:, -1].float()
@@ -99,7 +99,7 @@ class _Prefill:
     seconds: float
 
 
-def _tail_tokens(tokenizer, sample: Sample, mode: str, protocol: str) -> int:
+def tail_tokens(tokenizer, sample: Sample, mode: str, protocol: str) -> int:
     """Prompt tokens left uncompressed at the end of the prefill: the chat template's tail (and the answer prefix
     after it) under the ``tail`` protocol, for a query-aware sample prompted through the chat template; else none."""
     if protocol not in PROTOCOLS:
@@ -123,7 +123,7 @@ def _prefill(model, tokenizer, sample: Sample, settings: list[Setting], mode: st
     recorded = next((i for i, m in enumerate(methods) if m is not None), 0)
     start = time.perf_counter()
     record, first_cache = record_prefill(model, prefill_ids, methods[recorded], queries=queries_needed(methods),
-                                         tail=_tail_tokens(tokenizer, sample, mode, protocol))
+                                         tail=tail_tokens(tokenizer, sample, mode, protocol))
     return _Prefill(enc, prefill_ids, rest, methods, recorded, record, first_cache, limit,
                     time.perf_counter() - start)
 

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvcake.engines.transformers.cache import KVCakeCache
-from kvcake.engines.transformers.compat import cache_keyword, output_cache, text_config
-from kvcake.engines.transformers.replay import PrefillRecord, queries_needed, replay
-from kvcake.engines.transformers.session import compress
-from kvcake.eval.answering import _attached, _tail_tokens, answer_settings, size_for_answer
+from kvcake.engines.transformers.compat import cache_keyword
+from kvcake.engines.transformers.replay import PrefillRecord, queries_needed, record_prefill, replay
+from kvcake.engines.transformers.sizing import decode_capacity, entry_bytes, full_attention_only, row_plan
+from kvcake.eval.answering import answer_settings, attached, size_for_answer, tail_tokens
 from kvcake.eval.grid import Setting
 from kvcake.eval.prompts import Encoded, encode
 from kvcake.eval.sample import Sample
@@ -40,38 +39,10 @@ Result = dict[str, Any] | Exception
 def batchable(model) -> bool:
     """Whether the model's cache has only plain full-attention layers (sliding-window layers keep transformers' own
     bounded cache, whose per-row figures are not counted here: such models answer one sample at a time)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=text_config(model)).layers)
-
-
-@torch.no_grad()
-def record_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, method, queries: int | None = None,
-                 tail: int = 0) -> tuple[PrefillRecord, Any]:
-    """:func:`kvcake.engines.transformers.replay.record_prefill` for a left-padded batch: the prefill of ``input_ids``
-    ``(B, S)`` under ``attention_mask`` (0 on the padding), each row at its own positions ``0 .. n_r - 1``."""
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                  logits_to_keep=1)
-    if method is None:
-        out = model(**inputs)
-        return PrefillRecord(out.logits[:, -1].float(), {}, input_ids.shape[1], tail), output_cache(out)
-    with compress(model, method, uncompressed_tail=tail) as press:
-        cache = press.new_cache()
-        cache.recorder = {}
-        cache.record_queries = None if queries is None else queries + tail
-        out = model(**inputs, **{cache_keyword(model): cache})
-        layers, cache.recorder = cache.recorder, None
-    if len(layers) != len(cache.layers):
-        raise RuntimeError(f"recorded {len(layers)} of {len(cache.layers)} layers: the model bypassed the cache")
-    return PrefillRecord(out.logits[:, -1].float(), layers, input_ids.shape[1], tail), output_cache(out) or cache
+    return full_attention_only(model)
 
 
 # -- per-row memory figures -------------------------------------------------------------------------------------------
-def _entry_bytes(layer) -> int:
-    """Bytes of one entry (one token of one row, every KV head) of a cache layer holding tokens."""
-    keys, values = layer.keys, layer.values
-    return keys.shape[1] * (keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size())
-
-
 def row_lengths(cache, valid: torch.Tensor) -> list[list[int]]:
     """``[row][layer]`` entries each compressed layer holds for each row, as a batch of one stores them: the real
     tokens of the row's longest KV head (padding and filler slots left out). ``valid`` ``(B, S)``: the prompt's
@@ -95,11 +66,11 @@ def row_memory(cache, row: int, lengths: list[int], held: list[list[int]] | None
     if isinstance(cache, KVCakeCache):
         assert held is not None
         report = cache.report()
-        entry = [_entry_bytes(layer) for layer in cache.layers_in_order()]
+        entry = [entry_bytes(layer) for layer in cache.layers_in_order()]
         return {"kv_bytes": sum(n * e for n, e in zip(held[row], entry, strict=True)),
                 "kv_bytes_full": lengths[row] * sum(entry), "layer_kept": report.kept_after_prefill[row],
                 "layer_preferences": report.preferences[row]}
-    full = lengths[row] * sum(_entry_bytes(layer) for layer in cache.layers)
+    full = lengths[row] * sum(entry_bytes(layer) for layer in cache.layers)
     return {"kv_bytes": full, "kv_bytes_full": full, "layer_kept": [lengths[row]] * len(cache.layers),
             "layer_preferences": None}
 
@@ -111,22 +82,17 @@ def row_end_bytes(cache, plan, row: int, held: list[int], fed: int, grown: int, 
     ``plan``: the batch's decode plan before decoding (a copy: finished rows leave the cache's own).
 
     A full cache holds every token. A compressed one that decoded holds fixed-shape buffers sized once for the row
-    alone, as ``KVCakeCache._freeze`` sizes them: the row's decode schedule's most entries plus one free slot, or,
-    for a method that does not evict while decoding, the entries plus the horizon. ``tests/test_eval_batch.py``
-    checks the figure against the unbatched runner's, which measures its cache.
+    alone, by the engine's rule (:func:`~kvcake.engines.transformers.sizing.decode_capacity`).
+    ``tests/test_eval_batch.py`` checks the figure against the unbatched runner's, which measures its cache.
     """
     if not isinstance(cache, KVCakeCache):
-        return (held[0] + fed) * sum(_entry_bytes(layer) for layer in cache.layers)
-    entry = [_entry_bytes(layer) for layer in cache.layers_in_order()]
+        return (held[0] + fed) * sum(entry_bytes(layer) for layer in cache.layers)
+    entry = [entry_bytes(layer) for layer in cache.layers_in_order()]
     if fed == 0:  # never frozen: the prefill layout, as long as the longest head
         return sum(n * e for n, e in zip(held, entry, strict=True))
-    if not cache.method.decode_eviction:
-        return sum((n + horizon) * e for n, e in zip(held, entry, strict=True))
-    assert plan is not None
-    plan = copy.deepcopy(plan)
-    plan.select_rows([row])
-    schedule = plan.decode_schedule(grown + horizon)
-    return sum(schedule.capacity(slot, n) * e for slot, (n, e) in enumerate(zip(held, entry, strict=True)))
+    alone = row_plan(plan, row) if cache.method.decode_eviction else None
+    capacity = decode_capacity(cache.method, alone, held, grown, horizon)
+    return sum(n * e for n, e in zip(capacity, entry, strict=True))
 
 
 # -- the batch --------------------------------------------------------------------------------------------------------
@@ -153,7 +119,7 @@ def _pad_id(tokenizer, eos: list[int]) -> int:
     return int(pad) if pad is not None else (eos[0] if eos else 0)
 
 
-def _left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(r.shape[1] for r in rows)
     ids = torch.full((len(rows), longest), pad, dtype=rows[0].dtype)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -168,15 +134,15 @@ def _prefill(model, tokenizer, samples: list[Sample], encs: list[Encoded], setti
     device = next(model.parameters()).device
     aware = mode == "query-aware"
     parts = [torch.cat([e.context_ids, e.question_ids], dim=1) if aware else e.context_ids for e in encs]
-    ids, mask = _left_pad(parts, pad)
+    ids, mask = left_pad(parts, pad)
     rest = None
     if not aware and encs[0].question_ids.shape[1]:
         rest = torch.cat([e.question_ids for e in encs], dim=0).to(device)
     methods = [s.build() for s in settings]
     recorded = next((i for i, m in enumerate(methods) if m is not None), 0)
     start = time.perf_counter()
-    record, first = record_batch(model, ids.to(device), mask.to(device), methods[recorded],
-                                 queries=queries_needed(methods), tail=tail)
+    record, first = record_prefill(model, ids.to(device), methods[recorded], queries=queries_needed(methods),
+                                   tail=tail, attention_mask=mask.to(device))
     return _Batch(samples, encs, ids.to(device), mask.to(device), [p.shape[1] for p in parts], rest, limits, methods,
                   recorded, record, first, time.perf_counter() - start)
 
@@ -209,7 +175,7 @@ def _decode(model, cache, logits: torch.Tensor, mask: torch.Tensor, positions: t
     active = list(range(len(limits)))
     keyword = cache_keyword(model)
     nxt = logits.argmax(-1).tolist()
-    with _attached(model, method):
+    with attached(model, method):
         while True:
             going = _next_feed(nxt, active, tokens, limits, stop)
             if not going:
@@ -247,7 +213,7 @@ def _answer(model, tokenizer, batch: _Batch, i: int, eos: list[int]) -> list[dic
         q = batch.rest.shape[1]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], q)], dim=1)
         where = positions[:, None] + torch.arange(q, device=mask.device)
-        with _attached(model, method):
+        with attached(model, method):
             out = model(input_ids=batch.rest, attention_mask=mask, position_ids=where,
                         **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
@@ -300,7 +266,7 @@ def answer_batch(model, tokenizer, samples: list[Sample], settings: list[Setting
             yield from answer_batch(model, tokenizer, [sample], settings, mode, eos, max_length, max_new_tokens,
                                     protocol)
         return
-    tail = _tail_tokens(tokenizer, ready[0][0], mode, protocol)
+    tail = tail_tokens(tokenizer, ready[0][0], mode, protocol)
     shortest = min(e.context_ids.shape[1] + (e.question_ids.shape[1] if mode == "query-aware" else 0)
                    for _, e, _ in ready)
     # A setting whose observation window (plus the tail) reaches past a row's start would see that row's padding

@@ -4,13 +4,13 @@ tokens each layer kept."""
 from __future__ import annotations
 
 import math
-import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from kvcake.eval.files import protocol
 from kvcake.eval.summary import summarise
+from kvcake.methods.registry import color as method_color
 from kvcake.methods.registry import method_names
 from kvcake.plots import pyplot, save
 
@@ -42,7 +42,7 @@ def _line(ax, points: list[tuple], method: str) -> None:
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     below = [p[1] - p[2] if p[2] is not None else 0.0 for p in points]
     above = [p[3] - p[1] if p[3] is not None else 0.0 for p in points]
-    ax.errorbar(xs, ys, yerr=[below, above], marker="o", label=method, color=_color(method), capsize=3,
+    ax.errorbar(xs, ys, yerr=[below, above], marker="o", label=method, color=method_color(method), capsize=3,
                 elinewidth=0.8, linewidth=2.5 if method == "cake" else 1.2)
 
 
@@ -159,7 +159,7 @@ def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             for r in sample:
                 if r["method"] != "full" and _size(r) == size:
                     ax.plot(range(len(r["layer_kept"])), r["layer_kept"], label=r["method"],
-                            color=_color(r["method"]), linewidth=2.5 if r["method"] == "cake" else 1)
+                            color=method_color(r["method"]), linewidth=2.5 if r["method"] == "cake" else 1)
             ax.set_title(f"{size:.0%} of the prompt" if size <= 1 and isinstance(size, float) else f"budget {size}",
                          fontsize=10)
             ax.set_xlabel("layer")
@@ -171,21 +171,6 @@ def plot_allocation(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.tight_layout()
         written.append(save(fig, out / f"allocation_{_slug(model)}.png"))
     return written
-
-
-COLORS = {"full": "black", "cake": "tab:red", "snapkv": "tab:blue", "pyramidkv": "tab:orange", "h2o": "tab:green",
-          "tova": "tab:purple", "streamingllm": "tab:brown", "ada-snapkv": "tab:cyan", "ada-cake": "tab:pink",
-          "cake-snapkv": "tab:olive", "cake-h2o": "tab:gray", "uniform-cake": "gold", "snapkv-cake-alloc": "navy",
-          "knorm": "sienna", "expected-attention": "mediumseagreen", "cake-knorm": "darkgoldenrod",
-          "cake-expected-attention": "teal", "cake-max-pooling": "magenta", "cake-authors-decoding": "darkred"}
-#: Colours for methods COLORS does not name (a method added since, or a user's), picked by the name's hash.
-SPARE = ("indigo", "crimson", "darkkhaki", "slateblue", "chocolate", "darkcyan", "orchid", "yellowgreen")
-
-
-def _color(method: str):
-    """The same colour for a method in every plot. A method without one used to take matplotlib's cycle, whose
-    colours are COLORS' own (Expected Attention drew in SnapKV's blue) and change from plot to plot."""
-    return COLORS.get(method) or SPARE[zlib.crc32(method.encode()) % len(SPARE)]
 
 
 def _view(mode: str, prot: str) -> str:

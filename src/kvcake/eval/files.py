@@ -2,10 +2,14 @@
 
 A run appends each row to ``predictions.jsonl`` (``predictions.rank<r>.jsonl`` for shard ``r``) as soon as it is
 answered, so that a killed run loses at most the line it was writing; reading takes the last row of each key.
+A finished folder may hold its predictions gzip-compressed (``predictions.jsonl.gz``, :mod:`kvcake.eval.pack`):
+readers take both, the compressed lines before the plain ones of the same file, so a run resumed on a packed
+folder appends to the plain file and its rows win as they would have.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import warnings
@@ -65,13 +69,32 @@ def _row(line: str) -> dict[str, Any] | None:
     return row
 
 
+def prediction_files(folder: Path) -> list[Path]:
+    """The predictions files of ``folder`` (shards included, plain or gzip-compressed) in the order they are read:
+    by name, a file's compressed lines (written first, then packed) before its plain ones (appended since)."""
+    found = [*folder.glob(f"{PREDICTIONS}*.jsonl"), *folder.glob(f"{PREDICTIONS}*.jsonl.gz")]
+    return sorted(found, key=lambda p: (p.name.removesuffix(".gz"), p.suffix != ".gz"))
+
+
+def has_predictions(folder: Path) -> bool:
+    """Whether ``folder`` holds a predictions file (plain or compressed)."""
+    return bool(prediction_files(folder))
+
+
+def open_lines(path: Path):
+    """A predictions file opened for reading text, decompressed when its name ends in ``.gz``."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
 def scan_predictions(folder: Path) -> Predictions:
-    """Every row of every predictions file in ``folder`` (shards included), and how many lines of each file are
-    not rows and were left out; such a line's sample is simply redone."""
+    """Every row of every predictions file in ``folder`` (shards included, plain or compressed), and how many lines
+    of each file are not rows and were left out; such a line's sample is simply redone."""
     rows: dict[str, dict[str, Any]] = {}
     ignored: dict[str, int] = {}
-    for path in sorted(folder.glob(f"{PREDICTIONS}*.jsonl")):
-        with path.open(encoding="utf-8") as f:
+    for path in prediction_files(folder):
+        with open_lines(path) as f:
             for line in f:
                 if not line.strip():
                     continue

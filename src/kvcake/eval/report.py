@@ -12,7 +12,7 @@ from typing import Any
 from kvcake.eval import stats
 from kvcake.eval.comparison import DEFAULT_REFERENCE, compare_rows, write_comparison
 from kvcake.eval.figures import label_order, plot_allocation, plot_heatmaps, plot_scores
-from kvcake.eval.files import RECORD, protocol, read_predictions
+from kvcake.eval.files import PREDICTIONS, RECORD, has_predictions, protocol, read_predictions
 from kvcake.eval.record import read_record
 from kvcake.eval.sample import EvalDataError
 from kvcake.eval.summary import write_metrics
@@ -27,9 +27,10 @@ def load_results(folders: list[Path]) -> tuple[list[dict[str, Any]], list[dict[s
         folder = Path(folder)
         if not folder.is_dir():
             raise EvalDataError(f"{folder}: no such results folder")
-        found = sorted({p.parent for p in folder.rglob("predictions*.jsonl")})
+        found = sorted({p.parent for p in folder.rglob(f"{PREDICTIONS}*.jsonl*") if has_predictions(p.parent)})
         if not found:
-            raise EvalDataError(f"{folder}: no predictions*.jsonl inside (run `kvcake eval --out {folder}` first)")
+            raise EvalDataError(f"{folder}: no predictions*.jsonl(.gz) inside (run `kvcake eval --out {folder}` "
+                                "first)")
         runs += found
     for run in runs:
         rows += read_predictions(run)

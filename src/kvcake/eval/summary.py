@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcake.eval import stats
-from kvcake.eval.files import PREDICTIONS, protocol, scan_predictions
+from kvcake.eval.files import PREDICTIONS, prediction_files, protocol, scan_predictions
 
 #: The columns of ``metrics.csv``.
 COLUMNS = ["model", "mode", "protocol", "label", "method", "budget", "ratio", "task", "tasks", "samples", "failed",
@@ -105,16 +105,18 @@ def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> list[dict[str, An
 
 
 def merge(folder: Path) -> list[dict[str, Any]]:
-    """Merge the shards' prediction files of ``folder`` into one ``predictions.jsonl`` and write the metrics (lines
-    that are not rows are dropped)."""
+    """Merge the shards' prediction files of ``folder`` (and a packed one) into one ``predictions.jsonl`` and write
+    the metrics (lines that are not rows are dropped)."""
     rows = scan_predictions(folder).rows
     rows.sort(key=lambda r: (r["task"], str(r["id"]), r["mode"], protocol(r), r["label"]))
     tmp = folder / f".{PREDICTIONS}.jsonl.tmp"
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(folder / f"{PREDICTIONS}.jsonl")
-    for shard in folder.glob(f"{PREDICTIONS}.rank*.jsonl"):
-        shard.unlink()
+    merged = folder / f"{PREDICTIONS}.jsonl"
+    tmp.replace(merged)
+    for path in prediction_files(folder):  # the shards, and a packed file: every row is in the merged file now
+        if path != merged:
+            path.unlink()
     write_metrics(folder, rows)
     return rows

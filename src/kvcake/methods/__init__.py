@@ -67,10 +67,13 @@ def _discover() -> dict[str, Any]:
 
 _METHOD_EXPORTS = _discover()
 globals().update(_METHOD_EXPORTS)
+#: The names the method modules export (their ``__all__``): with the names of :data:`kvcake._HOMES`, ``kvcake``'s
+#: public names.
+METHOD_EXPORTS: tuple[str, ...] = tuple(sorted(_METHOD_EXPORTS))
 
 __all__ = [
-    "METHODS", "Allocator", "DecodeView", "LayerView", "Method", "NonFiniteAttentionError", "RequestBudget", "Scorer",
-    "Uniform", "allocate", "build", "head_counts", "method_names", "register", "register_composition", "uniform",
-    "window_attention",
+    "METHODS", "METHOD_EXPORTS", "Allocator", "DecodeView", "LayerView", "Method", "NonFiniteAttentionError",
+    "RequestBudget", "Scorer", "Uniform", "allocate", "build", "head_counts", "method_names", "register",
+    "register_composition", "uniform", "window_attention",
 ]
 __all__ += sorted(_METHOD_EXPORTS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvcake._lazy import torch
@@ -102,11 +102,21 @@ class Uniform(Allocator):
     name: ClassVar[str] = "uniform"
 
 
-METHOD_FIELDS = ("budget", "ratio", "window", "cascade", "decode_eviction", "decode_budget", "scorer", "allocator",
-                 "head_alpha")
 #: How decode-time eviction sets each layer's target: ``resplit`` (kvcake: the budget re-split with caps grown by the
 #: generated tokens) or ``prefill`` (the authors': every layer stays at its prefill budget).
 DECODE_BUDGETS = ("resplit", "prefill")
+
+
+#: Ada-KV's floor: every KV head keeps at least this share of the layer's per-head budget (the paper's safeguard).
+HEAD_ALPHA = 0.2
+
+
+def option(default: Any, help: str, *, kind: type, name: str | None = None, head_wise: bool = False) -> dict[str, Any]:
+    """The metadata of a method-level parameter, declared once as a field of :class:`Method`
+    (``field(metadata=option(...))``): its default (None: the method's own, from its class), its meaning, its type
+    on the command line, the name it takes there (``name``, default the field's) and whether only head-wise (Ada-KV)
+    methods take it."""
+    return {"default": default, "help": help, "kind": kind, "name": name, "head_wise": head_wise}
 
 
 def _is_int(value: Any) -> bool:
@@ -127,13 +137,13 @@ class Method:
     window : int, optional
         The last ``window`` tokens are always kept (the observation window, or the recent window of H2O); default:
         the method's own.
-    cascade : bool
-        Evict layer by layer during prefill (memory never exceeds the budget plus one layer); False allocates once
-        after the last layer (identical final cache, full-cache peak).
+    cascade : bool, optional
+        Evict layer by layer during prefill (memory never exceeds the budget plus one layer; the default); False
+        allocates once after the last layer (identical final cache, full-cache peak).
     decode_eviction : bool, optional
         Keep each layer at its budget while generating, dropping the lowest-scored non-window entry per step;
         default: the method's own.
-    decode_budget : str
+    decode_budget : str, optional
         With decode-time eviction, each layer's target: ``resplit`` (default) re-splits the budget with caps grown
         by the generated tokens, so a layer capped by a short prompt may grow and a budget covering prompt and
         answer evicts nothing; ``prefill`` keeps every layer at its prefill budget, as the authors' code does.
@@ -144,17 +154,26 @@ class Method:
         rest goes to the best scores of any head of the layer. None: all heads keep the same count.
     **options
         Parameters of the scorer or the allocator, by name (e.g. CAKE's ``kernel``, ``gamma``, ``tau1``, ``tau2``).
+
+    ``window``, ``cascade``, ``decode_eviction`` and ``decode_budget`` left as None take their default, written once,
+    in their field's metadata (:func:`option`; :meth:`default` reads it): the command line, ``kvcake methods`` and
+    the docs' parameter table read the same.
     """
 
     budget: int | None
     ratio: float | None
-    window: int
-    cascade: bool
-    decode_eviction: bool
-    decode_budget: str
+    window: int = field(metadata=option(None, "tokens at the end always kept (observation or recent window)",
+                                        kind=int))
+    cascade: bool = field(metadata=option(True, "evict layer by layer during prefill (False: once after the last "
+                                          "layer)", kind=bool))
+    decode_eviction: bool = field(metadata=option(None, "hold each layer at its budget while generating (False: "
+                                                  "evict at prefill only)", kind=bool))
+    decode_budget: str = field(metadata=option("resplit", "decode-time targets: resplit (kvcake) or prefill (the "
+                                               "authors': prefill budgets)", kind=str))
     scorer: Scorer
     allocator: Allocator
-    head_alpha: float | None
+    head_alpha: float | None = field(metadata=option(None, "Ada-KV: each head's floor as a share of the budget",
+                                                     kind=float, name="alpha", head_wise=True))
 
     name: ClassVar[str] = "method"
     scorer_type: ClassVar[type[Scorer] | None] = None
@@ -163,9 +182,10 @@ class Method:
     default_decode_eviction: ClassVar[bool] = False
 
     def __init__(self, budget: int | None = None, ratio: float | None = None, *, window: int | None = None,
-                 cascade: bool = True, decode_eviction: bool | None = None, decode_budget: str = "resplit",
+                 cascade: bool | None = None, decode_eviction: bool | None = None, decode_budget: str | None = None,
                  scorer: Scorer | None = None, allocator: Allocator | None = None, head_alpha: float | None = None,
                  **options: Any) -> None:
+        # window, cascade, decode_eviction, decode_budget: None takes the default (:meth:`default`)
         if scorer is None:
             if self.scorer_type is None:
                 raise TypeError("Method needs a scorer: pass scorer=... or use a named method such as CAKE or SnapKV")
@@ -173,15 +193,34 @@ class Method:
         if allocator is None:
             allocator = self.allocator_type()
         scorer, allocator = self._route(options, scorer, allocator)
+        given = {"window": window, "cascade": cascade, "decode_eviction": decode_eviction,
+                 "decode_budget": decode_budget}
         values = {"budget": budget, "ratio": ratio,
-                  "window": self.window_for(budget) if window is None else window, "cascade": cascade,
-                  "decode_eviction": self.default_decode_eviction if decode_eviction is None else decode_eviction,
-                  "decode_budget": decode_budget, "scorer": scorer, "allocator": allocator, "head_alpha": head_alpha}
+                  **{key: self.default(key, budget) if value is None else value for key, value in given.items()},
+                  "scorer": scorer, "allocator": allocator, "head_alpha": head_alpha}
         for key, value in values.items():
             object.__setattr__(self, key, value)
         self.validate()
 
     # -- parameters --------------------------------------------------------------------------------------------------
+    @classmethod
+    def default(cls, key: str, budget: int | None = None) -> Any:
+        """The default of option ``key`` for this method: the field's, or where the field leaves it to the method
+        (None), the method's own: its window for ``budget``, whether it evicts while decoding."""
+        value = OPTIONS[key].metadata["default"]
+        if value is not None:
+            return value
+        if key == "window":
+            return cls.window_for(budget)
+        if key == "decode_eviction":
+            return cls.default_decode_eviction
+        return None
+
+    @classmethod
+    def described_default(cls, key: str) -> Any:
+        """:meth:`default` for help texts (the window in words: it may depend on the budget)."""
+        return cls.describe_window() if key == "window" else cls.default(key)
+
     @classmethod
     def window_for(cls, budget: int | None) -> int:
         """The default window for a budget (most methods: a constant)."""
@@ -203,7 +242,8 @@ class Method:
             else:
                 unknown.append(key)
         if unknown:
-            takes = [*METHOD_FIELDS[:6], *(f.name for f in fields(scorer)), *(f.name for f in fields(allocator))]
+            takes = ["budget", "ratio", *(key for key, f in OPTIONS.items() if not f.metadata["head_wise"]),
+                     *(f.name for f in fields(scorer)), *(f.name for f in fields(allocator))]
             raise TypeError(f"{self.name} has no parameter(s) {', '.join(sorted(unknown))}; it takes: "
                             f"{', '.join(takes)}")
         return scorer, allocator
@@ -282,10 +322,17 @@ class Method:
         return out
 
 
+#: The fields of a method, in order (what :meth:`Method.with_options` copies and :meth:`Method.parameters` reports).
+METHOD_FIELDS = tuple(f.name for f in fields(Method))
+#: The method-level options (besides budget/ratio and the components), by field name, each with its metadata.
+OPTIONS: dict[str, Field] = {f.name: f for f in fields(Method) if "help" in f.metadata}
+
+
 def check_positive(name: str, value: float) -> None:
     """A finite, strictly positive parameter."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and positive, got {value}")
 
 
-__all__ = ["METHOD_FIELDS", "Allocator", "Method", "Scorer", "Uniform", "check_positive"]
+__all__ = ["HEAD_ALPHA", "METHOD_FIELDS", "OPTIONS", "Allocator", "Method", "Scorer", "Uniform", "check_positive",
+           "option"]

@@ -3,10 +3,13 @@
 This is the policy half of the engine, with no transformers in it: the cache (an engine's) stores the
 tensors and asks a :class:`RequestBudget` how many entries each layer keeps.
 
-* Prefill (CAKE §3.3): every compressed layer, once prefilled, hands in its preference; in the cascade the whole
-  evictable budget is re-split over the layers seen so far (:meth:`RequestBudget.add_layer`), and every seen layer is
-  evicted to its share plus the window. Shares come from the allocator's exact capped divisor method, so they never
-  grow from one stage to the next and the last stage is the one-shot split.
+* Prefill (CAKE §3.3): every compressed layer, once prefilled, hands in its preference as a device tensor
+  (:meth:`RequestBudget.push`); in the cascade the whole evictable budget is re-split over the layers seen so far
+  on the device (:meth:`RequestBudget.device_shares`), the engine reads the shares back when they land
+  (:meth:`RequestBudget.set_shares`) and evicts every seen layer to its share plus the window; after the last
+  layer :meth:`RequestBudget.finish_device` brings the preferences to the host and refuses NaN or inf. Shares come
+  from the allocator's exact capped divisor method, so they never grow from one stage to the next and the last
+  stage is the one-shot split.
 * Head-wise (Ada-KV): a layer's count per KV head comes from :func:`kvcake.methods.allocation.head_counts`.
 * Decoding (CAKE §3.4): each layer's target is its share plus the window, re-split with caps that grow with the
   generated tokens (:meth:`RequestBudget.decode_targets`), so a layer capped by a short prompt may fill up to its
@@ -18,7 +21,6 @@ Every row of a batch is budgeted on its own, as if it ran alone.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from kvcake._lazy import torch
@@ -101,7 +103,7 @@ class RequestBudget:
         self.totals = [method.total_budget(n, num_layers) for n in self.prompt_tokens]
         self.preferences: list[list[float]] = [[] for _ in self.prompt_tokens]
         self.shares: list[list[int]] = [[] for _ in self.prompt_tokens]
-        self.layers_in = 0  # layers whose preference was handed in (on the host or the device)
+        self.layers_handed_in = 0  # layers whose preference was handed in (:meth:`push`)
         self._device: torch.Tensor | None = None  # (B, m) float64 preferences handed in as device tensors
         self._nonfinite: torch.Tensor | None = None  # a device flag: some handed-in preference was NaN or inf
         self._targets: tuple[int, list[list[int]]] | None = None
@@ -113,45 +115,40 @@ class RequestBudget:
     @property
     def seen(self) -> int:
         """Layers whose preference has been handed in."""
-        return self.layers_in
+        return self.layers_handed_in
 
-    def caps(self) -> list[int]:
-        """Per row, the most evictable tokens a layer can keep (its real tokens outside the window)."""
-        return [max(0, n - self.method.window) for n in self.prompt_tokens]
+    def caps(self, grown: int = 0) -> list[int]:
+        """Per row, the most evictable tokens a layer can keep (its real tokens outside the window), once ``grown``
+        tokens have been generated."""
+        return [max(0, n + grown - self.method.window) for n in self.prompt_tokens]
 
-    def protected(self) -> list[int]:
-        """Per row, the entries every layer keeps on top of its share: the window (and the uncompressed tail)."""
-        return [min(self.method.window, n) + self.tail for n in self.prompt_tokens]
+    def protected(self, grown: int = 0) -> list[int]:
+        """Per row, the entries every layer keeps on top of its share: the window (and the uncompressed tail), once
+        ``grown`` tokens have been generated."""
+        return [min(self.method.window, n + grown) + self.tail for n in self.prompt_tokens]
 
     def budgets(self) -> list[list[int]]:
         """Per row and seen layer, the entries it is allowed after the latest stage (share plus window)."""
         return [[share + p for share in shares] for shares, p in zip(self.shares, self.protected(), strict=True)]
 
-    # -- prefill -----------------------------------------------------------------------------------------------------
-    def add_layer(self, preference: list[float] | None) -> bool:
-        """Record the next layer's preference per row (None: the allocator has fixed weights).
+    def targets(self, grown: int) -> tuple[list[list[int]], bool]:
+        """Per row and layer, the entries a layer may hold once ``grown`` tokens have been generated: its share of
+        the row's budget re-split with the caps grown by them, plus the protected entries; and whether some layer's
+        cap binds (then more generated tokens may still change a share)."""
+        targets, binding = [], False
+        for prefs, total, cap, protected in zip(self.preferences, self.totals, self.caps(grown),
+                                                self.protected(grown), strict=True):
+            shares = self.split(prefs, total, cap)
+            binding = binding or any(share >= cap for share in shares)
+            targets.append([share + protected for share in shares])
+        return targets, binding
 
-        Returns whether the seen layers must be evicted now: after every layer in the cascade, else after the last.
-        """
-        prefs = [1.0] * self.rows if preference is None else [float(p) for p in preference]
-        for row, p in enumerate(prefs):
-            if not math.isfinite(p):
-                raise NonFiniteAttentionError(f"layer {self.seen}: preference is {p} for row {row}")
-        for row, p in enumerate(prefs):
-            self.preferences[row].append(p)
-        self.layers_in += 1
-        if self.evicts_now():
-            self.shares = [self.split(p, total, cap)
-                           for p, total, cap in zip(self.preferences, self.totals, self.caps(), strict=True)]
-            return True
-        return False
-
+    # -- prefill: the preferences stay on the device, no host synchronisation per layer ----------------------------
     def evicts_now(self) -> bool:
         """Whether the layers seen so far are evicted at this stage: after every layer in the cascade, else after the
         last."""
-        return self.method.cascade or self.layers_in == self.num_layers
+        return self.method.cascade or self.layers_handed_in == self.num_layers
 
-    # -- the same on the device: no host synchronisation per layer --------------------------------------------------
     def push(self, preference: torch.Tensor | None, device: torch.device) -> bool:
         """Hand in the next layer's preference ``(B,)`` as a device tensor (None: fixed weights); returns whether
         the seen layers are evicted now (then :meth:`device_shares` gives their shares)."""
@@ -160,7 +157,7 @@ class RequestBudget:
         bad = ~torch.isfinite(column).all()
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self._device = column if self._device is None else torch.cat([self._device, column], dim=1)
-        self.layers_in += 1
+        self.layers_handed_in += 1
         return self.evicts_now()
 
     def device_shares(self) -> torch.Tensor:
@@ -217,12 +214,7 @@ class RequestBudget:
             return self._targets[1]
         if self.method.decode_budget == "prefill":  # the authors' decoding: every layer at its prefill budget
             return self.budgets()
-        grown = logical_len - self.prefill_length
-        window = self.method.window
-        targets = []
-        for prefs, total, n in zip(self.preferences, self.totals, self.prompt_tokens, strict=True):
-            shares = self.split(prefs, total, max(0, n + grown - window))
-            targets.append([s + min(window, n + grown) + self.tail for s in shares])
+        targets, _ = self.targets(logical_len - self.prefill_length)
         self._targets = (logical_len, targets)
         return targets
 
@@ -234,18 +226,11 @@ class RequestBudget:
         """
         if self.method.decode_budget == "prefill":
             return DecodeSchedule([self.budgets()], stable=True)
-        window = self.method.window
         steps: list[list[list[int]]] = []  # [step][row][layer], step 0 = after prefill
         stable = False
         for grown in range(horizon + 1):
-            row_targets = []
-            binding = False
-            for prefs, total, n in zip(self.preferences, self.totals, self.prompt_tokens, strict=True):
-                cap = max(0, n + grown - window)
-                shares = self.split(prefs, total, cap)
-                binding = binding or any(s >= cap for s in shares)
-                row_targets.append([s + min(window, n + grown) + self.tail for s in shares])
-            steps.append(row_targets)
+            targets, binding = self.targets(grown)
+            steps.append(targets)
             if not binding and grown > 0:
                 stable = True  # no cap binds: more generated tokens change no share
                 break

@@ -208,7 +208,7 @@ class Preference(Allocator):
         return layer_preference(stats.entropy, stats.variance, self.tau1, self.tau2)
 
 
-@register("cake", about="CAKE: preference allocation, cascade, mean+gamma*var indicator")
+@register("cake", about="CAKE: preference allocation, cascade, mean+gamma*var indicator", color="tab:red")
 class CAKE(Method):
     """Cascading and Adaptive KV cache Eviction.
 
@@ -232,17 +232,18 @@ class CAKE(Method):
 
 
 register_composition("cake-snapkv", "CAKE's allocation with SnapKV's scores (the paper's compatibility experiment)",
-                     CAKE, scorer=SnapKVScores)
-register_composition("cake-h2o", "CAKE's allocation with H2O's accumulated scores", CAKE, scorer=H2OScores)
+                     CAKE, scorer=SnapKVScores, color="tab:olive")
+register_composition("cake-h2o", "CAKE's allocation with H2O's accumulated scores", CAKE, scorer=H2OScores,
+                     color="tab:gray")
 register_composition("cake-max-pooling", "CAKE with its indicator max-pooled as SnapKV's (an ablation, not the "
-                     "paper's)", CAKE, pooling="max")
+                     "paper's)", CAKE, pooling="max", color="magenta")
 register_composition("uniform-cake", "CAKE's indicator with a uniform split (the paper's ablation)", CAKE,
-                     allocator=Uniform)
+                     allocator=Uniform, color="gold")
 register_composition("cake-authors-decoding", "CAKE decoding as the authors' code does: every layer at its prefill "
                      "budget, decode scores pooled outside the window", CAKE, decode_budget="prefill",
-                     decode_pooling="outside-window")
+                     decode_pooling="outside-window", color="darkred")
 register_composition("snapkv-cake-alloc", "SnapKV with CAKE's preference allocation (tau1 = tau2 = 1)", SnapKV,
-                     allocator=Preference)
+                     allocator=Preference, color="navy")
 
 __all__ = ["CAKE", "TAU_PRESETS", "CakeScores", "Preference", "WindowStatistics", "layer_preference", "tau_preset",
            "window_statistics"]

@@ -231,7 +231,8 @@ class ExpectedAttentionScores(Scorer):
         raise NotImplementedError("Expected Attention scores at prefill only (decode_eviction must be False)")
 
 
-@register("expected-attention", about="Expected Attention: attention expected from future queries x value norm")
+@register("expected-attention", about="Expected Attention: attention expected from future queries x value norm",
+          color="mediumseagreen")
 class ExpectedAttention(Method):
     """Expected Attention (Devoto et al., 2025, arXiv 2510.00636), kvpress 0.5.5's defaults, uniform budgets.
 
@@ -246,6 +247,6 @@ class ExpectedAttention(Method):
 
 
 register_composition("cake-expected-attention", "CAKE's allocation with Expected Attention's scores (prefill-only)",
-                     CAKE, scorer=ExpectedAttentionScores, decode_eviction=False)
+                     CAKE, scorer=ExpectedAttentionScores, decode_eviction=False, color="teal")
 
 __all__ = ["ExpectedAttention", "ExpectedAttentionScores", "mean_rotation", "rotate_half", "unrotate"]

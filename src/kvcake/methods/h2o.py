@@ -36,7 +36,7 @@ class H2OScores(Scorer):
         return view.stored + group_mean(view.attention(), view.kv_heads)
 
 
-@register("h2o", about="H2O: accumulated attention + recent window, decode-time eviction")
+@register("h2o", about="H2O: accumulated attention + recent window, decode-time eviction", color="tab:green")
 class H2O(Method):
     """H2O with one eviction per layer per step while decoding. ``window`` is the recent part: by default half the
     budget (the paper's 50/50 split), or 32 with a ratio budget."""

@@ -47,7 +47,7 @@ class KNormScores(Scorer):
         return key_norm_scores(view.keys)
 
 
-@register("knorm", about="KNorm: lowest key L2 norm, uniform budgets")
+@register("knorm", about="KNorm: lowest key L2 norm, uniform budgets", color="sienna")
 class KNorm(Method):
     """KNorm (Devoto et al., EMNLP 2024, arXiv 2406.11430): the lowest-norm keys, the same budget for every layer.
 
@@ -63,6 +63,7 @@ class KNorm(Method):
     default_window = 1
 
 
-register_composition("cake-knorm", "CAKE's allocation with KNorm's key-norm scores", CAKE, scorer=KNormScores)
+register_composition("cake-knorm", "CAKE's allocation with KNorm's key-norm scores", CAKE, scorer=KNormScores,
+                     color="darkgoldenrod")
 
 __all__ = ["KNorm", "KNormScores", "key_norm_scores"]

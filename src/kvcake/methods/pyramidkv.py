@@ -33,7 +33,7 @@ class Pyramid(Allocator):
         return [high - i * step for i in range(num_layers)]
 
 
-@register("pyramidkv", about="PyramidKV: SnapKV scores, pyramid budgets")
+@register("pyramidkv", about="PyramidKV: SnapKV scores, pyramid budgets", color="tab:orange")
 class PyramidKV(SnapKV):
     """PyramidKV: SnapKV's scorer (window 32, kernel 7, max pooling) under the :class:`Pyramid` split."""
 

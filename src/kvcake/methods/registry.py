@@ -8,22 +8,21 @@ with :func:`register_composition` (``cake-snapkv`` = CAKE with SnapKV's scorer).
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from kvcake.methods.base import Allocator, Method, Scorer
+from kvcake.methods.base import HEAD_ALPHA, OPTIONS, Allocator, Method, Scorer
 
 #: Types a parameter can take on the command line, by annotation.
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
 
-#: Method-level parameters (besides budget/ratio) with their meaning.
+#: Method-level parameters (besides budget/ratio) every method takes, with their type and meaning: the options of
+#: :class:`~kvcake.methods.base.Method` (its fields), but Ada-KV's floor, which only head-wise methods take.
 METHOD_PARAMETERS: dict[str, tuple[type, str]] = {
-    "window": (int, "tokens at the end always kept (observation or recent window)"),
-    "cascade": (bool, "evict layer by layer during prefill (False: once after the last layer)"),
-    "decode_eviction": (bool, "hold each layer at its budget while generating (False: evict at prefill only)"),
-    "decode_budget": (str, "decode-time targets: resplit (kvcake) or prefill (the authors': prefill budgets)"),
-}
+    key: (f.metadata["kind"], f.metadata["help"]) for key, f in OPTIONS.items() if not f.metadata["head_wise"]}
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,7 @@ class Entry:
     allocator: type[Allocator] | None = None
     head_wise: bool = False  # Ada-KV head-wise budgets: takes ``alpha``
     fixed: tuple[tuple[str, Any], ...] = ()
+    color: str = ""  # its colour in every plot (a matplotlib colour name); "" until registered
 
     def components(self) -> tuple[type[Scorer], type[Allocator]]:
         assert self.method is not None
@@ -61,20 +61,11 @@ class Entry:
             return []
         fixed = dict(self.fixed)
         out = []
-        for key, (kind, text) in METHOD_PARAMETERS.items():
-            if key in fixed:
+        for key, f in OPTIONS.items():
+            if key in fixed or (f.metadata["head_wise"] and not self.head_wise):
                 continue
-            if key == "window":
-                default: Any = self.method.describe_window()
-            elif key == "cascade":
-                default = True
-            elif key == "decode_budget":
-                default = "resplit"
-            else:
-                default = self.method.default_decode_eviction
-            out.append(Parameter(key, kind, default, text, "method"))
-        if self.head_wise:
-            out.append(Parameter("alpha", float, 0.2, "Ada-KV: each head's floor as a share of the budget", "method"))
+            default = HEAD_ALPHA if f.metadata["head_wise"] else self.method.described_default(key)
+            out.append(Parameter(f.metadata["name"] or key, f.metadata["kind"], default, f.metadata["help"], "method"))
         for part in self.components():
             for f in fields(part):
                 default = f.default if f.default is not MISSING else None
@@ -97,7 +88,7 @@ class Entry:
         if unknown:
             raise ValueError(f"method {self.name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
                              f"{', '.join(sorted(allowed))}")
-        alpha = given.pop("alpha", 0.2) if self.head_wise else None
+        alpha = given.pop(OPTIONS["head_alpha"].metadata["name"], HEAD_ALPHA) if self.head_wise else None
         own = {key: given.pop(key) for key in list(given) if key in METHOD_PARAMETERS}
         scorer_type, allocator_type = self.components()
         scorer = scorer_type(**{k: given.pop(k) for k in list(given) if k in {f.name for f in fields(scorer_type)}})
@@ -107,14 +98,19 @@ class Entry:
                            **{**own, **dict(self.fixed)})
 
 
-METHODS: dict[str, Entry] = {"full": Entry("full", "no eviction (the reference)", None)}
+METHODS: dict[str, Entry] = {"full": Entry("full", "no eviction (the reference)", None, color="black")}
+
+#: Colours for a method registered without one (a user's, a test's): the first one no registered method holds.
+PALETTE = ("indigo", "crimson", "darkkhaki", "slateblue", "chocolate", "darkcyan", "orchid", "yellowgreen", "olive",
+           "peru", "steelblue", "firebrick", "darkviolet", "seagreen", "tomato", "cadetblue", "rosybrown", "plum")
 
 
-def register(name: str, about: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make a method class available under ``name``."""
+def register(name: str, about: str, *, color: str | None = None) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method class available under ``name`` (``color``: its colour in every plot; by
+    default the first free one of :data:`PALETTE`)."""
 
     def wrap(cls: type[Method]) -> type[Method]:
-        _add(Entry(name, about, cls))
+        _add(Entry(name, about, cls), color)
         cls.name = name
         return cls
 
@@ -122,9 +118,10 @@ def register(name: str, about: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def register_composition(name: str, about: str, method: type[Method], *, scorer: type[Scorer] | None = None,
-                         allocator: type[Allocator] | None = None, head_wise: bool = False, **fixed: Any) -> None:
+                         allocator: type[Allocator] | None = None, head_wise: bool = False, color: str | None = None,
+                         **fixed: Any) -> None:
     """Make a composition available under ``name`` (e.g. CAKE's allocation with SnapKV's scorer)."""
-    _add(Entry(name, about, method, scorer, allocator, head_wise, tuple(sorted(fixed.items()))))
+    _add(Entry(name, about, method, scorer, allocator, head_wise, tuple(sorted(fixed.items()))), color)
 
 
 def unregister(name: str) -> None:
@@ -134,12 +131,29 @@ def unregister(name: str) -> None:
     METHODS.pop(name)
 
 
-def _add(entry: Entry) -> None:
+def _add(entry: Entry, color: str | None) -> None:
     if entry.name in METHODS:
         raise ValueError(f"method {entry.name!r} is registered twice")
     if entry.name != entry.name.lower() or not entry.name.replace("-", "").isalnum():
         raise ValueError(f"method names are lowercase letters, digits and '-', got {entry.name!r}")
-    METHODS[entry.name] = entry
+    taken = {e.color: e.name for e in METHODS.values()}
+    if color is None:
+        free = [c for c in PALETTE if c not in taken]
+        if not free:
+            raise ValueError(f"method {entry.name!r}: every colour of PALETTE is taken; pass color=...")
+        color = free[0]
+    elif color in taken:
+        raise ValueError(f"method {entry.name!r}: colour {color!r} is {taken[color]!r}'s already")
+    METHODS[entry.name] = dataclasses.replace(entry, color=color)
+
+
+def color(name: str) -> str:
+    """The colour of method ``name`` in every plot: its registered one. A name no method is registered under (a
+    method of older results) takes a colour of :data:`PALETTE` by a hash of its name, the same in every plot."""
+    found = METHODS.get(name)
+    if found is not None:
+        return found.color
+    return PALETTE[zlib.crc32(name.encode()) % len(PALETTE)]
 
 
 def method_names() -> list[str]:
@@ -174,5 +188,21 @@ def all_parameters() -> dict[str, list[tuple[str, Parameter]]]:
     return table
 
 
-__all__ = ["METHODS", "Entry", "Parameter", "all_parameters", "build", "entry", "method_names", "parameters",
-           "register", "register_composition", "unregister"]
+def _text(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def parameter_table() -> str:
+    """The markdown table of docs/methods.md: every method with the parameters it takes and their defaults (what
+    ``kvcake methods`` prints), generated from the registry; ``tests/test_exports.py`` checks the docs hold it."""
+    lines = ["| method | parameters (defaults) |", "|---|---|"]
+    for name in method_names():
+        found = METHODS[name]
+        takes = "budget or ratio; " if found.method is not None else ""
+        params = ", ".join(f"`{p.name}={_text(p.default)}`" for p in found.parameters())
+        lines.append(f"| `{name}` | {takes}{params or 'nothing'} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["METHODS", "PALETTE", "Entry", "Parameter", "all_parameters", "build", "color", "entry", "method_names",
+           "parameter_table", "parameters", "register", "register_composition", "unregister"]

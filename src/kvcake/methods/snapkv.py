@@ -43,7 +43,7 @@ class SnapKVScores(Scorer):
         return group_mean(pool_scores(view.attention(), self.kernel, self.pooling), view.kv_heads)
 
 
-@register("snapkv", about="SnapKV: pooled window attention, uniform budgets")
+@register("snapkv", about="SnapKV: pooled window attention, uniform budgets", color="tab:blue")
 class SnapKV(Method):
     """SnapKV: window 32, kernel 7, max pooling, the same budget for every layer; prefill-only eviction."""
 

@@ -44,7 +44,7 @@ class StreamingScores(Scorer):
         return torch.where(view.stored == INF, INF, view.positions.float())
 
 
-@register("streamingllm", about="StreamingLLM: attention sinks + recent window")
+@register("streamingllm", about="StreamingLLM: attention sinks + recent window", color="tab:brown")
 class StreamingLLM(Method):
     """StreamingLLM: 4 sinks by default; the rest of the budget is the recent window, kept sliding while decoding."""
 

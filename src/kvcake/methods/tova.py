@@ -29,7 +29,7 @@ class TOVAScores(Scorer):
         return view.attention().mean(dim=1, keepdim=True).expand(-1, view.kv_heads, -1).contiguous()
 
 
-@register("tova", about="TOVA: newest token's head-averaged attention, every step")
+@register("tova", about="TOVA: newest token's head-averaged attention, every step", color="tab:purple")
 class TOVA(Method):
     """TOVA at prefill and at every decoding step. Only the newest token is protected (window 1)."""
 

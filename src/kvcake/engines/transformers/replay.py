@@ -10,6 +10,7 @@ order as the forward does (update, then score), so the cache it returns is the o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -35,8 +36,8 @@ class PrefillRecord:
 
 
 @torch.no_grad()
-def record_prefill(model, input_ids: torch.Tensor, method, queries: int | None = None,
-                   tail: int = 0) -> tuple[PrefillRecord, KVCakeCache]:
+def record_prefill(model, input_ids: torch.Tensor, method, queries: int | None = None, tail: int = 0,
+                   attention_mask: torch.Tensor | None = None) -> tuple[PrefillRecord, KVCakeCache]:
     """Prefill ``input_ids`` compressed by ``method``; return the record and that method's cache.
 
     ``queries`` keeps only each layer's last that-many queries: enough for every method to be replayed whose
@@ -45,17 +46,22 @@ def record_prefill(model, input_ids: torch.Tensor, method, queries: int | None =
 
     ``method`` None prefills a full cache and records only the logits (nothing to replay from it). ``tail``: the
     last this-many prompt tokens are left uncompressed (see ``compress(uncompressed_tail=...)``), for every method
-    replayed from the record.
+    replayed from the record. ``attention_mask`` ``(B, S)``, 0 on the padding: a left-padded batch, each row at its
+    own positions ``0 .. n_r - 1`` (each row compressed as if it ran alone).
     """
+    inputs: dict[str, Any] = {"input_ids": input_ids}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+        inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     if method is None:
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
         record = PrefillRecord(logits=out.logits[:, -1].float(), layers={}, length=input_ids.shape[1], tail=tail)
         return record, output_cache(out)
     with compress(model, method, uncompressed_tail=tail) as press:
         cache = press.new_cache()
         cache.recorder = {}
         cache.record_queries = None if queries is None else queries + tail
-        out = model(input_ids=input_ids, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
         layers, cache.recorder = cache.recorder, None
     if len(layers) != len(cache.layers):
         raise RuntimeError(f"recorded {len(layers)} of {len(cache.layers)} layers: the model bypassed the cache")
