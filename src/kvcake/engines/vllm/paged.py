@@ -25,6 +25,7 @@ class PagedLayer:
         self.values = halves[:, :, block_size:]
         self.block_size = block_size
         self.heads = heads
+        self.cache = kv_cache
 
     def locate(self, table: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ids and offsets of ``slots`` (any shape) of a request whose block table is ``table`` (1-D)."""
@@ -35,6 +36,19 @@ class PagedLayer:
         blocks, offsets = self.locate(table, slots)
         heads = torch.arange(self.heads, device=slots.device).view(-1, 1).expand_as(slots)
         return self.keys[blocks, heads, :, offsets], self.values[blocks, heads, offsets, :]
+
+    def read_run(self, table: torch.Tensor, first_block: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(Hkv, count, D)`` of the ``count`` slots from the start of block ``first_block``: whole
+        blocks gathered at once (a region), much cheaper than slot by slot."""
+        blocks = table[first_block: first_block + -(-count // self.block_size)]
+        keys = self.keys[blocks].permute(1, 0, 3, 2).reshape(self.heads, -1, self.keys.shape[2])
+        values = self.values[blocks].transpose(0, 1).reshape(self.heads, -1, self.values.shape[3])
+        return keys[:, :count], values[:, :count]
+
+    def move_run(self, table: torch.Tensor, first_block: int, count: int, to_block: int) -> None:
+        """Copy the blocks holding ``count`` slots from block ``first_block`` on to the blocks from ``to_block`` on."""
+        n = -(-count // self.block_size)
+        self.cache[table[to_block: to_block + n]] = self.cache[table[first_block: first_block + n]].clone()
 
     def write(self, table: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys and values ``(Hkv, L, D)`` at per-head ``slots`` ``(Hkv, L)``."""

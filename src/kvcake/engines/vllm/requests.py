@@ -161,15 +161,19 @@ class RequestState:
         drops = region.count - target
         if drops <= 0 and region.stored is None:
             return
-        slots = region.slots(self.block_size).expand(heads, -1)
         order = torch.sort(region.positions, dim=-1, stable=True).indices  # slot order -> position order
-        keys, values = paged.read(table, slots.gather(-1, order))
+        keys, values = paged.read_run(table, region.first_block, region.count)
         q = query.transpose(0, 1).unsqueeze(0).float()  # (1, Hq, 1, D)
+        # attention does not depend on the entries' order: computed in slot order, then put in position order
         probs = attention_probs(q, keys.unsqueeze(0).float(), scaling, None, softcap, check=False)[:, :, 0]
+        groups = probs.shape[1] // heads
+        probs = probs.gather(-1, order.repeat_interleave(groups, dim=0).unsqueeze(0))
+        take = order.unsqueeze(-1)
         stored = None if region.stored is None else region.stored.gather(-1, order).unsqueeze(0)
         view = DecodeView(query=q, scaling=scaling, softcap=softcap, positions=region.positions.gather(-1, order)[None],
                           allowed=None, stored=stored, probs=probs, window=self.method.window,
-                          read_keys=lambda: keys.unsqueeze(0), read_values=lambda: values.unsqueeze(0))
+                          read_keys=lambda: keys.gather(1, take.expand_as(keys)).unsqueeze(0),
+                          read_values=lambda: values.gather(1, take.expand_as(values)).unsqueeze(0))
         scores = self.method.scorer.decode(view)[0]
         if region.stored is not None:
             region.stored = torch.empty_like(region.stored).scatter_(-1, order, scores.to(region.stored.dtype))
@@ -205,10 +209,8 @@ class RequestState:
         for region, paged, table in zip(self.regions, layers, tables, strict=True):
             first = (self.logical - region.count) // self.block_size
             if first > region.first_block:
-                heads = paged.heads
-                keys, values = paged.read(table, region.slots(self.block_size).expand(heads, -1))
+                paged.move_run(table, region.first_block, region.count, first)
                 region.first_block = first
-                paged.write(table, region.slots(self.block_size).expand(heads, -1), keys, values)
                 moved = True
         return [r.first_block for r in self.regions] if moved else None
 
