@@ -146,15 +146,8 @@ class Slots:
         self.cursor.add_(1)
 
     def order(self) -> torch.Tensor:
-        """Slots ``(B, Hkv, C)`` by increasing position: free slots first (by slot index), then the tokens.
-
-        The order of a stable sort of the positions, from an unstable sort of unique keys (a free slot's key is its
-        index minus ``C``, below every position): about half the time of a stable sort on a CPU.
-        """
-        capacity = self.positions.shape[-1]
-        index = torch.arange(capacity, device=self.positions.device)
-        keys = torch.where(self.positions < 0, index - capacity, self.positions)
-        return torch.sort(keys, dim=-1).indices
+        """Slots ``(B, Hkv, C)`` by increasing position: free slots (-1) first, then the tokens."""
+        return torch.sort(self.positions, dim=-1, stable=True).indices
 
     def target(self) -> torch.Tensor:
         """Entries allowed per row ``(B, 1)`` at this step (the schedule's last step holds after its end)."""
