@@ -23,8 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvcake.engines.transformers.cache import KVCakeCache
 from kvcake.engines.transformers.slots import Slots
 from kvcake.engines.transformers.storage import CompressedLayer
-from kvcake.methods.attention import attention_probs
-from kvcake.methods.decoding import select_drops
+from kvcake.methods.decoding import lowest_candidate, select_drops
 from kvcake.methods.views import DecodeView
 
 
@@ -36,26 +35,42 @@ def attend_slots(cache: KVCakeCache, layer_idx: int, base: str, query: torch.Ten
     assert isinstance(layer, CompressedLayer) and layer.slots is not None
     slots = layer.slots
     method = cache.method
-    occupied = slots.positions >= 0  # (B, Hkv, C)
     batch, q_heads = query.shape[:2]
-    kv_heads, capacity = occupied.shape[1], occupied.shape[2]
+    kv_heads, capacity = slots.positions.shape[1], slots.positions.shape[2]
     groups = q_heads // kv_heads
-    probs = attention_probs(query, slots.keys, scaling, occupied[:, :, None, None, :], softcap, check=False)[:, :, 0]
-    weights = probs.view(batch, kv_heads, groups, capacity).to(slots.values.dtype)
-    out = torch.matmul(weights, slots.values).view(batch, 1, q_heads, -1).to(query.dtype)
+    probs = slot_probs(query, slots.keys, slots.positions < 0, scaling, softcap)  # (B, Hkv, G, C)
+    out = torch.matmul(probs.to(slots.values.dtype), slots.values).view(batch, 1, q_heads, -1).to(query.dtype)
     evict = slots.targets is not None
     track = cache.decoding() and method.scorer.keeps_scores  # H2O accumulates at every step, evicting or not
     ordered_probs = None
     if evict or track or base == "eager":
         order = slots.order()
-        ordered_probs = probs.view(batch, kv_heads, groups, capacity).gather(
-            -1, order.unsqueeze(2).expand(batch, kv_heads, groups, capacity)).view(batch, q_heads, capacity)
+        ordered_probs = probs.gather(-1, order.unsqueeze(2).expand(batch, kv_heads, groups, capacity)).view(
+            batch, q_heads, capacity)
         if evict or track:
             with torch.no_grad():
                 _score_and_drop(cache, slots, query, scaling, softcap, order, ordered_probs, evict, track)
     cache.end_layer(layer_idx, evict or track, out)
     # eager also returns the weights (output_attentions): over the slots in position order, free slots first.
     return out, (ordered_probs.unsqueeze(2).to(query.dtype) if base == "eager" and ordered_probs is not None else None)
+
+
+def slot_probs(query: torch.Tensor, keys: torch.Tensor, free: torch.Tensor, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+    """Attention ``(B, Hkv, G, C)`` in float32 of one query per head over a layer's slots, free slots at zero.
+
+    The values of :func:`kvcake.methods.attention.attention_probs` with ``free`` masked, bit for bit, in fewer
+    operators: the scaling is applied in place, and the masked probabilities need no second masking, since the
+    newest token always holds a slot (exp of the most negative float minus a finite logit is exactly 0).
+    """
+    batch, q_heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    logits = torch.matmul(query.float().reshape(batch, kv_heads, q_heads // kv_heads, dim),
+                          keys.float().transpose(-1, -2))
+    logits.mul_(scaling)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.softmax(logits.masked_fill_(free.unsqueeze(2), torch.finfo(torch.float32).min), dim=-1)
 
 
 def _score_and_drop(cache: KVCakeCache, slots: Slots, query, scaling, softcap, order, ordered_probs, evict: bool,
@@ -73,10 +88,17 @@ def _score_and_drop(cache: KVCakeCache, slots: Slots, query, scaling, softcap, o
     scores = method.scorer.decode(view)
     if track and slots.stored is not None:
         slots.stored.scatter_(-1, order, scores.to(slots.stored.dtype))
-    if evict:
-        drops = (slots.count - slots.target()).clamp_min(0)  # (B, Hkv)
-        dropped = select_drops(scores, occupied, drops, method.window, slots.max_drops)
-        slots.drop(torch.zeros_like(dropped).scatter(-1, order, dropped))
+    if not evict:
+        return
+    if slots.max_drops <= 1:
+        # One entry at most: its slot is found through the order and freed directly (no mask over every slot).
+        lowest = lowest_candidate(scores, occupied, method.window)  # (B, Hkv, 1), in position order
+        chosen = (slots.count > slots.target()).unsqueeze(-1) & occupied.gather(-1, lowest)
+        slots.drop_one(order.gather(-1, lowest), chosen)
+        return
+    drops = (slots.count - slots.target()).clamp_min(0)  # (B, Hkv)
+    dropped = select_drops(scores, occupied, drops, method.window, slots.max_drops)
+    slots.drop(torch.zeros_like(dropped).scatter(-1, order, dropped))
 
 
 # -- several tokens at once: the prefill layout -----------------------------------------------------------------------
@@ -135,4 +157,4 @@ def _run_masked(base, own, module, query, key, value, allowed, /, *args, **kwarg
     return own(module, query, key, value, mask, *args, **kwargs)
 
 
-__all__ = ["attend_compressed", "attend_slots"]
+__all__ = ["attend_compressed", "attend_slots", "slot_probs"]

@@ -128,11 +128,11 @@ class Slots:
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot, at the logical cursor."""
         batch, heads, capacity = self.positions.shape
-        empty = self.positions < 0
-        # A row with no free slot would overwrite its first slot: flagged (the cache raises at its next check), so
+        # The first free slot is the first minimum of the positions (free slots hold -1, tokens their position >= 0).
+        free = self.positions.argmin(dim=-1)  # (B, H)
+        # A row with no free slot would overwrite its oldest token: flagged (the cache raises at its next check), so
         # it can never pass unnoticed; the buffers are sized so that it does not happen.
-        self.overflow.logical_or_(~empty.any(dim=-1).all())
-        free = empty.to(torch.int32).argmax(dim=-1)  # (B, H): the first free slot of each row and head
+        self.overflow.logical_or_((self.positions.gather(-1, free.unsqueeze(-1)) >= 0).any())
         # index_copy_ on flattened views writes one row per head: a scatter_ along the slot axis would make the
         # compiled step copy the whole buffer.
         flat = (free + torch.arange(batch * heads, device=free.device).view(batch, heads) * capacity).view(-1)
@@ -161,6 +161,11 @@ class Slots:
         assert self.targets is not None
         step = (self.cursor - self.start).clamp(0, self.targets.shape[0] - 1)
         return self.targets.index_select(0, step.view(1)).view(-1, 1)
+
+    def drop_one(self, slot: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Free slot ``slot`` ``(B, Hkv, 1)`` of each row and head where ``chosen`` ``(B, Hkv, 1)``."""
+        self.positions.scatter_(-1, slot, self.positions.gather(-1, slot).masked_fill(chosen, -1))
+        self.count.sub_(chosen.view(self.count.shape).to(self.count.dtype))
 
     def drop(self, dropped: torch.Tensor) -> None:
         """Free the slots marked in ``dropped`` ``(B, Hkv, C)``."""
