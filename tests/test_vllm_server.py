@@ -73,7 +73,7 @@ def server():
 def test_the_server_answers_an_http_request_with_cake_on(server):
     process, port = server
     body = {"model": str(MODEL), "prompt": "The pass code is 4817. Remember it. What is the pass code? It is",
-            "max_tokens": 8, "temperature": 0}
+            "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as answer:

@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # what static type checkers see; at run time the same names l
     from kvcake.methods.cake import layer_preference as layer_preference
     from kvcake.methods.cake import tau_preset as tau_preset
     from kvcake.methods.cake import window_statistics as window_statistics
+    from kvcake.methods.decoding import lowest_candidate as lowest_candidate
     from kvcake.methods.decoding import select_drops as select_drops
     from kvcake.methods.expected_attention import ExpectedAttention as ExpectedAttention
     from kvcake.methods.expected_attention import ExpectedAttentionScores as ExpectedAttentionScores

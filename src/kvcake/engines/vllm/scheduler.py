@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
+from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from kvcake.engines.vllm import blocks
 from kvcake.engines.vllm.worker import checked_settings
 
-logger = logging.getLogger("kvcake.vllm")
+logger = init_logger("vllm.kvcake")  # under vLLM's logger: its logging settings apply
 
 #: How many finished requests' block counts :attr:`KVCakeScheduler.held_after_prefill` remembers.
 HISTORY = 4096
