@@ -8,7 +8,8 @@ vLLM + kvcake ``--rounds`` times:
   entries it keeps, and what one block table shared by all layers would hold (the largest layer's blocks x layers);
 * ``decode``: output tokens per second while decoding one request (steps after the prefill step), same prompt;
 * ``concurrency``: the most requests running at once when ``--requests`` prompts arrive together at a KV pool that
-  holds ``--pool-requests`` full-cache prompts (``VLLM_CPU_KVCACHE_SPACE``), and the wall time to serve them all.
+  holds ``--pool-requests`` full-cache prompts (``num_gpu_blocks_override``: vLLM's blocks hold every layer, kvcake's
+  one layer each, so kvcake gets as many more blocks as there are layers: the same bytes), and the time to serve them.
 
     VLLM_PY=/tmp/kvcake-vllm-venv/bin/python
     $VLLM_PY benchmarks/vllm_engine.py --model smollm2-135m-instruct --prompt-tokens 4096 --ratio 0.1 \
@@ -49,6 +50,8 @@ def _engine(args, kvcake: bool):
     from kvcake.engines.vllm import engine_args
 
     extra = engine_args("cake", ratio=args.ratio) if kvcake else {"enable_prefix_caching": False}
+    if args.what == "concurrency":  # the pool in bytes: vLLM's blocks of all layers, or kvcake's of one layer each
+        extra["num_gpu_blocks_override"] = args.pool_blocks * (args.layers if kvcake else 1)
     return LLM(model=args.folder, dtype="float32", enforce_eager=True, block_size=args.block_size,
                max_model_len=args.prompt_tokens + 512, max_num_batched_tokens=2 * (args.prompt_tokens + 512),
                max_num_seqs=64, seed=0, **extra)
@@ -77,8 +80,8 @@ def one(args) -> dict:
             results = engine.step()
             times.append(time.perf_counter() - start)
             if len(times) == 1 and kvcake:
-                held = core.scheduler.held_after_prefill["r0"]
-                kept = core.scheduler.kept_after_prefill["r0"]
+                held = next(iter(core.scheduler.held_after_prefill.values()))  # vLLM suffixes request ids
+                kept = next(iter(core.scheduler.kept_after_prefill.values()))
             for r in results:
                 if r.finished:
                     texts = r.outputs[0].text
@@ -119,6 +122,8 @@ def main() -> None:
     parser.add_argument(ONE, action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kvcake", default="on", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--pool-blocks", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(args)), flush=True)
@@ -132,22 +137,24 @@ def main() -> None:
     config = AutoConfig.from_pretrained(folder)
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (
         config.hidden_size // config.num_attention_heads) * 4
-    pool_gib = args.pool_requests * (args.prompt_tokens + args.decode_tokens) * per_token / 2**30
+    args.pool_blocks = int(args.pool_requests * -(-(args.prompt_tokens + args.decode_tokens) // args.block_size))
+    args.layers = config.num_hidden_layers
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     done.update(model=args.model, prompt_tokens=args.prompt_tokens, ratio=args.ratio, block_size=args.block_size,
-                decode_tokens=args.decode_tokens, requests=args.requests, pool_gib=pool_gib)
+                decode_tokens=args.decode_tokens, requests=args.requests, pool_blocks=args.pool_blocks,
+                pool_bytes=args.pool_blocks * args.block_size * per_token)
     have = {(r["what"], r["kvcake"], r["round"]) for r in done["rows"]}
     for round_ in range(args.rounds):
         for what in args.what.split(","):
             for kvcake in ("off", "on"):
                 if (what, kvcake, round_) in have or (what == "blocks" and kvcake == "off"):
                     continue
-                env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                       "VLLM_CPU_KVCACHE_SPACE": f"{pool_gib if what == 'concurrency' else 2.0:.4f}"}
+                env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
                 command = [sys.executable, __file__, ONE, "--kvcake", kvcake, "--folder", folder, "--what", what,
                            *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in
-                                 ("prompt_tokens", "ratio", "block_size", "decode_tokens", "requests")), [])]
+                                 ("prompt_tokens", "ratio", "block_size", "decode_tokens", "requests", "pool_blocks",
+                                  "layers")), [])]
                 run = subprocess.run(command, env=env, capture_output=True, text=True)
                 lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
                 if run.returncode != 0 or not lines:

@@ -197,4 +197,5 @@ def test_every_block_goes_back_to_the_pool(runs):
     for name in METHODS:
         got = runs["methods"][name]
         assert got["pool_after"] == got["pool_before"], name
-        assert abs(got["pool_before"] / got["layers"] - runs["plain_pool"]) <= 1, name  # the same bytes
+        # the same bytes: vLLM's pool of all-layer blocks and kvcake's of one-layer blocks, each with its null block
+        assert (got["pool_before"] + 1) // got["layers"] == runs["plain_pool"] + 1, name
