@@ -29,7 +29,8 @@ from kvcake import models  # noqa: E402
 from kvcake.engines.vllm import engine_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = models.cache_root() / "smollm2-135m-instruct"
+#: The embedded model to run on (``KVCAKE_VLLM_TEST_MODEL=qwen2.5-coder-0.5b-instruct`` for Qwen, once converted).
+MODEL = models.cache_root() / os.environ.get("KVCAKE_VLLM_TEST_MODEL", "smollm2-135m-instruct")
 BLOCK = 32
 NEW = 16
 LENGTHS = (900, 400, 650, 250)  # prompt tokens of the mixed batch (the first is also run alone)
