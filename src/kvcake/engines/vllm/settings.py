@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcake.methods.base import Method
+from kvcake.methods.expected_attention import ExpectedAttentionScores
 from kvcake.methods.registry import build
 
 #: The key of ``additional_config`` that turns kvcake on.
@@ -72,7 +73,7 @@ def check_method(method: Method) -> None:
         raise KVCakeConfigError(f"kvcake: {method.label} gives each KV head its own budget (Ada-KV); the vLLM engine "
                                 "keeps one count per layer, as paged blocks hold every head of a token. Use the "
                                 "method without the ada- prefix")
-    if type(method.scorer).__name__ == "ExpectedAttentionScores" or getattr(method.scorer, "needs_rotary", False):
+    if isinstance(method.scorer, ExpectedAttentionScores):
         raise KVCakeConfigError(f"kvcake: the {method.scorer.name} scorer needs the model's rotary embedding, which "
                                 "the vLLM engine does not hand to scorers; use it with the transformers engine")
 
