@@ -87,9 +87,9 @@ def test_decoding_holds_each_layer_at_its_target_and_moves_regions_on():
         position = state.logical
         for layer, (paged, table) in enumerate(zip(layers, tables, strict=True)):
             region = state.regions[layer]
-            slot = region.first_block * BLOCK + region.count  # where the backend writes the new token
+            slot = region.next_slots(BLOCK, 1)  # where the backend writes the new token
             key = _key(position).unsqueeze(1)
-            paged.write(table, torch.tensor([[slot]] * HEADS), key, torch.randn(HEADS, 1, DIM))
+            paged.write(table, slot.expand(HEADS, -1), key, torch.randn(HEADS, 1, DIM))
             state.decoded(layer, paged, table, torch.randn(1, Q_HEADS, DIM), 0.3, None)
             target = state.budget.decode_targets(position + 1)[0][layer]
             assert state.regions[layer].count == target

@@ -74,7 +74,7 @@ class KVCakeMetadataBuilder(CPUAttentionMetadataBuilder):
             width = tables.shape[1] - region.first_block
             shifted[i, :width] = tables[i, region.first_block:]
             seq_lens[i] = region.count + queries
-            new = torch.arange(queries) + region.first_block * bs + region.count
+            new = region.next_slots(bs, queries)
             slots[starts[i]:starts[i + 1]] = tables[i, new // bs] * bs + new % bs
         common = replace(common, block_table_tensor=shifted, seq_lens=seq_lens, slot_mapping=slots,
                          max_seq_len=int(seq_lens[: len(starts) - 1].max()))

@@ -48,10 +48,15 @@ class Region:
     positions: torch.Tensor | None  # (Hkv, count) original position of each slot; kept only for decode-time eviction
     stored: torch.Tensor | None = None  # (Hkv, count) scores kept beside the entries (H2O's sums)
 
-    def slots(self, block_size: int, extra: int = 0) -> torch.Tensor:
-        """The region's slots (and ``extra`` after it), in the request's block table."""
+    def slots(self, block_size: int) -> torch.Tensor:
+        """The region's slots, in the request's block table."""
         start = self.first_block * block_size
-        return torch.arange(start, start + self.count + extra)
+        return torch.arange(start, start + self.count)
+
+    def next_slots(self, block_size: int, tokens: int) -> torch.Tensor:
+        """The slots the next ``tokens`` new tokens are written to: right after the region."""
+        end = self.first_block * block_size + self.count
+        return torch.arange(end, end + tokens)
 
 
 def top_positions(ranked: torch.Tensor, count: int) -> torch.Tensor:
