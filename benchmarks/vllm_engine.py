@@ -15,7 +15,8 @@ vLLM + kvcake ``--rounds`` times:
     $VLLM_PY benchmarks/vllm_engine.py --model smollm2-135m-instruct --prompt-tokens 4096 --ratio 0.1 \
         --out docs/bench/vllm/smollm2.json
 
-Results are written as they land (a rerun skips measurements already in ``--out``).
+``--method`` and ``--params`` (JSON) choose the kvcake rows' method (CAKE by default; e.g. ``--params
+'{"decode_eviction": false}'`` for CAKE without decode-time eviction). Results are written as they land (a rerun skips measurements already in ``--out``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _engine(args, kvcake: bool):
 
     from kvcake.engines.vllm import engine_args
 
-    extra = engine_args("cake", ratio=args.ratio) if kvcake else {"enable_prefix_caching": False}
+    extra = engine_args(args.method, ratio=args.ratio, **json.loads(args.params)) if kvcake else {
+        "enable_prefix_caching": False}
     if args.what == "concurrency":  # the pool in bytes: vLLM's blocks of all layers, or kvcake's of one layer each
         extra["num_gpu_blocks_override"] = args.pool_blocks * (args.layers if kvcake else 1)
     return LLM(model=args.folder, dtype="float32", enforce_eager=True, block_size=args.block_size,
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--ratio", type=float, default=0.1)
+    parser.add_argument("--method", default="cake", help="the kvcake method of the kvcake rows")
+    parser.add_argument("--params", default="{}", help='its parameters as JSON, e.g. \'{"decode_eviction": false}\'')
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=12)
@@ -137,29 +141,36 @@ def main() -> None:
     config = AutoConfig.from_pretrained(folder)
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (
         config.hidden_size // config.num_attention_heads) * 4
-    args.pool_blocks = int(args.pool_requests * -(-(args.prompt_tokens + args.decode_tokens) // args.block_size))
+    from transformers import AutoTokenizer
+
+    longest = max(len(_prompt(AutoTokenizer.from_pretrained(folder), args.prompt_tokens, i))
+                  for i in range(args.requests))  # the chat template adds a few tokens to --prompt-tokens
+    args.pool_blocks = int(args.pool_requests * -(-(longest + args.decode_tokens) // args.block_size))
     args.layers = config.num_hidden_layers
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     done.update(model=args.model, prompt_tokens=args.prompt_tokens, ratio=args.ratio, block_size=args.block_size,
                 decode_tokens=args.decode_tokens, requests=args.requests, pool_blocks=args.pool_blocks,
                 pool_bytes=args.pool_blocks * args.block_size * per_token)
-    have = {(r["what"], r["kvcake"], r["round"]) for r in done["rows"]}
+    setting = args.method + ("" if args.params == "{}" else " " + args.params)
+    have = {(r["what"], r["kvcake"], r["round"], r.get("setting", "cake")) for r in done["rows"]}
     for round_ in range(args.rounds):
         for what in args.what.split(","):
             for kvcake in ("off", "on"):
-                if (what, kvcake, round_) in have or (what == "blocks" and kvcake == "off"):
+                if (what, kvcake, round_, setting if kvcake == "on" else "cake") in have or (
+                        what == "blocks" and kvcake == "off"):
                     continue
                 env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
                 command = [sys.executable, __file__, ONE, "--kvcake", kvcake, "--folder", folder, "--what", what,
                            *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in
-                                 ("prompt_tokens", "ratio", "block_size", "decode_tokens", "requests", "pool_blocks",
-                                  "layers")), [])]
+                                 ("prompt_tokens", "ratio", "method", "params", "block_size", "decode_tokens",
+                                  "requests", "pool_blocks", "layers")), [])]
                 run = subprocess.run(command, env=env, capture_output=True, text=True)
                 lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
                 if run.returncode != 0 or not lines:
                     sys.exit(f"{what} kvcake={kvcake} failed:\n{run.stderr[-4000:]}")
-                row = {"what": what, "kvcake": kvcake, "round": round_, **json.loads(lines[-1][7:])}
+                row = {"what": what, "kvcake": kvcake, "round": round_,
+                       **({"setting": setting} if kvcake == "on" else {}), **json.loads(lines[-1][7:])}
                 done["rows"].append(row)
                 args.out.write_text(json.dumps(done, indent=1))
                 print(json.dumps(row), flush=True)

@@ -8,6 +8,7 @@ import torch
 
 from kvcake.engines.vllm.paged import PagedLayer
 from kvcake.engines.vllm.requests import Phase, RequestState, top_positions
+from kvcake.methods.attention import attention_probs, probs_from_logits
 from kvcake.methods.registry import build
 
 HEADS, DIM, BLOCK, Q_HEADS = 2, 8, 4, 4
@@ -35,6 +36,24 @@ def test_read_gives_back_what_write_stored_per_head():
     block, offset = table[slots[0, 0] // BLOCK], slots[0, 0] % BLOCK
     raw = paged.keys.reshape(-1, HEADS, BLOCK * DIM)[block, 0].view(DIM, BLOCK)[:, offset]
     assert torch.equal(raw, keys[0, 0])
+
+
+def test_run_logits_are_the_products_with_the_run_s_keys_and_give_attention_probs():
+    """The decoding scores' attention, multiplied where vLLM stores the keys, is the attention over the run's keys."""
+    paged, table = _paged()
+    count, first = 4 * BLOCK + 3, 2
+    slots = torch.arange(first * BLOCK, first * BLOCK + count).expand(HEADS, -1)
+    paged.write(table, slots, torch.randn(HEADS, count, DIM), torch.randn(HEADS, count, DIM))
+    query = torch.randn(Q_HEADS, DIM)
+    keys, _ = paged.read_run(table, first, count)
+    logits = paged.run_logits(table, first, count, query)
+    groups = Q_HEADS // HEADS
+    assert logits.shape == (1, HEADS, groups, 1, count)
+    for head in range(Q_HEADS):  # query head h reads KV head h // groups, as vLLM groups them
+        expected = keys[head // groups] @ query[head]
+        torch.testing.assert_close(logits[0, head // groups, head % groups, 0], expected)
+    probs = probs_from_logits(logits, 0.3, softcap=5.0)
+    torch.testing.assert_close(probs, attention_probs(query.view(1, Q_HEADS, 1, DIM), keys[None], 0.3, softcap=5.0))
 
 
 def test_top_positions_is_a_stable_top_k_in_position_order():

@@ -9,12 +9,16 @@ from kvcake.engines.vllm.settings import (
     WORKER_CLS,
     EngineSettings,
     KVCakeConfigError,
+    check_method,
     check_vllm,
     engine_args,
 )
+from kvcake.methods.base import Allocator
+from kvcake.methods.cake import CAKE
+from kvcake.methods.registry import build
 
 GOOD_VLLM = dict(version="0.32.0", device="cpu", scheduler_cls=SCHEDULER_CLS, worker_cls=WORKER_CLS,
-                 tensor_parallel=1, pipeline_parallel=1, speculative=False, kv_cache_dtype="auto",
+                 tensor_parallel=1, pipeline_parallel=1, kv_heads=2, speculative=False, kv_cache_dtype="auto",
                  chunked_prefill=False, max_batched_tokens=2048, max_model_len=4096)
 
 
@@ -68,7 +72,7 @@ def test_settings_that_are_not_an_object_are_refused():
     ({"device": "cuda"}, "CPU platform only"),
     ({"scheduler_cls": None}, "--scheduler-cls"),
     ({"worker_cls": "vllm.v1.worker.cpu_worker.CPUWorker"}, "--worker-cls"),
-    ({"tensor_parallel": 2}, "tensor_parallel_size=1"),
+    ({"tensor_parallel": 4}, "more than the model's 2 KV heads"),
     ({"pipeline_parallel": 2}, "pipeline_parallel_size=1"),
     ({"speculative": True}, "speculative decoding"),
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=auto"),
@@ -80,6 +84,29 @@ def test_bad_vllm_settings_are_one_clear_line(change, words):
         check_vllm(**{**GOOD_VLLM, **change})
     message = str(caught.value)
     assert message.startswith("kvcake: ") and "\n" not in message and words in message, message
+
+
+def test_tensor_parallelism_up_to_the_kv_heads_is_accepted():
+    check_vllm(**{**GOOD_VLLM, "tensor_parallel": 2})
+
+
+class _Opaque(Allocator):
+    """A preference from each layer that does not say how it adds up over heads."""
+
+    def weights(self, num_layers):
+        return None
+
+    def preference(self, view, window):
+        return view.query.new_ones(1)
+
+
+def test_tensor_parallelism_needs_a_preference_that_adds_up_over_heads():
+    for name in ("cake", "snapkv", "pyramidkv", "streamingllm"):
+        check_method(build(name, ratio=0.1), tensor_parallel=2)  # CAKE's H and V are sums over heads; others fixed
+    opaque = CAKE(ratio=0.1, allocator=_Opaque())
+    check_method(opaque, tensor_parallel=1)
+    with pytest.raises(KVCakeConfigError, match="cannot be summed over the heads"):
+        check_method(opaque, tensor_parallel=2)
 
 
 def test_chunked_prefill_is_fine_when_a_whole_prompt_fits_one_chunk():

@@ -41,8 +41,17 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, all
     kv_heads, length = keys.shape[1], keys.shape[2]
     groups = q_heads // kv_heads
     q = query.float().reshape(batch, kv_heads, groups * q_len, dim)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling
-    logits = logits.view(batch, kv_heads, groups, q_len, length)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2))
+    return probs_from_logits(logits.view(batch, kv_heads, groups, q_len, length), scaling, allowed, softcap, check)
+
+
+def probs_from_logits(logits: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None,
+                      softcap: float | None = None, check: bool = True) -> torch.Tensor:
+    """The second half of :func:`attention_probs`, for an engine that computed the unscaled float32 products
+    ``q·k`` itself: ``logits`` ``(B, Hkv, groups, q, L)`` (query head ``h`` is group ``h % groups`` of KV head
+    ``h // groups``); the other arguments and the result as :func:`attention_probs`."""
+    batch, kv_heads, groups, q_len, length = logits.shape
+    logits = logits * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if check and not torch.isfinite(logits).all():
@@ -52,7 +61,7 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, all
     probs = torch.softmax(logits, dim=-1)
     if allowed is not None:
         probs = probs * allowed
-    return probs.view(batch, q_heads, q_len, length)
+    return probs.view(batch, kv_heads * groups, q_len, length)
 
 
 def causal_allowed(q_positions: torch.Tensor, key_positions: torch.Tensor,
@@ -141,4 +150,4 @@ def check_kernel(kernel: int) -> None:
 
 
 __all__ = ["NonFiniteAttentionError", "accumulated_attention", "attention_probs", "causal_allowed", "check_kernel",
-           "group_mean", "pool_scores", "window_attention"]
+           "group_mean", "pool_scores", "probs_from_logits", "window_attention"]

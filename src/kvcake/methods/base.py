@@ -75,6 +75,21 @@ class Allocator:
         """Per-row preference ``(B,)`` of a prefilled layer (None for fixed weights)."""
         return None
 
+    def preference_parts(self, view: LayerView, window: int) -> torch.Tensor | None:
+        """The preference's terms that add up over attention heads, ``(B, k)``, or None for fixed weights.
+
+        An engine that splits a layer's heads across devices (tensor parallelism) sums each device's parts and
+        reads the layer's preference from :meth:`preference_of` of the sum, so every device gets the same budgets.
+        An allocator whose preference cannot be summed over heads keeps this default and is refused there.
+        """
+        if self.weights(1) is None:
+            raise NotImplementedError(f"the {self.name} allocator's preference does not add up over heads")
+        return None
+
+    def preference_of(self, parts: torch.Tensor) -> torch.Tensor:
+        """The preference ``(B,)`` from parts summed over every head of the layer (see :meth:`preference_parts`)."""
+        raise NotImplementedError(f"the {self.name} allocator has no preference from parts")
+
     def split(self, preferences: Sequence[float], total: int, cap: int, num_layers: int) -> list[int]:
         """Evictable budgets of the layers seen so far (``len(preferences)`` of them) for one row."""
         fixed = self.weights(num_layers)

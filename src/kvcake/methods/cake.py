@@ -204,8 +204,15 @@ class Preference(Allocator):
         return None
 
     def preference(self, view: LayerView, window: int) -> torch.Tensor:
+        return self.preference_of(self.preference_parts(view, window))
+
+    def preference_parts(self, view: LayerView, window: int) -> torch.Tensor:
+        """H and V ``(B, 2)``: both are sums over heads (:func:`window_statistics`)."""
         stats = _statistics(view, window)
-        return layer_preference(stats.entropy, stats.variance, self.tau1, self.tau2)
+        return torch.stack([stats.entropy, stats.variance], dim=-1)
+
+    def preference_of(self, parts: torch.Tensor) -> torch.Tensor:
+        return layer_preference(parts[..., 0], parts[..., 1], self.tau1, self.tau2)
 
 
 @register("cake", about="CAKE: preference allocation, cascade, mean+gamma*var indicator", color="tab:red")

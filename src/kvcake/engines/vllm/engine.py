@@ -14,8 +14,11 @@ attention backend through :func:`current` (vLLM builds backends itself and hands
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from kvcake.engines.vllm.requests import Phase, RequestState
 from kvcake.methods.base import Method
@@ -41,9 +44,11 @@ class Row:
 class Engine:
     """Requests and step state of one worker (see the module docstring)."""
 
-    def __init__(self, method: Method, block_size: int) -> None:
+    def __init__(self, method: Method, block_size: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.method = method
         self.block_size = block_size
+        self.reduce = reduce  # sums preference parts over tensor-parallel ranks (RequestState.reduce)
         self.layers: dict[str, int] = {}  # compressed layer name -> index, in model order
         self.requests: dict[str, RequestState] = {}
         self.runner: Any = None  # the model runner: its input batch gives the step's rows
@@ -79,7 +84,7 @@ class Engine:
         """The request's state, made when its prompt starts."""
         state = self.requests.get(row.req_id)
         if state is None or (row.computed == 0 and state.phase is Phase.DECODE):
-            state = RequestState(self.method, row.prompt, len(self.layers), self.block_size)
+            state = RequestState(self.method, row.prompt, len(self.layers), self.block_size, reduce=self.reduce)
             self.requests[row.req_id] = state
         return state
 

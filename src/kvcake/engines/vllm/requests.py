@@ -19,13 +19,14 @@ What to keep is decided by :mod:`kvcake.methods` alone (the scorer, the allocato
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
 from kvcake.engines.vllm.paged import PagedLayer
-from kvcake.methods.attention import attention_probs
+from kvcake.methods.attention import probs_from_logits
 from kvcake.methods.base import Method
 from kvcake.methods.budget import RequestBudget
 from kvcake.methods.decoding import select_drops
@@ -80,6 +81,9 @@ class RequestState:
     raw: list[torch.Tensor | None] = field(default_factory=list)  # per layer: the scores themselves (H2O keeps them)
     regions: list[Region] = field(default_factory=list)
     logical: int = 0  # tokens whose entries were computed (prompt, then generated)
+    #: Under tensor parallelism, sums a layer's preference parts over the ranks (each holds some of the heads), so
+    #: that every rank splits the budget alike; None on one rank.
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.budget = RequestBudget(self.method, self.num_layers, [self.prompt_tokens], self.prompt_tokens)
@@ -103,7 +107,12 @@ class RequestState:
         view = LayerView(query=query.transpose(0, 1).unsqueeze(0), keys=keys.transpose(0, 1).unsqueeze(0),
                          scaling=scaling, key_valid=None, softcap=softcap, layer=layer, num_layers=self.num_layers,
                          values=values.transpose(0, 1).unsqueeze(0))
-        preference = method.allocator.preference(view, method.window)
+        allocator = method.allocator
+        if self.reduce is None:
+            preference = allocator.preference(view, method.window)
+        else:
+            parts = allocator.preference_parts(view, method.window)
+            preference = None if parts is None else allocator.preference_of(self.reduce(parts))
         scores = method.scorer.prefill(view, method.window)[0].float()
         ranked = scores.clone()
         ranked[..., max(0, ranked.shape[-1] - method.window):] = float("inf")
@@ -167,34 +176,37 @@ class RequestState:
         if drops <= 0 and region.stored is None:
             return
         order = torch.sort(region.positions, dim=-1, stable=True).indices  # slot order -> position order
-        keys, values = paged.read_run(table, region.first_block, region.count)
-        q = query.transpose(0, 1).unsqueeze(0).float()  # (1, Hq, 1, D)
         # attention does not depend on the entries' order: computed in slot order, then put in position order
-        probs = attention_probs(q, keys.unsqueeze(0).float(), scaling, None, softcap, check=False)[:, :, 0]
+        logits = paged.run_logits(table, region.first_block, region.count, query[0])
+        probs = probs_from_logits(logits, scaling, None, softcap, check=False)[:, :, 0]
         groups = probs.shape[1] // heads
         probs = probs.gather(-1, order.repeat_interleave(groups, dim=0).unsqueeze(0))
         take = order.unsqueeze(-1)
         stored = None if region.stored is None else region.stored.gather(-1, order).unsqueeze(0)
-        view = DecodeView(query=q, scaling=scaling, softcap=softcap, positions=region.positions.gather(-1, order)[None],
-                          allowed=None, stored=stored, probs=probs, window=self.method.window,
-                          read_keys=lambda: keys.gather(1, take.expand_as(keys)).unsqueeze(0),
-                          read_values=lambda: values.gather(1, take.expand_as(values)).unsqueeze(0))
+
+        def read(which: int) -> torch.Tensor:  # keys (0) or values (1) in position order, for scorers that read them
+            entries = paged.read_run(table, region.first_block, region.count)[which]
+            return entries.gather(1, take.expand_as(entries)).unsqueeze(0)
+
+        view = DecodeView(query=query.transpose(0, 1).unsqueeze(0).float(), scaling=scaling, softcap=softcap,
+                          positions=region.positions.gather(-1, order)[None], allowed=None, stored=stored, probs=probs,
+                          window=self.method.window, read_keys=lambda: read(0), read_values=lambda: read(1))
         scores = self.method.scorer.decode(view)[0]
         if region.stored is not None:
             region.stored = torch.empty_like(region.stored).scatter_(-1, order, scores.to(region.stored.dtype))
         if drops > 0:
             occupied = torch.ones_like(scores, dtype=torch.bool)
             dropped = select_drops(scores[None], occupied[None], torch.tensor([[drops]]), self.method.window, drops)[0]
-            self._remove(region, paged, table, torch.zeros_like(dropped).scatter_(-1, order, dropped))
+            self._remove(region, paged, table, torch.zeros_like(dropped).scatter_(-1, order, dropped), drops)
 
-    def _remove(self, region: Region, paged: PagedLayer, table: torch.Tensor, dropped: torch.Tensor) -> None:
-        """Free the slots marked ``(Hkv, count)`` (the same number per head): entries past the new end move into the
-        freed slots before it, so the region stays one run of slots."""
-        heads, count = dropped.shape
-        remaining = count - int(dropped[0].sum())
-        index = torch.arange(count).expand(heads, -1)
-        holes = index[dropped & (index < remaining)].view(heads, -1)  # freed slots inside the new run
-        movers = index[~dropped & (index >= remaining)].view(heads, -1)  # kept entries past its end
+    def _remove(self, region: Region, paged: PagedLayer, table: torch.Tensor, dropped: torch.Tensor,
+                drops: int) -> None:
+        """Free the slots marked ``(Hkv, count)`` (``drops`` per head): entries past the new end move into the freed
+        slots before it, so the region stays one run of slots."""
+        heads = dropped.shape[0]
+        remaining = region.count - drops
+        holes = dropped[:, :remaining].nonzero()[:, 1].view(heads, -1)  # freed slots inside the new run
+        movers = (~dropped[:, remaining:]).nonzero()[:, 1].view(heads, -1) + remaining  # kept entries past its end
         if movers.shape[1]:
             start = region.first_block * self.block_size
             keys, values = paged.read(table, start + movers)

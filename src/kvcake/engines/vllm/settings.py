@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvcake.methods.base import Method
+from kvcake.methods.base import Allocator, Method
 from kvcake.methods.expected_attention import ExpectedAttentionScores
 from kvcake.methods.registry import build
 
@@ -67,8 +67,13 @@ class EngineSettings:
         return cls(name.lower(), method)
 
 
-def check_method(method: Method) -> None:
-    """Refuse a method the vLLM engine cannot run exactly."""
+def check_method(method: Method, tensor_parallel: int = 1) -> None:
+    """Refuse a method the vLLM engine cannot run exactly (on ``tensor_parallel`` ranks)."""
+    allocator = method.allocator
+    if (tensor_parallel > 1 and allocator.weights(1) is None
+            and type(allocator).preference_parts is Allocator.preference_parts):
+        raise KVCakeConfigError(f"kvcake: the {allocator.name} allocator's preference cannot be summed over the "
+                                "heads each tensor-parallel rank holds; use tensor_parallel_size=1")
     if method.head_alpha is not None:
         raise KVCakeConfigError(f"kvcake: {method.label} gives each KV head its own budget (Ada-KV); the vLLM engine "
                                 "keeps one count per layer, as paged blocks hold every head of a token. Use the "
@@ -79,7 +84,7 @@ def check_method(method: Method) -> None:
 
 
 def check_vllm(*, version: str, device: str, scheduler_cls: Any, worker_cls: Any, tensor_parallel: int,
-               pipeline_parallel: int, speculative: bool, kv_cache_dtype: str, chunked_prefill: bool,
+               pipeline_parallel: int, kv_heads: int, speculative: bool, kv_cache_dtype: str, chunked_prefill: bool,
                max_batched_tokens: int, max_model_len: int) -> None:
     """Refuse a vLLM configuration kvcake cannot serve with (each message names the setting to change)."""
     if not any(version == v or version.startswith(v + ".") for v in SUPPORTED_VLLM):
@@ -92,10 +97,14 @@ def check_vllm(*, version: str, device: str, scheduler_cls: Any, worker_cls: Any
         raise KVCakeConfigError(f"kvcake: vLLM must run kvcake's scheduler and worker: add --scheduler-cls "
                                 f"{SCHEDULER_CLS} --worker-cls {WORKER_CLS} (`kvcake serve` and "
                                 "kvcake.engines.vllm.engine_args() add them)")
-    if tensor_parallel != 1 or pipeline_parallel != 1:
-        raise KVCakeConfigError("kvcake: tensor and pipeline parallelism are not supported by the vLLM engine yet "
-                                "(every rank would have to agree on each layer's budget); use "
-                                "tensor_parallel_size=1 and pipeline_parallel_size=1")
+    if pipeline_parallel != 1:
+        raise KVCakeConfigError("kvcake: pipeline parallelism is not supported by the vLLM engine yet (a stage would "
+                                "have to wait for every earlier stage's layer statistics to split the budget); use "
+                                "pipeline_parallel_size=1")
+    if tensor_parallel > kv_heads:
+        raise KVCakeConfigError(f"kvcake: tensor_parallel_size={tensor_parallel} is more than the model's "
+                                f"{kv_heads} KV heads: vLLM would copy a KV head to several ranks, each scoring it "
+                                "with a part of its query heads; use tensor_parallel_size <= the KV heads")
     if speculative:
         raise KVCakeConfigError("kvcake: speculative decoding is not supported by the vLLM engine (rejected draft "
                                 "tokens would leave evictions behind); remove speculative_config")

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import vllm
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -15,7 +16,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from kvcake.engines.vllm import blocks, register
 from kvcake.engines.vllm.engine import Engine, install
-from kvcake.engines.vllm.settings import EngineSettings, KVCakeConfigError, check_vllm
+from kvcake.engines.vllm.settings import EngineSettings, KVCakeConfigError, check_method, check_vllm
 
 
 @dataclass
@@ -37,12 +38,23 @@ def checked_settings(vllm_config: Any) -> EngineSettings:
     check_vllm(version=vllm.__version__, device=current_platform.device_type, scheduler_cls=scheduler.scheduler_cls,
                worker_cls=parallel.worker_cls, tensor_parallel=parallel.tensor_parallel_size,
                pipeline_parallel=parallel.pipeline_parallel_size,
+               kv_heads=vllm_config.model_config.get_total_num_kv_heads(),
                speculative=vllm_config.speculative_config is not None,
                kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
                chunked_prefill=bool(scheduler.enable_chunked_prefill),
                max_batched_tokens=scheduler.max_num_batched_tokens,
                max_model_len=vllm_config.model_config.max_model_len)
+    check_method(settings.method, parallel.tensor_parallel_size)
     return settings
+
+
+def _sum_over_ranks(parts: torch.Tensor) -> torch.Tensor:
+    """Sum ``parts`` over the tensor-parallel ranks (gloo, on the ranks' CPU group): every rank gets the same sum."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    summed = parts.clone()
+    torch.distributed.all_reduce(summed, group=get_tp_group().cpu_group)
+    return summed
 
 
 class KVCakeWorker(CPUWorker):
@@ -50,7 +62,9 @@ class KVCakeWorker(CPUWorker):
         super().__init__(*args, **kwargs)
         settings = checked_settings(self.vllm_config)
         register()  # what the plugin entry point does, in case vLLM runs with plugins filtered (VLLM_PLUGINS)
-        self.kvcake = Engine(settings.method, self.vllm_config.cache_config.block_size)
+        parallel = self.vllm_config.parallel_config.tensor_parallel_size > 1
+        self.kvcake = Engine(settings.method, self.vllm_config.cache_config.block_size,
+                             reduce=_sum_over_ranks if parallel else None)
         install(self.kvcake)
 
     def get_kv_cache_spec(self) -> dict[str, Any]:
