@@ -4,10 +4,13 @@ target, and regions move on block by block."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from kvcake.engines.vllm.paged import PagedLayer
-from kvcake.engines.vllm.requests import Phase, RequestState, top_positions
+from kvcake.engines.vllm.requests import Phase, RequestState, decode_layer, top_positions
 from kvcake.methods.attention import attention_probs, probs_from_logits
 from kvcake.methods.registry import build
 
@@ -38,7 +41,7 @@ def test_read_gives_back_what_write_stored_per_head():
     assert torch.equal(raw, keys[0, 0])
 
 
-def test_run_logits_are_the_products_with_the_run_s_keys_and_give_attention_probs():
+def test_logits_are_the_products_with_the_run_s_keys_and_give_attention_probs():
     """The decoding scores' attention, multiplied where vLLM stores the keys, is the attention over the run's keys."""
     paged, table = _paged()
     count, first = 4 * BLOCK + 3, 2
@@ -46,7 +49,11 @@ def test_run_logits_are_the_products_with_the_run_s_keys_and_give_attention_prob
     paged.write(table, slots, torch.randn(HEADS, count, DIM), torch.randn(HEADS, count, DIM))
     query = torch.randn(Q_HEADS, DIM)
     keys, _ = paged.read_run(table, first, count)
-    logits = paged.run_logits(table, first, count, query)
+    blocks = -(-count // BLOCK) + 2  # two blocks more than the run: padding of a batch, past the table's end
+    ids = paged.run_blocks(table, first, blocks)
+    assert torch.equal(ids, table[first: first + blocks])
+    assert paged.run_blocks(table, len(table) - 2, 4).tolist() == table[[-2, -1, -1, -1]].tolist()
+    logits = paged.logits(ids[None], query[None])[..., :count]
     groups = Q_HEADS // HEADS
     assert logits.shape == (1, HEADS, groups, 1, count)
     for head in range(Q_HEADS):  # query head h reads KV head h // groups, as vLLM groups them
@@ -128,3 +135,52 @@ def test_without_decode_eviction_a_region_only_grows():
         assert state.advance(layers, tables) is None
     assert [r.count for r in state.regions] == [12 + 2 * BLOCK] * 3
     assert [r.first_block for r in state.regions] == firsts
+
+
+@pytest.mark.parametrize("name, options", [("cake", {}), ("h2o", {"decode_eviction": True}),
+                                           ("knorm", {"decode_eviction": True}),
+                                           ("streamingllm", {"decode_eviction": True})])
+def test_a_batch_of_requests_decodes_as_each_request_alone(name, options):
+    """decode_layer pads requests of different lengths into one batch over one pool: every region ends as when its
+    request decodes alone, entry for entry."""
+    method = build(name, budget=12, window=2, **options)
+    prompts, layers = [40, 23, 57], 3
+    alone = [_prefilled(method, prompt, layers, seed=i) for i, prompt in enumerate(prompts)]
+    pool = [PagedLayer(torch.zeros(64 * len(prompts), HEADS, BLOCK, 2 * DIM)) for _ in range(layers)]
+    order = torch.randperm(64 * len(prompts))
+    batch = []  # the same requests, their blocks drawn from one pool per layer
+    for i, (state, own, tables) in enumerate(alone):
+        table = order[64 * i: 64 * (i + 1)]
+        for layer in range(layers):
+            keys, values = own[layer].read(tables[layer], torch.arange(prompts[i]).expand(HEADS, -1))
+            pool[layer].write(table, torch.arange(prompts[i]).expand(HEADS, -1), keys, values)
+        twin = RequestState(method, prompts[i], layers, BLOCK)
+        twin.ranked, twin.raw, twin.budget = list(state.ranked), list(state.raw), copy.deepcopy(state.budget)
+        batch.append((twin, [table] * layers))
+    for (state, own, tables), (twin, table) in zip(alone, batch, strict=True):
+        state.compact(own, tables)
+        twin.compact(pool, table)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(BLOCK + 3):
+        queries = torch.randn(layers, len(prompts), Q_HEADS, DIM, generator=generator)
+        for layer in range(layers):
+            for i, ((state, own, tables), (twin, table)) in enumerate(zip(alone, batch, strict=True)):
+                key = _key(state.logical).unsqueeze(1)
+                value = torch.full((HEADS, 1, DIM), float(state.logical))
+                own[layer].write(tables[layer], state.regions[layer].next_slots(BLOCK, 1).expand(HEADS, -1), key,
+                                 value)
+                pool[layer].write(table[layer], twin.regions[layer].next_slots(BLOCK, 1).expand(HEADS, -1), key,
+                                  value)
+                state.decoded(layer, own[layer], tables[layer], queries[layer, i][None], 0.3, None)
+            decode_layer([twin for twin, _ in batch], layer, pool[layer], [table[layer] for _, table in batch],
+                         queries[layer], 0.3, None)
+        for (state, own, tables), (twin, table) in zip(alone, batch, strict=True):
+            state.advance(own, tables)
+            twin.advance(pool, table)
+            for region, other in zip(state.regions, twin.regions, strict=True):
+                assert region.count == other.count and region.first_block == other.first_block
+                assert torch.equal(region.positions, other.positions)
+                assert (region.stored is None) == (other.stored is None)
+                if region.stored is not None:
+                    assert torch.equal(region.stored, other.stored)
+            _check_region(twin, pool, table)

@@ -31,6 +31,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from kvcake.engines.vllm.engine import Engine, current
 from kvcake.engines.vllm.paged import PagedLayer
+from kvcake.engines.vllm.requests import decode_layer
 from kvcake.engines.vllm.settings import EngineSettings
 from kvcake.engines.vllm.worker import checked_settings
 
@@ -106,7 +107,7 @@ class KVCakeImpl(CPUAttentionBackendImpl):
         tables = attn_metadata.full_block_table
         assert tables is not None
         starts = attn_metadata.query_start_loc.tolist()
-        ended = []
+        ended, decoding, rows = [], [], []
         for i, row in enumerate(engine.rows()):
             lo, hi = starts[i], starts[i + 1]
             if row.ends_prompt:
@@ -116,7 +117,12 @@ class KVCakeImpl(CPUAttentionBackendImpl):
                 engine.state(row).score_layer(index, query[lo:hi], key[lo:hi], value[lo:hi], self.scale, softcap)
                 ended.append(row)
             elif (state := engine.decoding(row)) is not None:
-                state.decoded(index, paged, tables[i], query[lo:hi], self.scale, softcap)
+                assert hi - lo == 1, "a decoding request computes one token per step"
+                decoding.append(state)
+                rows.append(i)
+        if decoding:  # every decoding request of the batch at once
+            decode_layer(decoding, index, paged, [tables[i] for i in rows], query[[starts[i] for i in rows]],
+                         self.scale, softcap)
         if index == len(engine.layers) - 1:
             self._after_last_layer(engine, ended)
         return out

@@ -45,16 +45,21 @@ class PagedLayer:
         values = self.values[blocks].transpose(0, 1).reshape(self.heads, -1, self.values.shape[3])
         return keys[:, :count], values[:, :count]
 
-    def run_logits(self, table: torch.Tensor, first_block: int, count: int, query: torch.Tensor) -> torch.Tensor:
-        """Float32 products ``q·k`` ``(1, Hkv, groups, 1, count)`` of one token's ``query`` ``(Hq, D)`` with the
-        ``count`` keys from the start of block ``first_block``, for
+    def run_blocks(self, table: torch.Tensor, first_block: int, blocks: int) -> torch.Tensor:
+        """Ids of the ``blocks`` blocks of ``table`` from ``first_block`` on (past the table's end, its last block
+        again: padding for a batch of runs of different lengths, which the caller masks)."""
+        return table[(first_block + torch.arange(blocks)).clamp(max=len(table) - 1)]
+
+    def logits(self, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Float32 products ``q·k`` ``(R, Hkv, groups, 1, blocks * bs)`` of each row's one-token ``query``
+        ``(R, Hq, D)`` with the keys of its blocks ``ids`` ``(R, blocks)`` in slot order, for
         :func:`~kvcake.methods.attention.probs_from_logits`. The keys are multiplied where vLLM stores them
         (transposed per block), so only the products are rearranged, never the keys."""
-        blocks = table[first_block: first_block + -(-count // self.block_size)]
-        q = query.float().view(1, self.heads, -1, query.shape[-1])  # (1, Hkv, groups, D)
-        products = torch.matmul(q, self.keys[blocks].float())  # (blocks, Hkv, groups, bs)
-        groups = products.shape[2]
-        return products.permute(1, 2, 0, 3).reshape(1, self.heads, groups, 1, -1)[..., :count]
+        rows, blocks = ids.shape
+        q = query.float().view(rows, 1, self.heads, -1, query.shape[-1])  # (R, 1, Hkv, groups, D)
+        products = torch.matmul(q, self.keys[ids].float())  # (R, blocks, Hkv, groups, bs)
+        groups = products.shape[3]
+        return products.permute(0, 2, 3, 1, 4).reshape(rows, self.heads, groups, 1, blocks * self.block_size)
 
     def move_run(self, table: torch.Tensor, first_block: int, count: int, to_block: int) -> None:
         """Copy the blocks holding ``count`` slots from block ``first_block`` on to the blocks from ``to_block`` on."""

@@ -156,48 +156,28 @@ class RequestState:
         return [r.first_block for r in self.regions]
 
     # -- decoding ----------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decoded(self, layer: int, paged: PagedLayer, table: torch.Tensor, query: torch.Tensor, scaling: float,
-                softcap: float | None) -> None:
-        """After the attention of one new token (``query`` ``(1, Hq, D)``, written at the region's end): grow the
-        region, and with decode-time eviction drop what the method drops and keep the region compact."""
+    def grown(self, layer: int) -> int | None:
+        """The new token was written at the end of layer ``layer``'s region: count it. With decode-time eviction,
+        returns how many entries the layer must drop now (None when there is nothing to score)."""
         region = self.regions[layer]
         position = self.logical  # the new token's position (the logical length before it)
         region.count += 1
         if not self.evicts_while_decoding:
-            return
+            return None
         assert region.positions is not None and self.budget is not None
         heads = region.positions.shape[0]
         region.positions = torch.cat([region.positions, region.positions.new_full((heads, 1), position)], dim=1)
         if region.stored is not None:
             region.stored = torch.cat([region.stored, region.stored.new_zeros(heads, 1)], dim=1)
-        target = self.budget.decode_targets(position + 1)[0][layer]
-        drops = region.count - target
-        if drops <= 0 and region.stored is None:
-            return
-        order = torch.sort(region.positions, dim=-1, stable=True).indices  # slot order -> position order
-        # attention does not depend on the entries' order: computed in slot order, then put in position order
-        logits = paged.run_logits(table, region.first_block, region.count, query[0])
-        probs = probs_from_logits(logits, scaling, None, softcap, check=False)[:, :, 0]
-        groups = probs.shape[1] // heads
-        probs = probs.gather(-1, order.repeat_interleave(groups, dim=0).unsqueeze(0))
-        take = order.unsqueeze(-1)
-        stored = None if region.stored is None else region.stored.gather(-1, order).unsqueeze(0)
+        drops = region.count - self.budget.decode_targets(position + 1)[0][layer]
+        return None if drops <= 0 and region.stored is None else max(drops, 0)
 
-        def read(which: int) -> torch.Tensor:  # keys (0) or values (1) in position order, for scorers that read them
-            entries = paged.read_run(table, region.first_block, region.count)[which]
-            return entries.gather(1, take.expand_as(entries)).unsqueeze(0)
-
-        view = DecodeView(query=query.transpose(0, 1).unsqueeze(0).float(), scaling=scaling, softcap=softcap,
-                          positions=region.positions.gather(-1, order)[None], allowed=None, stored=stored, probs=probs,
-                          window=self.method.window, read_keys=lambda: read(0), read_values=lambda: read(1))
-        scores = self.method.scorer.decode(view)[0]
-        if region.stored is not None:
-            region.stored = torch.empty_like(region.stored).scatter_(-1, order, scores.to(region.stored.dtype))
-        if drops > 0:
-            occupied = torch.ones_like(scores, dtype=torch.bool)
-            dropped = select_drops(scores[None], occupied[None], torch.tensor([[drops]]), self.method.window, drops)[0]
-            self._remove(region, paged, table, torch.zeros_like(dropped).scatter_(-1, order, dropped), drops)
+    def decoded(self, layer: int, paged: PagedLayer, table: torch.Tensor, query: torch.Tensor, scaling: float,
+                softcap: float | None) -> None:
+        """After the attention of one new token (``query`` ``(1, Hq, D)``, written at the region's end): grow the
+        region, and with decode-time eviction drop what the method drops and keep the region compact
+        (:func:`decode_layer` for a batch of one)."""
+        decode_layer([self], layer, paged, [table], query, scaling, softcap)
 
     def _remove(self, region: Region, paged: PagedLayer, table: torch.Tensor, dropped: torch.Tensor,
                 drops: int) -> None:
@@ -232,4 +212,70 @@ class RequestState:
         return [r.first_block for r in self.regions] if moved else None
 
 
-__all__ = ["Phase", "Region", "RequestState", "top_positions"]
+@torch.no_grad()
+def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tables: list[torch.Tensor],
+                 queries: torch.Tensor, scaling: float, softcap: float | None) -> None:
+    """One layer of a decoding step for every request of the batch at once: ``queries`` ``(R, Hq, D)`` are the new
+    tokens' queries (written at the end of their regions). Each region grows by its token; with decode-time eviction
+    the method scores every region's entries in one padded batch (empty entries first, then the tokens by
+    position, as :mod:`kvcake.methods.decoding` expects) and each layer drops what its target says."""
+    work = [(state, table, query, drops) for state, table, query in zip(states, tables, queries, strict=True)
+            if (drops := state.grown(layer)) is not None]
+    if not work:
+        return
+    method = work[0][0].method
+    regions = [state.regions[layer] for state, *_ in work]
+    rows, heads, bs = len(work), paged.heads, paged.block_size
+    counts = torch.tensor([region.count for region in regions])
+    width = int(counts.max())
+    blocks = -(-width // bs)
+    ids = torch.stack([paged.run_blocks(table, region.first_block, blocks)
+                       for region, (_, table, _, _) in zip(regions, work, strict=True)])
+    q = torch.stack([query for _, _, query, _ in work]).float()  # (R, Hq, D)
+    logits = paged.logits(ids, q)[..., :width]
+    groups = logits.shape[2]
+    slot = torch.arange(width)
+    padded = bool((counts < width).any())
+    valid = slot < counts[:, None]  # (R, width), in slot order
+    probs = probs_from_logits(logits, scaling, valid[:, None, None, None] if padded else None, softcap,
+                              check=False)[:, :, 0]  # attention does not depend on the entries' order
+    positions = torch.full((rows, heads, width), -1, dtype=torch.long)
+    stored = None if regions[0].stored is None else torch.zeros(rows, heads, width, dtype=regions[0].stored.dtype)
+    for row, region in enumerate(regions):
+        assert region.positions is not None
+        positions[row, :, :region.count] = region.positions
+        if stored is not None:
+            stored[row, :, :region.count] = region.stored
+    order = torch.sort(positions, dim=-1, stable=True).indices  # slot order -> position order, empty entries first
+    take = order.unsqueeze(-1)
+
+    def read(which: int) -> torch.Tensor:  # keys (0) or values (1) in position order, for scorers that read them
+        entries = torch.zeros(rows, heads, width, paged.keys.shape[2])
+        for row, (region, (_, table, _, _)) in enumerate(zip(regions, work, strict=True)):
+            entries[row, :, :region.count] = paged.read_run(table, region.first_block, region.count)[which]
+        return entries.gather(2, take.expand_as(entries))
+
+    occupied = (slot >= width - counts[:, None])[:, None].expand(rows, heads, width)  # position order
+    view = DecodeView(query=q.unsqueeze(2), scaling=scaling, softcap=softcap, positions=positions.gather(-1, order),
+                      allowed=occupied if padded else None,
+                      stored=None if stored is None else stored.gather(-1, order),
+                      probs=probs.gather(-1, order.repeat_interleave(groups, dim=1)), window=method.window,
+                      read_keys=lambda: read(0), read_values=lambda: read(1))
+    scores = method.scorer.decode(view)
+    if stored is not None:
+        back = torch.empty_like(scores).scatter_(-1, order, scores)
+        for row, region in enumerate(regions):
+            region.stored = back[row, :, :region.count].to(stored.dtype)
+    most = max(drops for *_, drops in work)
+    if most == 0:
+        return
+    drops = torch.tensor([[drops] for *_, drops in work])
+    dropped = select_drops(scores, occupied, drops, method.window, most)
+    dropped = torch.zeros_like(dropped).scatter_(-1, order, dropped)  # back to slot order
+    for row, (state, table, _, count) in enumerate(work):
+        if count:
+            region = regions[row]
+            state._remove(region, paged, table, dropped[row, :, :region.count], count)
+
+
+__all__ = ["Phase", "Region", "RequestState", "decode_layer", "top_positions"]
