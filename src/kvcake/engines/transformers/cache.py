@@ -103,11 +103,6 @@ class KVCakeCache(DynamicCache):
 
     # -- the request -------------------------------------------------------------------------------------------------
     @property
-    def phase(self) -> Phase:
-        """Where the request is (:class:`~kvcake.engines.transformers.state.Phase`)."""
-        return self.request.phase
-
-    @property
     def plan(self) -> RequestBudget | None:
         """The request's budgets, from its first prefilled layer on."""
         return self.request.plan
@@ -163,23 +158,12 @@ class KVCakeCache(DynamicCache):
 
     def metadata_bytes(self) -> int:
         """Bytes of kvcake's own bookkeeping (kept positions, slot order)."""
-        tables = [table for layer in self.layers_in_order() for table in (
-            (layer.positions,) if layer.slots is None else
-            (layer.slots.positions, layer.slots.count, layer.slots.stored, layer.slots.targets)) if table is not None]
-        return sum(t.numel() * t.element_size() for t in tables)
+        return sum(layer.metadata_bytes() for layer in self.layers_in_order())
 
     def kv_bytes_full(self) -> int:
         """What the same cache would hold without eviction."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, CompressedLayer) and layer.keys is not None and layer.values is not None:
-                batch, heads, _, k_dim = layer.keys.shape
-                v_dim = layer.values.shape[-1]
-                per_token = k_dim * layer.keys.element_size() + v_dim * layer.values.element_size()
-                total += batch * heads * layer.logical_length() * per_token
-            else:
-                total += layer_kv_bytes(layer)
-        return total
+        return sum(layer.nbytes_full() if isinstance(layer, CompressedLayer) else layer_kv_bytes(layer)
+                   for layer in self.layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.feeder is None:

@@ -256,6 +256,20 @@ class CompressedLayer(DynamicLayer):
         """Bytes of keys and values held, free slots included."""
         return layer_kv_bytes(self)
 
+    def nbytes_full(self) -> int:
+        """Bytes of keys and values the layer would hold without eviction: every token appended, every row."""
+        if self.keys is None or self.values is None:
+            return 0
+        batch, heads, _, k_dim = self.keys.shape
+        per_token = k_dim * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
+        return batch * heads * self.logical_length() * per_token
+
+    def metadata_bytes(self) -> int:
+        """Bytes of kvcake's own bookkeeping beside the entries (kept positions; while decoding, the slot tables)."""
+        slots = self.slots
+        tables = (self.positions,) if slots is None else (slots.positions, slots.count, slots.stored, slots.targets)
+        return sum(t.numel() * t.element_size() for t in tables if t is not None)
+
     def slot_bytes(self) -> int:
         """Bytes of one slot (one entry of every row and head)."""
         keys = self.keys

@@ -27,7 +27,7 @@ UNFED = ("a kvcake cache is fed only inside a kvcake.compress block of its model
 def refreeze(cache: KVCakeCache) -> None:
     """After a forward of the block: a compiled-decoding cache that was fed several tokens after its prefill (a chat's
     next turn) goes back into its decoding buffers now, outside compiled code, as it did after its prefill."""
-    if (cache.settings.freeze_after_prefill and cache.phase is Phase.PREFILLED
+    if (cache.settings.freeze_after_prefill and cache.request.phase is Phase.PREFILLED
             and not torch.compiler.is_compiling()):
         cache.ensure_frozen()
 
