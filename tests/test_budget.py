@@ -20,7 +20,7 @@ def hand_in(plan: RequestBudget, preference: list[float] | None) -> bool:
     evicts = plan.push(column, torch.device("cpu"))
     if evicts:
         plan.set_shares(plan.device_shares().tolist())
-    if plan.seen == plan.num_layers:
+    if plan.layers_handed_in == plan.num_layers:
         plan.finish_device()
     return evicts
 

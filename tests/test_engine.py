@@ -276,7 +276,7 @@ def test_thawing_the_decoding_state_keeps_the_entries():
         assert layer.slots is None
         for got, expected in zip(layer.entries(), frozen.entries(), strict=False):
             assert torch.equal(got, expected)
-        assert layer.valid_counts == frozen.kept_per_row(1) and layer.seen == frozen.logical_length()
+        assert layer.valid_counts == frozen.kept_per_row(1) and layer.appended == frozen.logical_length()
 
 
 @pytest.mark.parametrize("mode", ["inference_mode prefill", "grad enabled"])

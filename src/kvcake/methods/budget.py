@@ -4,9 +4,9 @@ This is the policy half of the engine, with no transformers in it: the cache (an
 tensors and asks a :class:`RequestBudget` how many entries each layer keeps.
 
 * Prefill (CAKE §3.3): every compressed layer, once prefilled, hands in its preference as a device tensor
-  (:meth:`RequestBudget.push`); in the cascade the whole evictable budget is re-split over the layers seen so far
+  (:meth:`RequestBudget.push`); in the cascade the whole evictable budget is re-split over the layers handed in so far
   on the device (:meth:`RequestBudget.device_shares`), the engine reads the shares back when they land
-  (:meth:`RequestBudget.set_shares`) and evicts every seen layer to its share plus the window; after the last
+  (:meth:`RequestBudget.set_shares`) and evicts every layer handed in to its share plus the window; after the last
   layer :meth:`RequestBudget.finish_device` brings the preferences to the host and refuses NaN or inf. Shares come
   from the allocator's exact capped divisor method, so they never grow from one stage to the next and the last
   stage is the one-shot split.
@@ -85,9 +85,9 @@ class RequestBudget:
     totals : list of int
         Evictable budget per row (window excluded).
     preferences : list of list of float
-        Per row, the preference of each layer seen so far.
+        Per row, the preference of each layer handed in so far.
     shares : list of list of int
-        Per row, each seen layer's evictable share at the latest stage.
+        Per row, each handed-in layer's evictable share at the latest stage.
     """
 
     def __init__(self, method: Method, num_layers: int, prompt_tokens: list[int], prefill_length: int,
@@ -105,17 +105,15 @@ class RequestBudget:
         self.shares: list[list[int]] = [[] for _ in self.prompt_tokens]
         self.layers_handed_in = 0  # layers whose preference was handed in (:meth:`push`)
         self._device: torch.Tensor | None = None  # (B, m) float64 preferences handed in as device tensors
-        self._nonfinite: torch.Tensor | None = None  # a device flag: some handed-in preference was NaN or inf
+        # A device flag: some handed-in preference was NaN or inf. The methods layer's own check, raised by
+        # finish_device: every engine relies on it (the vLLM engine has no other), whereas the transformers engine's
+        # flag (engines/transformers/state.NonFiniteFlag) is about the attention it runs, scores and decoding steps.
+        self._nonfinite: torch.Tensor | None = None
         self._targets: tuple[int, list[list[int]]] | None = None
 
     @property
     def rows(self) -> int:
         return len(self.prompt_tokens)
-
-    @property
-    def seen(self) -> int:
-        """Layers whose preference has been handed in."""
-        return self.layers_handed_in
 
     def caps(self, grown: int = 0) -> list[int]:
         """Per row, the most evictable tokens a layer can keep (its real tokens outside the window), once ``grown``
@@ -128,7 +126,7 @@ class RequestBudget:
         return [min(self.method.window, n + grown) + self.tail for n in self.prompt_tokens]
 
     def budgets(self) -> list[list[int]]:
-        """Per row and seen layer, the entries it is allowed after the latest stage (share plus window)."""
+        """Per row and handed-in layer, the entries it is allowed after the latest stage (share plus window)."""
         return [[share + p for share in shares] for shares, p in zip(self.shares, self.protected(), strict=True)]
 
     def targets(self, grown: int) -> tuple[list[list[int]], bool]:
@@ -145,13 +143,13 @@ class RequestBudget:
 
     # -- prefill: the preferences stay on the device, no host synchronisation per layer ----------------------------
     def evicts_now(self) -> bool:
-        """Whether the layers seen so far are evicted at this stage: after every layer in the cascade, else after the
-        last."""
+        """Whether the layers handed in so far are evicted at this stage: after every layer in the cascade, else
+        after the last."""
         return self.method.cascade or self.layers_handed_in == self.num_layers
 
     def push(self, preference: torch.Tensor | None, device: torch.device) -> bool:
         """Hand in the next layer's preference ``(B,)`` as a device tensor (None: fixed weights); returns whether
-        the seen layers are evicted now (then :meth:`device_shares` gives their shares)."""
+        the layers handed in are evicted now (then :meth:`device_shares` gives their shares)."""
         column = (torch.ones(self.rows, 1, dtype=torch.float64, device=device) if preference is None
                   else preference.detach().to(device=device, dtype=torch.float64).view(-1, 1))
         bad = ~torch.isfinite(column).all()
@@ -161,7 +159,7 @@ class RequestBudget:
         return self.evicts_now()
 
     def device_shares(self) -> torch.Tensor:
-        """``(B, m)`` shares of the layers seen so far, on the device (exactly :meth:`split` row by row)."""
+        """``(B, m)`` shares of the layers handed in so far, on the device (exactly :meth:`split` row by row)."""
         assert self._device is not None
         device = self._device.device
         totals = torch.tensor(self.totals, dtype=torch.long, device=device)
@@ -182,7 +180,7 @@ class RequestBudget:
         self.preferences = self._device.tolist()
 
     def split(self, preferences: list[float], total: int, cap: int) -> list[int]:
-        """The allocator's split of ``total`` over the layers seen so far (capped, exact)."""
+        """The allocator's split of ``total`` over the layers handed in so far (capped, exact)."""
         return self.method.allocator.split(preferences, total, cap, self.num_layers)
 
     def keeps_everything(self, slot: int) -> bool:

@@ -46,7 +46,7 @@ def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[to
 def _held(cache) -> tuple[int, int]:
     """KV bytes the cache holds now and the highest it held (a compressed prefill's peak included)."""
     now = cache_kv_bytes(cache)
-    peak = int(getattr(cache, "peak_kv_bytes", 0) or 0) if isinstance(cache, KVCakeCache) else 0
+    peak = cache.memory.peak_kv_bytes if isinstance(cache, KVCakeCache) else 0
     return now, max(now, peak)
 
 

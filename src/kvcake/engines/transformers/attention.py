@@ -74,7 +74,7 @@ def _make_wrapper(base: str) -> Callable:
         softcap = kwargs.get("softcap")
         if layer.slots is not None:  # decoding one token at a time, in fixed-shape slots
             return attend_slots(cache, layer_idx, base, query, scaling, softcap)
-        if layer.seen == q_len and layer.positions is None and layer.valid_counts is None:  # the layer's prefill
+        if layer.awaits_prefill(q_len):
             out = own(module, query, key, value, attention_mask, *args, **kwargs)
             valid = cache.prefill_key_valid(attention_mask, key.shape[2])
             positions, rotary = kwargs.get("position_ids"), rotary_for(module)

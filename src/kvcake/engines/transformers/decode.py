@@ -34,14 +34,13 @@ def attend_slots(cache: KVCakeCache, layer_idx: int, base: str, query: torch.Ten
     layer = cache.layers[layer_idx]
     assert isinstance(layer, CompressedLayer) and layer.slots is not None
     slots = layer.slots
-    method = cache.method
     batch, q_heads = query.shape[:2]
-    kv_heads, capacity = slots.positions.shape[1], slots.positions.shape[2]
+    kv_heads, capacity = slots.positions.shape[1], slots.capacity
     groups = q_heads // kv_heads
     probs = slot_probs(query, slots.keys, slots.positions < 0, scaling, softcap)  # (B, Hkv, G, C)
     out = torch.matmul(probs.to(slots.values.dtype), slots.values).view(batch, 1, q_heads, -1).to(query.dtype)
     evict = slots.targets is not None
-    track = cache.decoding() and method.scorer.keeps_scores  # H2O accumulates at every step, evicting or not
+    track = cache.tracks_scores()  # H2O accumulates at every step, evicting or not
     ordered_probs = None
     if evict or track or base == "eager":
         order = slots.order()
@@ -112,9 +111,9 @@ def attend_compressed(cache: KVCakeCache, layer_idx: int, base: str, own: Callab
     method = cache.method
     evict, targets = False, None
     if cache.decoding():
-        targets = [row[cache._slot[layer_idx]] for row in cache.decode_targets(layer.seen)]
+        targets = [row[cache.slot_of(layer_idx)] for row in cache.decode_targets(layer.appended)]
         evict = any(v > t for v, t in zip(layer.valid_counts or [], targets, strict=True))
-    track = cache.decoding() and method.scorer.keeps_scores
+    track = cache.tracks_scores()
     if layer.positions is None and not (evict or track):
         # Untouched layer: transformers' own mask is right for it.
         out = own(module, query, key, value, attention_mask, *args, **kwargs)

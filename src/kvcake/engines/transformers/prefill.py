@@ -1,9 +1,9 @@
-"""What a prefill hands on: a layer's attention inputs (for replay), and a cascade stage's shares on their way from
-the device to the host."""
+"""What a prefill hands on: a layer's attention inputs (for replay, gathered in a :class:`Recording`), and a cascade
+stage's shares on their way from the device to the host."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,14 @@ class PrefillLayer:
     softcap: float | None = None
     positions: torch.Tensor | None = None  # RoPE positions (position_ids) of the prompt, None: 0 .. S-1
     rotary: Any = None  # the layer's rotary embedding (kvcake.engines.transformers.rope.Rotary), None if it has none
+
+
+@dataclass
+class Recording:
+    """A prefill being recorded (:mod:`kvcake.engines.transformers.replay`): every layer's attention inputs, once."""
+
+    queries: int | None = None  # keep only each layer's last this-many queries (None: all of them)
+    layers: dict[int, PrefillLayer] = field(default_factory=dict)
 
 
 class Stage:
@@ -46,4 +54,4 @@ class Stage:
         return self._shares.cpu().tolist()
 
 
-__all__ = ["PrefillLayer", "Stage"]
+__all__ = ["PrefillLayer", "Recording", "Stage"]

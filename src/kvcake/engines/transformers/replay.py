@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicCache
 
 from kvcake.engines.transformers.cache import REPLAY, KVCakeCache
 from kvcake.engines.transformers.compat import cache_keyword, output_cache, text_config
-from kvcake.engines.transformers.prefill import PrefillLayer
+from kvcake.engines.transformers.prefill import PrefillLayer, Recording
 from kvcake.engines.transformers.session import compress
 
 
@@ -59,10 +59,9 @@ def record_prefill(model, input_ids: torch.Tensor, method, queries: int | None =
         return record, output_cache(out)
     with compress(model, method, uncompressed_tail=tail) as press:
         cache = press.new_cache()
-        cache.recorder = {}
-        cache.record_queries = None if queries is None else queries + tail
+        recording = cache.recording = Recording(queries=None if queries is None else queries + tail)
         out = model(**inputs, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
-        layers, cache.recorder = cache.recorder, None
+        layers, cache.recording = recording.layers, None
     if len(layers) != len(cache.layers):
         raise RuntimeError(f"recorded {len(layers)} of {len(cache.layers)} layers: the model bypassed the cache")
     record = PrefillRecord(logits=out.logits[:, -1].float(), layers=layers, length=input_ids.shape[1], tail=tail)
@@ -83,7 +82,7 @@ def replay(model, record: PrefillRecord, method) -> DynamicCache:
     config = text_config(model)
     cache = DynamicCache(config=config) if method is None else KVCakeCache(config=config, method=method)
     if isinstance(cache, KVCakeCache):
-        cache.tail = record.tail
+        cache.settings.tail = record.tail
         cache.feeder = REPLAY  # fed here without a forward; decoding goes on inside a compress block
     try:
         for layer_idx in sorted(record.layers):

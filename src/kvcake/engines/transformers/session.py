@@ -172,7 +172,7 @@ class Compression:
         if given is not None and not isinstance(given, KVCakeCache):
             raise ValueError("compiled decoding under kvcake needs kvcake's cache; pass none (or press.new_cache())")
         cache = given if given is not None else self.new_cache()
-        cache.compiled, cache.freeze_after_prefill = True, True
+        cache.settings.compiled, cache.settings.freeze_after_prefill = True, True
         config = kwargs.get("compile_config") or CompileConfig(fullgraph=True, mode=self.mode())
         if _device(self.model).type not in ("cuda", "xpu"):
             config._compile_all_devices = True  # transformers compiles on CUDA only unless told
@@ -192,7 +192,7 @@ class Compression:
             out = original(*args, **kwargs)
             if self.last_cache is not None:
                 self.last_cache.check_finite()
-                if self.last_cache.compiled:
+                if self.last_cache.settings.compiled:
                     turns.sync_lengths(self.last_cache)
             return out
         finally:
@@ -282,11 +282,12 @@ class Compression:
 
     def _prepare(self, cache: KVCakeCache) -> None:
         """Settings a cache of this block gets (the ones new_cache gives)."""
-        cache.decode_horizon = self._call_tokens or self.max_new_tokens
-        cache.tail = self.uncompressed_tail
+        settings = cache.settings
+        settings.decode_horizon = self._call_tokens or self.max_new_tokens
+        settings.tail = self.uncompressed_tail
         if self.compile:
-            cache.compiled = True
-            cache.freeze_after_prefill = True
+            settings.compiled = True
+            settings.freeze_after_prefill = True
 
     def _use(self, cache: KVCakeCache) -> None:
         self._report_error = None

@@ -59,9 +59,9 @@ class CompressedLayer(DynamicLayer):
     ----------
     positions : Tensor ``(B, Hkv, L)`` int64 or None
         Prefill layout: original position of every stored entry; None while the layer is untouched.
-    seen : int
-        Logical number of tokens appended so far (kept up to date on the host outside compiled code; see
-        :meth:`logical_length`).
+    appended : int
+        Tokens appended to the layer so far, evicted ones included: its logical length, kept on the host outside
+        compiled code (see :meth:`logical_length`).
     valid_counts : list[int] or None
         Prefill layout: per row, how many stored entries are real tokens of that row.
     scores : Tensor ``(B, Hkv, L)`` or None
@@ -76,7 +76,7 @@ class CompressedLayer(DynamicLayer):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.positions: torch.Tensor | None = None
-        self.seen = 0
+        self.appended = 0
         self.valid_counts: list[int] | None = None
         self.scores: torch.Tensor | None = None
         self.has_fillers = False  # host-side: some slot is a filler (position -1)
@@ -91,25 +91,26 @@ class CompressedLayer(DynamicLayer):
                 self.slots.writable()
                 self.slots.write(key_states, value_states)
                 if not torch.compiler.is_compiling():
-                    self.seen += 1
+                    self.appended += 1
                 return self.slots.keys, self.slots.values
             self.thaw()
         batch, heads = key_states.shape[:2]
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.positions is not None:
-            fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device).expand(batch, heads, new)
+            fresh = torch.arange(self.appended, self.appended + new, device=self.positions.device).expand(
+                batch, heads, new)
             self.positions = torch.cat([self.positions, fresh], dim=-1)
         if self.valid_counts is not None:
             self.valid_counts = [v + new for v in self.valid_counts]
         if self.scores is not None:  # scorers that keep scores (H2O): new entries start at 0
             self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, new)], dim=-1)
-        self.seen += new
+        self.appended += new
         return keys, values
 
     def get_seq_length(self):
         if self.slots is not None and torch.compiler.is_compiling():
             return self.slots.cursor
-        return self.seen
+        return self.appended
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
         # transformers >= 5.x passes the query length (int); older 5.x releases pass ``cache_position`` (a tensor
@@ -128,7 +129,7 @@ class CompressedLayer(DynamicLayer):
         # Drop the tensors (older transformers only zero them in place, keeping their length): update regrows them.
         self.keys = self.values = None
         self.is_initialized = False
-        self.positions, self.seen, self.valid_counts, self.scores = None, 0, None, None
+        self.positions, self.appended, self.valid_counts, self.scores = None, 0, None, None
         self.has_fillers = False
         if self.slots is not None:
             self._spare = self.slots
@@ -144,7 +145,7 @@ class CompressedLayer(DynamicLayer):
         keep = self.logical_length() - count
         if self.slots is not None:
             self.slots.forget_from(keep)
-            self.seen = keep
+            self.appended = keep
             return
         if self.positions is not None:
             if not bool((self.positions[..., -count:] >= keep).all()):
@@ -155,7 +156,7 @@ class CompressedLayer(DynamicLayer):
         super().crop(tokens_to_remove)
         if self.scores is not None:
             self.scores = self.scores[..., :-count]
-        self.seen = keep
+        self.appended = keep
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.slots is not None:
@@ -203,8 +204,8 @@ class CompressedLayer(DynamicLayer):
             real = prompt_valid.to(positions.device).gather(1, where).view(batch, heads, length)
             positions = positions.masked_fill(inside & ~real, FILLER)
         scores = self.scores if keep_scores else None
-        self.slots = Slots.build(self.keys, self.values, positions, scores, capacity, self.seen, targets, start,
-                                 max_drops, reuse=self._spare)
+        self.slots = Slots.build(self.keys, self.values, positions, scores, capacity, self.appended, targets,
+                                 start, max_drops, reuse=self._spare)
         self._spare = None
         self.keys, self.values = self.slots.keys, self.slots.values
         self.positions, self.valid_counts, self.scores = None, None, None
@@ -225,12 +226,16 @@ class CompressedLayer(DynamicLayer):
                                                                                             float("-inf"))
         self.valid_counts = [row[0] for row in counts]
         self.has_fillers = any(c < longest for row in counts for c in row)
-        self.seen = int(slots.cursor)
+        self.appended = int(slots.cursor)
 
     # -- kvcake ------------------------------------------------------------------------------------------------------
+    def awaits_prefill(self, q_len: int) -> bool:
+        """Whether a feed of ``q_len`` tokens is the layer's prefill: it holds just those tokens, unscored."""
+        return self.appended == q_len and self.positions is None and self.valid_counts is None
+
     def logical_length(self) -> int:
         """Tokens appended so far (read from the device cursor while decoding: it is exact after compiled steps)."""
-        return int(self.slots.cursor) if self.slots is not None else self.seen
+        return int(self.slots.cursor) if self.slots is not None else self.appended
 
     @property
     def length(self) -> int:
@@ -250,6 +255,20 @@ class CompressedLayer(DynamicLayer):
     def nbytes(self) -> int:
         """Bytes of keys and values held, free slots included."""
         return layer_kv_bytes(self)
+
+    def nbytes_full(self) -> int:
+        """Bytes of keys and values the layer would hold without eviction: every token appended, every row."""
+        if self.keys is None or self.values is None:
+            return 0
+        batch, heads, _, k_dim = self.keys.shape
+        per_token = k_dim * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
+        return batch * heads * self.logical_length() * per_token
+
+    def metadata_bytes(self) -> int:
+        """Bytes of kvcake's own bookkeeping beside the entries (kept positions; while decoding, the slot tables)."""
+        slots = self.slots
+        tables = (self.positions,) if slots is None else (slots.positions, slots.count, slots.stored, slots.targets)
+        return sum(t.numel() * t.element_size() for t in tables if t is not None)
 
     def slot_bytes(self) -> int:
         """Bytes of one slot (one entry of every row and head)."""
@@ -342,10 +361,10 @@ class CompressedLayer(DynamicLayer):
         transformers' own (logical-length) mask taken at the kept positions.
         """
         positions = self.position_table()
-        q_pos = torch.arange(self.seen - q_len, self.seen, device=positions.device)
+        q_pos = torch.arange(self.appended - q_len, self.appended, device=positions.device)
         pos = positions.unsqueeze(2)  # (B, H, 1, L)
         allowed = (pos >= 0) & (pos <= q_pos.view(1, 1, -1, 1))
-        logical = allowed_columns(attention_mask, q_len, self.seen)
+        logical = allowed_columns(attention_mask, q_len, self.appended)
         if logical is not None:
             logical = logical.to(positions.device)
             batch, heads, length = positions.shape

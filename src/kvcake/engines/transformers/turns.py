@@ -13,6 +13,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvcake.engines.transformers.errors import UnsupportedCacheError
+from kvcake.engines.transformers.state import Phase
 
 if TYPE_CHECKING:
     from kvcake.engines.transformers.cache import KVCakeCache
@@ -26,9 +27,9 @@ UNFED = ("a kvcake cache is fed only inside a kvcake.compress block of its model
 def refreeze(cache: KVCakeCache) -> None:
     """After a forward of the block: a compiled-decoding cache that was fed several tokens after its prefill (a chat's
     next turn) goes back into its decoding buffers now, outside compiled code, as it did after its prefill."""
-    if (cache.freeze_after_prefill and cache.prefill_kept is not None and cache._frozen_for is None
+    if (cache.settings.freeze_after_prefill and cache.request.phase is Phase.PREFILLED
             and not torch.compiler.is_compiling()):
-        cache._ensure_frozen()
+        cache.ensure_frozen()
 
 
 def sync_lengths(cache: KVCakeCache) -> None:
@@ -36,7 +37,7 @@ def sync_lengths(cache: KVCakeCache) -> None:
     count, and the next call (a chat's next turn through ``generate``) reads ``get_seq_length()``."""
     for layer in cache.layers_in_order():
         if layer.slots is not None:
-            layer.seen = layer.logical_length()
+            layer.appended = layer.logical_length()
 
 
 def crop(cache: KVCakeCache, max_length: int) -> None:
