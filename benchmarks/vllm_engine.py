@@ -16,7 +16,9 @@ vLLM + kvcake ``--rounds`` times:
         --out docs/bench/vllm/smollm2.json
 
 ``--method`` and ``--params`` (JSON) choose the kvcake rows' method (CAKE by default; e.g. ``--params
-'{"decode_eviction": false}'`` for CAKE without decode-time eviction). Results are written as they land (a rerun skips measurements already in ``--out``).
+'{"decode_eviction": false}'`` for CAKE without decode-time eviction).
+
+Results are written as they land (a rerun skips measurements already in ``--out``).
 """
 
 from __future__ import annotations

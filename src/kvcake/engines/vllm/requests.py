@@ -244,7 +244,7 @@ def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tabl
     for row, region in enumerate(regions):
         assert region.positions is not None
         positions[row, :, :region.count] = region.positions
-        if stored is not None:
+        if stored is not None and region.stored is not None:
             stored[row, :, :region.count] = region.stored
     order = torch.sort(positions, dim=-1, stable=True).indices  # slot order -> position order, empty entries first
     take = order.unsqueeze(-1)
@@ -269,8 +269,8 @@ def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tabl
     most = max(drops for *_, drops in work)
     if most == 0:
         return
-    drops = torch.tensor([[drops] for *_, drops in work])
-    dropped = select_drops(scores, occupied, drops, method.window, most)
+    counts_dropped = torch.tensor([[count] for *_, count in work])
+    dropped = select_drops(scores, occupied, counts_dropped, method.window, most)
     dropped = torch.zeros_like(dropped).scatter_(-1, order, dropped)  # back to slot order
     for row, (state, table, _, count) in enumerate(work):
         if count:
