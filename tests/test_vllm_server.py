@@ -36,10 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kvcake(*args: str, **kwargs) -> subprocess.Popen:
+def _kvcake(*args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen([sys.executable, "-m", "kvcake.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "kvcake.cli", *args], env=env, stdout=stdout,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _get(url: str, timeout: float = 5.0) -> int:
@@ -48,9 +48,13 @@ def _get(url: str, timeout: float = 5.0) -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    """The server, its port and its log. The log goes to a file: a pipe nobody reads while the server runs fills up
+    with vLLM's periodic log lines and blocks the server, which then never exits."""
     port = _free_port()
-    process = _kvcake("serve", "--ratio", "0.1", "--port", str(port), "--", *VLLM_ARGS)
+    log = tmp_path_factory.mktemp("serve") / "log.txt"
+    with log.open("w") as sink:
+        process = _kvcake("serve", "--ratio", "0.1", "--port", str(port), "--", *VLLM_ARGS, stdout=sink)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -59,8 +63,8 @@ def server():
         except OSError:
             time.sleep(2)
     if process.poll() is not None:
-        pytest.fail(f"the server stopped at start-up:\n{process.stdout.read()[-4000:]}")
-    yield process, port
+        pytest.fail(f"the server stopped at start-up:\n{log.read_text()[-4000:]}")
+    yield process, port, log
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
@@ -71,7 +75,7 @@ def server():
 
 
 def test_the_server_answers_an_http_request_with_cake_on(server):
-    process, port = server
+    process, port, _ = server
     body = {"model": str(MODEL), "prompt": "The pass code is 4817. Remember it. What is the pass code? It is",
             "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
@@ -83,10 +87,13 @@ def test_the_server_answers_an_http_request_with_cake_on(server):
 
 
 def test_the_server_shuts_down_cleanly(server):
-    process, port = server
+    process, port, path = server
     process.send_signal(signal.SIGINT)
-    code = process.wait(timeout=120)
-    log = process.stdout.read()
+    try:
+        code = process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server did not exit within 120 s of Ctrl-C; its log ends:\n{path.read_text()[-4000:]}")
+    log = path.read_text()
     assert "kvcake: serving" in log and f"http://127.0.0.1:{port}/v1" in log
     assert "cake on 30 layers, one KV-cache group each" in log
     assert code == 0, log[-3000:]
