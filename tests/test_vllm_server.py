@@ -36,10 +36,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _interruptible() -> None:
+    """Ctrl-C as in a terminal, even where the tests run in the background of a shell without job control (which
+    starts every command with SIGINT ignored, and a server started so could never be stopped with it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kvcake(*args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT / "src")}
     return subprocess.Popen([sys.executable, "-m", "kvcake.cli", *args], env=env, stdout=stdout,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible)
 
 
 def _get(url: str, timeout: float = 5.0) -> int:
