@@ -219,19 +219,20 @@ def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tabl
     tokens' queries (written at the end of their regions). Each region grows by its token; with decode-time eviction
     the method scores every region's entries in one padded batch (empty entries first, then the tokens by
     position, as :mod:`kvcake.methods.decoding` expects) and each layer drops what its target says."""
-    work = [(state, table, query, drops) for state, table, query in zip(states, tables, queries, strict=True)
-            if (drops := state.grown(layer)) is not None]
-    if not work:
+    grown = [(row, drops) for row, state in enumerate(states) if (drops := state.grown(layer)) is not None]
+    if not grown:
         return
-    method = work[0][0].method
-    regions = [state.regions[layer] for state, *_ in work]
-    rows, heads, bs = len(work), paged.heads, paged.block_size
+    states, tables = [states[row] for row, _ in grown], [tables[row] for row, _ in grown]
+    drop_counts = [drops for _, drops in grown]  # per request still to score
+    method = states[0].method
+    regions = [state.regions[layer] for state in states]
+    rows, heads, bs = len(states), paged.heads, paged.block_size
     counts = torch.tensor([region.count for region in regions])
     width = int(counts.max())
     blocks = -(-width // bs)
     ids = torch.stack([paged.run_blocks(table, region.first_block, blocks)
-                       for region, (_, table, _, _) in zip(regions, work, strict=True)])
-    q = torch.stack([query for _, _, query, _ in work]).float()  # (R, Hq, D)
+                       for region, table in zip(regions, tables, strict=True)])
+    q = queries[[row for row, _ in grown]].float()  # (R, Hq, D)
     logits = paged.logits(ids, q)[..., :width]
     groups = logits.shape[2]
     slot = torch.arange(width)
@@ -251,7 +252,7 @@ def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tabl
 
     def read(which: int) -> torch.Tensor:  # keys (0) or values (1) in position order, for scorers that read them
         entries = torch.zeros(rows, heads, width, paged.keys.shape[2])
-        for row, (region, (_, table, _, _)) in enumerate(zip(regions, work, strict=True)):
+        for row, (region, table) in enumerate(zip(regions, tables, strict=True)):
             entries[row, :, :region.count] = paged.read_run(table, region.first_block, region.count)[which]
         return entries.gather(2, take.expand_as(entries))
 
@@ -266,16 +267,14 @@ def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tabl
         back = torch.empty_like(scores).scatter_(-1, order, scores)
         for row, region in enumerate(regions):
             region.stored = back[row, :, :region.count].to(stored.dtype)
-    most = max(drops for *_, drops in work)
+    most = max(drop_counts)
     if most == 0:
         return
-    counts_dropped = torch.tensor([[count] for *_, count in work])
-    dropped = select_drops(scores, occupied, counts_dropped, method.window, most)
+    dropped = select_drops(scores, occupied, torch.tensor(drop_counts).view(-1, 1), method.window, most)
     dropped = torch.zeros_like(dropped).scatter_(-1, order, dropped)  # back to slot order
-    for row, (state, table, _, count) in enumerate(work):
-        if count:
-            region = regions[row]
-            state._remove(region, paged, table, dropped[row, :, :region.count], count)
+    for row, (state, region, table, drops) in enumerate(zip(states, regions, tables, drop_counts, strict=True)):
+        if drops:
+            state._remove(region, paged, table, dropped[row, :, :region.count], drops)
 
 
 __all__ = ["Phase", "Region", "RequestState", "decode_layer", "top_positions"]
