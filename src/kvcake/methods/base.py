@@ -39,12 +39,16 @@ class Scorer:
     ``keeps_scores``: the decode scores are stored beside the entries and passed back next step (H2O's sums).
     ``all_queries``: the prefill reads every prompt query, not only the window's (the engine keeps them all).
     ``decodes``: the scorer defines decode-time scores (False: methods using it evict at prefill only).
+    ``decode_from_probs``: ``decode(view)`` reads nothing but the attention (``view.attention()``), ``kv_heads`` and
+    ``window``, and scores each row on its own, with free entries (probability 0) first in every row: an engine may
+    then score the rows of several layers in one call, padded in front with free entries.
     """
 
     name: ClassVar[str] = "scorer"
     keeps_scores: ClassVar[bool] = False
     all_queries: ClassVar[bool] = False
     decodes: ClassVar[bool] = True
+    decode_from_probs: ClassVar[bool] = False
 
     def prefill(self, view: LayerView, window: int) -> torch.Tensor:
         raise NotImplementedError

@@ -158,6 +158,7 @@ class CakeScores(Scorer):
     pooling: str = field(default="avg", metadata={"help": "CAKE: pooling of the indicator along keys, avg or max"})
 
     name: ClassVar[str] = "cake"
+    decode_from_probs: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_kernel(self.kernel)

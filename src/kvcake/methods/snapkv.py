@@ -28,6 +28,7 @@ class SnapKVScores(Scorer):
     pooling: str = field(default="max", metadata={"help": "SnapKV: pooling of the window attention, max or avg"})
 
     name: ClassVar[str] = "snapkv"
+    decode_from_probs: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_kernel(self.kernel)

@@ -20,6 +20,7 @@ class TOVAScores(Scorer):
     decoding step the lowest-scored entry is dropped."""
 
     name: ClassVar[str] = "tova"
+    decode_from_probs: ClassVar[bool] = True
 
     def prefill(self, view: LayerView, window: int) -> torch.Tensor:
         last = view.window_attention(1)[:, :, -1]  # (B, Hq, S)

@@ -95,8 +95,9 @@ class DecodeView:
 
     Attributes
     ----------
-    query : Tensor ``(B, Hq, 1, D)``
-        The newest query.
+    query : Tensor ``(B, Hq, 1, D)`` or None
+        The newest query (None where an engine scores the rows of several layers in one call, for scorers with
+        ``decode_from_probs``: ``probs`` is then given).
     scaling, softcap
         The layer's softmax scaling and soft-capping.
     positions : Tensor ``(B, Hkv, L)`` int64
@@ -111,7 +112,7 @@ class DecodeView:
         The method's window: the last ``window`` entries are never dropped.
     """
 
-    query: torch.Tensor
+    query: torch.Tensor | None
     scaling: float
     softcap: float | None
     positions: torch.Tensor
@@ -143,6 +144,7 @@ class DecodeView:
     def attention(self) -> torch.Tensor:
         """Attention ``(B, Hq, L)`` of the newest query over the entries (given, or computed here)."""
         if self.probs is None:
+            assert self.query is not None, "a view without its query carries its attention"
             allowed = None if self.allowed is None else self.allowed[:, :, None, None, :]
             self.probs = attention_probs(self.query[:, :, -1:], self.keys, self.scaling, allowed, self.softcap,
                                          check=False)[:, :, 0]

@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvcake.engines.transformers import turns
 from kvcake.engines.transformers.errors import UnsupportedCacheError
+from kvcake.engines.transformers.group import LayerGroup
 from kvcake.engines.transformers.masks import key_valid
 from kvcake.engines.transformers.prefill import PrefillLayer, Recording, Stage
 from kvcake.engines.transformers.report import Report
@@ -86,6 +87,8 @@ class KVCakeCache(DynamicCache):
         #: A :class:`Recording` here makes the prefill record every layer's attention inputs
         #: (:mod:`kvcake.engines.transformers.replay`).
         self.recording: Recording | None = None
+        #: The frozen layers whose decode-time eviction runs in one batch per step (None: each layer on its own).
+        self.layer_group: LayerGroup | None = None
 
     @property
     def is_compileable(self) -> bool:
@@ -133,6 +136,8 @@ class KVCakeCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.request.select_rows(beam_idx.tolist())
+        if self.layer_group is not None and self.request.phase is Phase.DECODING:
+            self.layer_group.resort()  # the rows moved in place under the group's position order
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows ``indices`` (e.g. dropping the finished rows of a batch): the layers go back to the
@@ -313,6 +318,7 @@ class KVCakeCache(DynamicCache):
             layer.freeze(sizing.capacities[slot], None if schedule is None else schedule.layer(slot),
                          plan.prefill_length, 0 if schedule is None else schedule.max_drops(slot), keep_scores,
                          self.request.prompt_valid)
+        self.layer_group = LayerGroup.for_layers(self.method, dict(zip(self.compressible, layers, strict=True)))
         self.request.frozen(sizing.sized_for)
 
     def check_finite(self) -> None:

@@ -22,17 +22,18 @@ from dataclasses import dataclass
 import torch
 
 
-def _static(*tensors: torch.Tensor | None) -> None:
+def static_buffers(*tensors: torch.Tensor | None, axis: int = 2) -> None:
     """Tell torch.compile these buffers keep their address (CUDA graphs read them in place), and that their slot
-    axis may differ from one request to the next: layers get budgets that depend on the prompt, and a compiled step
-    that specialised on them would recompile for every new request."""
+    axis (``axis``, for tensors of three dimensions or more) may differ from one request to the next: layers get
+    budgets that depend on the prompt, and a compiled step that specialised on them would recompile for every new
+    request."""
     if torch.compiler.is_compiling():
         return
     for t in tensors:
         if t is not None:
             torch._dynamo.mark_static_address(t)
             if t.dim() >= 3:
-                torch._dynamo.mark_dynamic(t, 2)
+                torch._dynamo.mark_dynamic(t, axis % t.dim())
 
 
 @dataclass
@@ -81,8 +82,8 @@ class Slots:
         slots = cls(k, v, pos, (pos >= 0).sum(-1), torch.tensor(cursor, dtype=torch.long, device=device), stored,
                     table, torch.tensor(start, dtype=torch.long, device=device), max_drops,
                     torch.zeros((), dtype=torch.bool, device=device))
-        _static(slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.stored, slots.targets,
-                slots.start, slots.overflow)
+        static_buffers(slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.stored,
+                       slots.targets, slots.start, slots.overflow)
         return slots
 
     def _fits(self, keys, values, scores, capacity: int, table) -> bool:
@@ -122,8 +123,8 @@ class Slots:
                 value = getattr(self, name)
                 if value is not None:
                     setattr(self, name, value.clone())
-            _static(self.keys, self.values, self.positions, self.count, self.cursor, self.stored, self.targets,
-                    self.start, self.overflow)
+            static_buffers(self.keys, self.values, self.positions, self.count, self.cursor, self.stored,
+                           self.targets, self.start, self.overflow)
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot, at the logical cursor."""
