@@ -27,7 +27,7 @@ BATCHED = [
 def _per_layer(monkeypatch):
     """Every layer evicts in its own call, as before layers were grouped."""
     with monkeypatch.context() as patch:
-        patch.setattr(LayerGroup, "for_layers", classmethod(lambda cls, method, layers: None))
+        patch.setattr(LayerGroup, "split", classmethod(lambda cls, method, layers, spread: []))
         yield
 
 
@@ -44,15 +44,17 @@ def _generate(model, method, ids, mask, steps):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = mask.sum(-1, keepdim=True) - 1
             logits = model(token, attention_mask=mask, cache=cache, position_ids=positions).logits[:, -1]
-            grouped = cache.layer_group
+            grouped = dict(cache.layer_groups)
             states.append([(layer.slots.positions.clone(), layer.slots.count.clone())
                            for layer in cache.layers_in_order()])
     return torch.cat(tokens, dim=1), states, grouped
 
 
 @pytest.mark.parametrize(("name", "params"), BATCHED)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, name, params, batch):
+@pytest.mark.parametrize(("batch", "spread"), [(1, None), (3, None), (3, 1.0)])
+def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, name, params, batch, spread):
+    """One group of every layer, and (spread 1.0) a group per distinct capacity."""
+    monkeypatch.setattr(LayerGroup, "SPREAD", spread)
     model = tiny_llama("sdpa", layers=5, seed=2)
     ids = prompt(70, batch=batch, seed=4)
     mask = torch.ones_like(ids)
@@ -62,10 +64,12 @@ def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, na
     params = {"budget": 14, **params}
     method = kvcake.build(name, **({"window": 4} | params))
     tokens, states, grouped = _generate(model, method, ids, mask, 24)
-    assert grouped is not None and len(grouped.members) == 5  # the batched path really ran
+    assert len(grouped) == 5  # every layer evicted in a group
+    if spread is None:
+        assert len(set(grouped.values())) == 1
     with _per_layer(monkeypatch):
         expected_tokens, expected_states, alone = _generate(model, method, ids, mask, 24)
-    assert alone is None
+    assert alone == {}
     assert torch.equal(tokens, expected_tokens)
     for step, (got, expected) in enumerate(zip(states, expected_states, strict=True)):
         for layer, ((positions, count), (want_positions, want_count)) in enumerate(zip(got, expected, strict=True)):
@@ -84,7 +88,7 @@ def _swapped(model, method, ids, steps):
                 token = token.flip(0)
             positions = torch.full((2, 1), ids.shape[1] + step)
             token = model(token, cache=cache, position_ids=positions).logits[:, -1].argmax(-1, keepdim=True)
-        return token, [layer.slots.positions.clone() for layer in cache.layers_in_order()], cache.layer_group
+        return token, [layer.slots.positions.clone() for layer in cache.layers_in_order()], dict(cache.layer_groups)
 
 
 def test_rows_moved_in_place_keep_the_position_order_right(monkeypatch):
@@ -93,7 +97,7 @@ def test_rows_moved_in_place_keep_the_position_order_right(monkeypatch):
     ids = torch.cat([prompt(50, seed=9), prompt(50, seed=10)])
     method = kvcake.CAKE(budget=12, window=4)
     token, positions, grouped = _swapped(model, method, ids, 12)
-    assert grouped is not None
+    assert grouped
     with _per_layer(monkeypatch):
         expected_token, expected, _ = _swapped(model, method, ids, 12)
     assert torch.equal(token, expected_token)
@@ -105,7 +109,7 @@ def test_layers_that_cannot_be_batched_evict_on_their_own():
     for method in (kvcake.build("h2o", budget=14), kvcake.build("streamingllm", budget=14),
                    kvcake.build("knorm", budget=14, decode_eviction=True), kvcake.build("snapkv", budget=14, window=4)):
         _, _, grouped = _generate(model, method, prompt(40), torch.ones(1, 40, dtype=torch.long), 2)
-        assert grouped is None, method
+        assert grouped == {}, method
 
 
 class _Count(TorchDispatchMode):
@@ -133,6 +137,19 @@ def _operators_per_step(model, method, steps=3):
     return count.calls / steps
 
 
+def test_layers_of_very_different_capacities_go_to_different_groups():
+    class Layer:
+        def __init__(self, capacity):
+            self.slots = type("S", (), {"capacity": capacity, "targets": torch.zeros(3, 1), "max_drops": 1})()
+
+    layers = {i: Layer(c) for i, c in enumerate([300, 40, 90, 310, 1000, 170, 600])}
+    method = kvcake.CAKE(budget=20, window=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LayerGroup, "__init__", lambda self, members, layers: setattr(self, "members", members))
+        assert [g.members for g in LayerGroup.split(method, layers, 2.0)] == [[1], [2, 5], [0, 3, 6], [4]]
+        assert [g.members for g in LayerGroup.split(method, layers, None)] == [[0, 1, 2, 3, 4, 5, 6]]
+
+
 def test_grouped_eviction_costs_a_few_operators_per_layer(monkeypatch):
     """The operators a layer adds to a step, with decode-time eviction against without it: grouped, five (copying
     its probabilities and positions into the batch, its target, freeing its slot); on its own, about four times more."""
@@ -142,6 +159,7 @@ def test_grouped_eviction_costs_a_few_operators_per_layer(monkeypatch):
                   for n in (2, 6)]
         return (counts[1] - counts[0]) / 4
 
+    monkeypatch.setattr(LayerGroup, "SPREAD", None)  # one group: what a layer costs inside it
     plain = per_layer(False)
     grouped = per_layer(True) - plain
     with _per_layer(monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import kvcake
 from conftest import tiny_llama
 from kvcake.bench.throughput import external, hf, writers
 from kvcake.bench.throughput.memory import BLOCK_TOKENS, bytes_per_token, pool_bytes
@@ -101,6 +102,24 @@ def test_transformers_rows_count_requests_tokens_and_memory(method):
     assert summary["within_pool"]
     assert summary["prefill_s"] > 0 and summary["decode_s"] > 0
     assert all(r.first_token_s is not None and r.finish_s >= r.first_token_s for r in records)
+
+
+def test_transformers_rows_plan_from_what_one_request_held_for_its_whole_answer():
+    """A method that evicts while decoding holds its budget whatever the answer's length; a prefill-only one grows
+    by a token a step: the planned bytes per request follow what the engine held, not a rule."""
+    model = tiny_llama(layers=3)
+    per_token = bytes_per_token(model.config, 4)
+    requests = _requests(2, 200)
+    pool = 100 * 200 * per_token
+
+    def planned(method, answer):
+        _, per_request, info = hf.plan_batch(model, Setting("transformers", method, 0.25), kvcake.build(
+            method, ratio=0.25, window=8), requests, answer, pool, per_token, 0)
+        assert per_request == info["probe_peak_bytes"] >= info["probe_end_bytes"]
+        return per_request
+
+    assert planned("cake", 200) == planned("cake", 8)
+    assert planned("snapkv", 200) >= planned("snapkv", 8) + 100 * per_token  # 50 kept + 200 answer > the prefill peak
 
 
 def test_transformers_rows_decode_as_each_request_alone():

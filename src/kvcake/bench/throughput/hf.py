@@ -4,9 +4,10 @@ Requests are served in arrival order in batches. A batch is left-padded, prefill
 compressed as if it ran alone, the engine reading the padding from the attention mask) and decoded greedily for
 exactly the workload's answer length. The batch size is planned from what one request holds: for the full cache its
 ``prompt + answer`` tokens (a plain cache holds exactly that); for a kvcake method, the engine's figures for the
-first request, prefilled alone before the clock starts (its prefill peak, and what it holds once its decoding
-buffers are sized for the whole answer). What the cache holds is then read from the engine after every forward, and
-a batch that held more than the pool is reported as such (``within_pool``), never hidden.
+longest request, served alone for the whole answer before the clock starts (the most it held, its prefill peak
+included: a method that evicts while decoding holds its budget, a prefill-only one grows by a token a step). What
+the cache holds is then read from the engine after every forward, and a batch that held more than the pool is
+reported as such (``within_pool``), never hidden.
 """
 
 from __future__ import annotations
@@ -123,15 +124,15 @@ def plan_batch(model, setting: Setting, method, requests: list[Request], output_
         per_request = (longest + output_tokens) * per_token
         how: dict[str, Any] = {"planned_from": "prompt + answer tokens of the longest request x bytes per token"}
     else:
+        # The longest request served alone for the whole answer: the most KV it held at any point (its prefill peak
+        # included) is what the method needs per request: growing by a token a step for a prefill-only method,
+        # held at the budget by one that evicts while decoding.
         probe = BatchRun(model, method, pad)
         longest_request = max(requests, key=lambda r: r.prompt_tokens)
-        _, _, peak_one, end_one = probe.run([longest_request.ids], 2, None, time.perf_counter())
-        # after one step the decoding buffers are sized for the probe's 2 tokens: add the rest of the answer
-        grow = max(0, output_tokens - 2) * per_token
-        per_request = max(peak_one, end_one + grow)
-        how = {"planned_from": "engine figures of the longest request prefilled alone and decoded one step: "
-                               "max(its prefill peak, what it then held plus the rest of the answer at the plain "
-                               "cache's bytes per token)",
+        _, _, peak_one, end_one = probe.run([longest_request.ids], output_tokens, None, time.perf_counter())
+        per_request = peak_one
+        how = {"planned_from": "engine figures of the longest request served alone for the whole answer before the "
+                               "clock starts: the most KV it held, its prefill peak included",
                "probe_peak_bytes": peak_one, "probe_end_bytes": end_one}
     batch = pool // per_request if per_request else 0
     return int(batch), int(per_request), how

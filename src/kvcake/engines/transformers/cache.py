@@ -87,8 +87,9 @@ class KVCakeCache(DynamicCache):
         #: A :class:`Recording` here makes the prefill record every layer's attention inputs
         #: (:mod:`kvcake.engines.transformers.replay`).
         self.recording: Recording | None = None
-        #: The frozen layers whose decode-time eviction runs in one batch per step (None: each layer on its own).
-        self.layer_group: LayerGroup | None = None
+        #: Layer index -> the group whose decode-time eviction it runs in, one batch per step (a layer not here
+        #: evicts on its own).
+        self.layer_groups: dict[int, LayerGroup] = {}
 
     @property
     def is_compileable(self) -> bool:
@@ -136,8 +137,9 @@ class KVCakeCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.request.select_rows(beam_idx.tolist())
-        if self.layer_group is not None and self.request.phase is Phase.DECODING:
-            self.layer_group.resort()  # the rows moved in place under the group's position order
+        if self.request.phase is Phase.DECODING:
+            for group in set(self.layer_groups.values()):
+                group.resort()  # the rows moved in place under the group's position order
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows ``indices`` (e.g. dropping the finished rows of a batch): the layers go back to the
@@ -318,7 +320,9 @@ class KVCakeCache(DynamicCache):
             layer.freeze(sizing.capacities[slot], None if schedule is None else schedule.layer(slot),
                          plan.prefill_length, 0 if schedule is None else schedule.max_drops(slot), keep_scores,
                          self.request.prompt_valid)
-        self.layer_group = LayerGroup.for_layers(self.method, dict(zip(self.compressible, layers, strict=True)))
+        groups = LayerGroup.split(self.method, dict(zip(self.compressible, layers, strict=True)),
+                                  None if self.settings.compiled else LayerGroup.SPREAD)
+        self.layer_groups = {i: group for group in groups for i in group.members}
         self.request.frozen(sizing.sized_for)
 
     def check_finite(self) -> None:

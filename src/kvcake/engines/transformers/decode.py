@@ -39,8 +39,8 @@ def attend_slots(cache: KVCakeCache, layer_idx: int, base: str, query: torch.Ten
     groups = q_heads // kv_heads
     probs = slot_probs(query, slots.keys, slots.positions < 0, scaling, softcap)  # (B, Hkv, G, C)
     out = torch.matmul(probs.to(slots.values.dtype), slots.values).view(batch, 1, q_heads, -1).to(query.dtype)
-    group = cache.layer_group
-    if group is not None and base != "eager" and group.holds(layer_idx):
+    group = cache.layer_groups.get(layer_idx)
+    if group is not None and base != "eager":
         # Scored with the other evicting layers after the last of them attended (LayerGroup).
         if group.collect(layer_idx, probs.view(batch, q_heads, capacity)):
             with torch.no_grad():

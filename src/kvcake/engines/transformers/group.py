@@ -36,10 +36,13 @@ class LayerGroup:
     all the layers. Anything else that moves entries (a crop, beam search) calls :meth:`resort`.
 
     Used where every evicting layer drops at most one entry per step and the method's scorer has
-    ``decode_from_probs`` and keeps no scores (:meth:`for_layers`); otherwise each layer evicts in its own call.
+    ``decode_from_probs`` and keeps no scores (:meth:`split`, which also keeps layers of very different capacities
+    apart); otherwise each layer evicts in its own call.
     """
 
     PADDING = -2
+    #: Eager decoding: the largest ratio of capacities within one group (see :meth:`split`).
+    SPREAD = 2.0
 
     def __init__(self, members: list[int], layers: list[CompressedLayer]) -> None:
         self.members = members  # cache layer indices, in the order the model calls them
@@ -62,15 +65,28 @@ class LayerGroup:
         static_buffers(self.index, self.after_write, self.order, axis=-1)
 
     @classmethod
-    def for_layers(cls, method: Method, layers: dict[int, CompressedLayer]) -> LayerGroup | None:
-        """The group of the frozen layers that evict while decoding, or None where they cannot be batched."""
+    def split(cls, method: Method, layers: dict[int, CompressedLayer], spread: float | None) -> list[LayerGroup]:
+        """The groups of the frozen layers that evict while decoding (none where they cannot be batched).
+
+        Layers are padded to the largest capacity of their group, so with budgets as uneven as CAKE's (one layer
+        may hold 60 times what another does) one group would score mostly padding. ``spread`` bounds the ratio of
+        the largest capacity to the smallest within a group: layers sorted by capacity are grouped greedily.
+        None makes one group of them all, whatever their budgets: what compiled decoding needs, since which layers
+        go together is part of the compiled step and must not change from one request to the next.
+        """
         evicting = {i: layer.slots for i, layer in layers.items()
                     if layer.slots is not None and layer.slots.targets is not None}
         tables = {s.targets.shape for s in evicting.values() if s.targets is not None}
-        if (len(evicting) < 2 or not method.scorer.decode_from_probs or method.scorer.keeps_scores
+        if (not evicting or not method.scorer.decode_from_probs or method.scorer.keeps_scores
                 or len(tables) != 1 or any(s.max_drops > 1 or s.capacity <= method.window for s in evicting.values())):
-            return None
-        return cls(list(evicting), [layers[i] for i in evicting])
+            return []
+        buckets: list[list[int]] = []
+        for i in sorted(evicting, key=lambda i: evicting[i].capacity):
+            if buckets and (spread is None or evicting[i].capacity <= spread * evicting[buckets[-1][0]].capacity):
+                buckets[-1].append(i)
+            else:
+                buckets.append([i])
+        return [cls(sorted(bucket), [layers[i] for i in sorted(bucket)]) for bucket in buckets]
 
     def _slots(self) -> list[Slots]:
         slots = [layer.slots for layer in self.layers]
@@ -85,9 +101,6 @@ class LayerGroup:
     def resort(self) -> None:
         """Sort the position order anew, after the slots changed outside a decoding step (crop, beam search)."""
         self.order.copy_(torch.sort(self._positions(self._slots()), dim=-1, stable=True).indices)
-
-    def holds(self, layer_idx: int) -> bool:
-        return layer_idx in self._index
 
     def collect(self, layer_idx: int, probs: torch.Tensor) -> bool:
         """Keep a layer's attention ``(B, Hq, C)`` over its slots; whether it was the group's last layer."""
