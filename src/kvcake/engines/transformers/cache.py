@@ -320,6 +320,7 @@ class KVCakeCache(DynamicCache):
             layer.freeze(sizing.capacities[slot], None if schedule is None else schedule.layer(slot),
                          plan.prefill_length, 0 if schedule is None else schedule.max_drops(slot), keep_scores,
                          self.request.prompt_valid)
+        # Compiled decoding keeps one group whatever the spread: which layers go together is part of its step.
         groups = LayerGroup.split(self.method, dict(zip(self.compressible, layers, strict=True)),
                                   None if self.settings.compiled else LayerGroup.SPREAD)
         self.layer_groups = {i: group for group in groups for i in group.members}

@@ -41,8 +41,11 @@ class LayerGroup:
     """
 
     PADDING = -2
-    #: Eager decoding: the largest ratio of capacities within one group (see :meth:`split`).
-    SPREAD = 2.0
+    #: The largest ratio of capacities within one group (see :meth:`split`); None: one group. On SmolLM2 at 8K
+    #: (capacities 43 to 2,245) one group decoded faster than 3 to 6 groups by capacity (102.8 ms a step against
+    #: 119.8-123.6; `benchmarks/group_spread.py`, one run): each group costs its own ~35 operators a step, more than
+    #: scoring the padding costs at these sizes.
+    SPREAD: float | None = None
 
     def __init__(self, members: list[int], layers: list[CompressedLayer]) -> None:
         self.members = members  # cache layer indices, in the order the model calls them
@@ -135,7 +138,7 @@ class LayerGroup:
                           probs=ordered.view(rows, q_heads, capacity), window=method.window)
         scores = method.scorer.decode(view).view(layers, batch, kv_heads, capacity)
         lowest = lowest_candidate(scores, occupied, method.window)  # (N, B, H, 1), in position order
-        first = slots[0]  # every layer has the same cursor, start and schedule length (for_layers)
+        first = slots[0]  # every layer has the same cursor, start and schedule length (split)
         assert first.targets is not None
         step = (first.cursor - first.start).clamp(0, first.targets.shape[0] - 1).view(1)
         targets = torch.stack([s.targets.index_select(0, step) for s in slots  # type: ignore[union-attr]
