@@ -139,10 +139,8 @@ class LayerGroup:
         scores = method.scorer.decode(view).view(layers, batch, kv_heads, capacity)
         lowest = lowest_candidate(scores, occupied, method.window)  # (N, B, H, 1), in position order
         first = slots[0]  # every layer has the same cursor, start and schedule length (split)
-        assert first.targets is not None
-        step = (first.cursor - first.start).clamp(0, first.targets.shape[0] - 1).view(1)
-        targets = torch.stack([s.targets.index_select(0, step) for s in slots  # type: ignore[union-attr]
-                               ]).view(layers, batch, 1)
+        step = first.schedule_step()
+        targets = torch.stack([s.target(step) for s in slots])  # (N, B, 1)
         chosen = ((occupied.sum(-1) > targets).unsqueeze(-1) & occupied.gather(-1, lowest))
         slot = order.gather(-1, lowest)
         # The order after the drop: the freed slot moves from ``lowest`` to its place among the free slots (by slot

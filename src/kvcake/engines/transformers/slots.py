@@ -157,11 +157,16 @@ class Slots:
         """Slots ``(B, Hkv, C)`` by increasing position: free slots (-1) first, then the tokens."""
         return torch.sort(self.positions, dim=-1, stable=True).indices
 
-    def target(self) -> torch.Tensor:
-        """Entries allowed per row ``(B, 1)`` at this step (the schedule's last step holds after its end)."""
+    def schedule_step(self) -> torch.Tensor:
+        """The row ``(1,)`` of the decode schedule this step reads (its last row holds after the schedule's end)."""
         assert self.targets is not None
-        step = (self.cursor - self.start).clamp(0, self.targets.shape[0] - 1)
-        return self.targets.index_select(0, step.view(1)).view(-1, 1)
+        return (self.cursor - self.start).clamp(0, self.targets.shape[0] - 1).view(1)
+
+    def target(self, step: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries allowed per row ``(B, 1)`` at this step; ``step``: :meth:`schedule_step`, when already known (the
+        layers of one step share it)."""
+        assert self.targets is not None
+        return self.targets.index_select(0, self.schedule_step() if step is None else step).view(-1, 1)
 
     def drop_one(self, slot: torch.Tensor, chosen: torch.Tensor) -> None:
         """Free slot ``slot`` ``(B, Hkv, 1)`` of each row and head where ``chosen`` ``(B, Hkv, 1)``."""
