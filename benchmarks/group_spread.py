@@ -19,17 +19,15 @@ from transformers import DynamicCache
 import kvcake
 from kvcake.bench import _decode, load_model
 from kvcake.bench.timing.loops import random_ids, vocab_size
-from kvcake.engines.transformers.group import LayerGroup
 from kvcake.engines.transformers.session import cache_keyword, output_cache
 
 
 def regroup(cache, spread: str) -> int:
     """Regroup the cache's evicting layers (between two steps); the number of groups."""
-    layers = dict(zip(cache.compressible, cache.layers_in_order(), strict=True))
-    groups = [] if spread == "alone" else LayerGroup.split(cache.method, layers,
-                                                           None if spread == "none" else float(spread))
-    cache.layer_groups = {i: group for group in groups for i in group.members}
-    return len(groups)
+    if spread == "alone":
+        cache.layer_groups = {}
+        return 0
+    return cache.group_layers(None if spread == "none" else float(spread))
 
 
 def main() -> None:

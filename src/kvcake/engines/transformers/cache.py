@@ -321,10 +321,16 @@ class KVCakeCache(DynamicCache):
                          plan.prefill_length, 0 if schedule is None else schedule.max_drops(slot), keep_scores,
                          self.request.prompt_valid)
         # Compiled decoding keeps one group whatever the spread: which layers go together is part of its step.
-        groups = LayerGroup.split(self.method, dict(zip(self.compressible, layers, strict=True)),
-                                  None if self.settings.compiled else LayerGroup.SPREAD)
-        self.layer_groups = {i: group for group in groups for i in group.members}
+        self.group_layers(None if self.settings.compiled else LayerGroup.SPREAD)
         self.request.frozen(sizing.sized_for)
+
+    def group_layers(self, spread: float | None) -> int:
+        """Group the frozen layers' decode-time eviction (:meth:`LayerGroup.split`); the number of groups. Also
+        between two decoding steps (``benchmarks/group_spread.py``)."""
+        groups = LayerGroup.split(self.method, dict(zip(self.compressible, self.layers_in_order(), strict=True)),
+                                  spread)
+        self.layer_groups = {i: group for group in groups for i in group.members}
+        return len(groups)
 
     def check_finite(self) -> None:
         """Raise what a compiled decoding step could only flag (compiled code cannot raise mid-step): NaN or inf
