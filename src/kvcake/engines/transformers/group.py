@@ -43,7 +43,7 @@ class LayerGroup:
     PADDING = -2
     #: The largest ratio of capacities within one group (see :meth:`split`); None: one group. On SmolLM2 at 8K
     #: (capacities 43 to 2,245) one group decoded faster than 3 to 6 groups by capacity (102.8 ms a step against
-    #: 119.8-123.6; `benchmarks/group_spread.py`, one run): each group costs its own ~35 operators a step, more than
+    #: 119.8-123.6; `benchmarks/group_spread.py`, one run): each group costs its own 43 operators a step, more than
     #: scoring the padding costs at these sizes.
     SPREAD: float | None = None
 
