@@ -214,6 +214,33 @@ def test_sharded_run_with_torchrun_merges(chat_model_dir, tmp_path):
     assert record["runs"][-1]["shards"] == 2 and record["runs"][-1]["versions"]["torch"] == torch.__version__
 
 
+def test_a_shard_reads_the_folder_only_after_rank_0_merged(chat, tmp_path, monkeypatch):
+    """Rank 0's merge removes the shard files: a shard that read the folder meanwhile could list a file and find it
+    gone when opening it (a CI run failed so). Rank 1 runs here in-process; the barrier stands in for rank 0."""
+    from kvcake.eval import run as run_module
+    from kvcake.eval.files import Shard
+    from kvcake.eval.summary import merge
+
+    phase = []
+
+    def barrier(shard):  # rank 0 merges between the first barrier and the second
+        phase.append("merging" if not phase else "merged")
+        if phase[-1] == "merged":
+            merge(tmp_path)
+
+    scan = run_module.scan_predictions
+
+    def guarded_scan(folder):
+        assert phase[-1:] != ["merging"], "rank 1 read the shard files while rank 0 was removing them"
+        return scan(folder)
+
+    monkeypatch.setattr(run_module, "barrier", barrier)
+    monkeypatch.setattr(run_module, "scan_predictions", guarded_scan)
+    rows = _run(chat, tmp_path, [sample(0), sample(1)], runner.grid(["full"]), shard=Shard(1, 2))
+    assert phase == ["merging", "merged"] and [r["id"] for r in rows] == ["s1"]
+    assert not list(tmp_path.glob("predictions.rank*.jsonl")) and (tmp_path / "predictions.jsonl").is_file()
+
+
 # -- the resume contract and a run's record ---------------------------------------------------------------------------
 def _files(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}

@@ -179,15 +179,17 @@ class EvalRun:
         return rows
 
     def _finish(self) -> list[dict[str, Any]]:
-        """After every shard is done: rank 0 merges the shards and writes the metrics; returns the folder's rows."""
+        """After every shard is done: rank 0 merges the shards and writes the metrics; returns the folder's rows.
+        The other shards read the folder only after a second barrier: rank 0's merge removes the shard files, and a
+        shard reading them meanwhile could list a file that is gone when it opens it."""
         barrier(self.shard)
-        if self.shard.rank != 0:
-            return scan_predictions(self.out).rows
-        if self.shard.world > 1:
-            return merge(self.out)  # one predictions.jsonl from the shards, and the metrics
-        rows = scan_predictions(self.out).rows
-        write_metrics(self.out, rows)
-        return rows
+        if self.shard.world == 1:
+            rows = scan_predictions(self.out).rows
+            write_metrics(self.out, rows)
+            return rows
+        rows = merge(self.out) if self.shard.rank == 0 else []  # one predictions.jsonl from the shards, and the metrics
+        barrier(self.shard)
+        return rows if self.shard.rank == 0 else scan_predictions(self.out).rows
 
     def _append(self, work: list[tuple[Sample, str, str, list[Setting]]]) -> None:
         """Answer ``work`` and append each row to this shard's predictions file as soon as it is answered (a
