@@ -6,10 +6,9 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kvcake
-from conftest import prompt, tiny_llama
+from conftest import CountOperators, prompt, tiny_llama
 from kvcake.engines.transformers.group import LayerGroup
 
 BATCHED = [
@@ -112,25 +111,13 @@ def test_layers_that_cannot_be_batched_evict_on_their_own():
         assert grouped == {}, method
 
 
-class _Count(TorchDispatchMode):
-    """Operators that compute (views left out)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
 def _operators_per_step(model, method, steps=3):
     ids = prompt(60, seed=7)
     with kvcake.compress(model, method) as press, torch.no_grad():
         cache = press.new_cache()
         token = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         token = model(token, cache=cache, position_ids=torch.tensor([[60]])).logits[:, -1].argmax(-1, keepdim=True)
-        with _Count() as count:
+        with CountOperators() as count:
             for step in range(steps):
                 out = model(token, cache=cache, position_ids=torch.tensor([[61 + step]]))
                 token = out.logits[:, -1].argmax(-1, keepdim=True)

@@ -45,10 +45,14 @@ class PagedLayer:
         values = self.values[blocks].transpose(0, 1).reshape(self.heads, -1, self.values.shape[3])
         return keys[:, :count], values[:, :count]
 
-    def run_blocks(self, table: torch.Tensor, first_block: int, blocks: int) -> torch.Tensor:
-        """Ids of the ``blocks`` blocks of ``table`` from ``first_block`` on (past the table's end, its last block
-        again: padding for a batch of runs of different lengths, which the caller masks)."""
-        return table[(first_block + torch.arange(blocks)).clamp(max=len(table) - 1)]
+    def run_blocks(self, tables: list[torch.Tensor], firsts: torch.Tensor, blocks: int) -> torch.Tensor:
+        """Ids ``(R, blocks)`` of the ``blocks`` blocks of each row's table from its first block ``firsts`` ``(R,)``
+        on (past a table's end, its last block again: padding for a batch of runs of different lengths, which the
+        caller masks)."""
+        lengths = torch.tensor([len(table) for table in tables])
+        padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+        index = torch.minimum(firsts.view(-1, 1) + torch.arange(blocks), lengths.view(-1, 1) - 1)
+        return padded.gather(1, index)
 
     def logits(self, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Float32 products ``q·k`` ``(R, Hkv, groups, 1, blocks * bs)`` of each row's one-token ``query``
@@ -60,6 +64,24 @@ class PagedLayer:
         products = torch.matmul(q, self.keys[ids].float())  # (R, blocks, Hkv, groups, bs)
         groups = products.shape[3]
         return products.permute(0, 2, 3, 1, 4).reshape(rows, self.heads, groups, 1, blocks * self.block_size)
+
+    def read_blocks(self, ids: torch.Tensor, which: int) -> torch.Tensor:
+        """Float32 keys (``which`` 0) or values (1) ``(R, Hkv, blocks * bs, D)`` of each row's blocks ``ids``
+        ``(R, blocks)``, in slot order."""
+        rows, blocks = ids.shape
+        # (R, Hkv, blocks, bs, D): keys are stored transposed per block
+        entries = self.keys[ids].permute(0, 2, 1, 4, 3) if which == 0 else self.values[ids].transpose(1, 2)
+        return entries.reshape(rows, self.heads, blocks * self.block_size, -1).float()
+
+    def copy_slots(self, ids: torch.Tensor, row: torch.Tensor, head: torch.Tensor, src: torch.Tensor,
+                   dst: torch.Tensor) -> None:
+        """Copy, for each ``i``, the entry of head ``head[i]`` at slot ``src[i]`` of row ``row[i]``'s run of blocks
+        ``ids`` ``(R, blocks)`` to slot ``dst[i]`` of the same run (sources and destinations must not overlap)."""
+        bs = self.block_size
+        from_block, from_offset = ids[row, src // bs], src % bs
+        to_block, to_offset = ids[row, dst // bs], dst % bs
+        self.keys[to_block, head, :, to_offset] = self.keys[from_block, head, :, from_offset]
+        self.values[to_block, head, to_offset, :] = self.values[from_block, head, from_offset, :]
 
     def move_run(self, table: torch.Tensor, first_block: int, count: int, to_block: int) -> None:
         """Copy the blocks holding ``count`` slots from block ``first_block`` on to the blocks from ``to_block`` on."""

@@ -158,19 +158,14 @@ class RequestState:
     # -- decoding ----------------------------------------------------------------------------------------------------
     def grown(self, layer: int) -> int | None:
         """The new token was written at the end of layer ``layer``'s region: count it. With decode-time eviction,
-        returns how many entries the layer must drop now (None when there is nothing to score)."""
+        returns how many entries the layer must drop now (0 when within its target), else None. The token's
+        position joins ``region.positions`` in :func:`decode_layer`, batched with the other requests."""
         region = self.regions[layer]
-        position = self.logical  # the new token's position (the logical length before it)
         region.count += 1
         if not self.evicts_while_decoding:
             return None
-        assert region.positions is not None and self.budget is not None
-        heads = region.positions.shape[0]
-        region.positions = torch.cat([region.positions, region.positions.new_full((heads, 1), position)], dim=1)
-        if region.stored is not None:
-            region.stored = torch.cat([region.stored, region.stored.new_zeros(heads, 1)], dim=1)
-        drops = region.count - self.budget.decode_targets(position + 1)[0][layer]
-        return None if drops <= 0 and region.stored is None else max(drops, 0)
+        assert self.budget is not None
+        return max(region.count - self.budget.decode_targets(self.logical + 1)[0][layer], 0)
 
     def decoded(self, layer: int, paged: PagedLayer, table: torch.Tensor, query: torch.Tensor, scaling: float,
                 softcap: float | None) -> None:
@@ -178,25 +173,6 @@ class RequestState:
         region, and with decode-time eviction drop what the method drops and keep the region compact
         (:func:`decode_layer` for a batch of one)."""
         decode_layer([self], layer, paged, [table], query, scaling, softcap)
-
-    def _remove(self, region: Region, paged: PagedLayer, table: torch.Tensor, dropped: torch.Tensor,
-                drops: int) -> None:
-        """Free the slots marked ``(Hkv, count)`` (``drops`` per head): entries past the new end move into the freed
-        slots before it, so the region stays one run of slots."""
-        heads = dropped.shape[0]
-        remaining = region.count - drops
-        holes = dropped[:, :remaining].nonzero()[:, 1].view(heads, -1)  # freed slots inside the new run
-        movers = (~dropped[:, remaining:]).nonzero()[:, 1].view(heads, -1) + remaining  # kept entries past its end
-        if movers.shape[1]:
-            start = region.first_block * self.block_size
-            keys, values = paged.read(table, start + movers)
-            paged.write(table, start + holes, keys, values)
-        for name in ("positions", "stored"):
-            table_ = getattr(region, name)
-            if table_ is not None:
-                table_ = table_.scatter(-1, holes, table_.gather(-1, movers))
-                setattr(region, name, table_[:, :remaining].contiguous())
-        region.count = remaining
 
     def advance(self, layers: list[PagedLayer], tables: list[torch.Tensor]) -> list[int] | None:
         """After every layer decoded a token: the logical length grows; a region whose first block the request no
@@ -218,45 +194,75 @@ def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tabl
     """One layer of a decoding step for every request of the batch at once: ``queries`` ``(R, Hq, D)`` are the new
     tokens' queries (written at the end of their regions). Each region grows by its token; with decode-time eviction
     the method scores every region's entries in one padded batch (empty entries first, then the tokens by
-    position, as :mod:`kvcake.methods.decoding` expects) and each layer drops what its target says."""
+    position, as :mod:`kvcake.methods.decoding` expects), each layer drops what its target says, and the entries
+    past each region's new end move into the freed slots before it, every request's in one copy.
+
+    The requests' position tables are kept padded ``(R, Hkv, width)`` for the step, and each region's table is a
+    view of its row: the per-request work is a handful of views, so the cost of a layer barely grows with the
+    batch."""
     grown = [(row, drops) for row, state in enumerate(states) if (drops := state.grown(layer)) is not None]
     if not grown:
         return
-    states, tables = [states[row] for row, _ in grown], [tables[row] for row, _ in grown]
-    drop_counts = [drops for _, drops in grown]  # per request still to score
+    picked = [row for row, _ in grown]
+    states, tables = [states[row] for row in picked], [tables[row] for row in picked]
+    drop_counts = torch.tensor([drops for _, drops in grown])
     method = states[0].method
     regions = [state.regions[layer] for state in states]
     rows, heads, bs = len(states), paged.heads, paged.block_size
     counts = torch.tensor([region.count for region in regions])
     width = int(counts.max())
-    blocks = -(-width // bs)
-    ids = torch.stack([paged.run_blocks(table, region.first_block, blocks)
-                       for region, table in zip(regions, tables, strict=True)])
-    q = queries[[row for row, _ in grown]].float()  # (R, Hq, D)
+    slot = torch.arange(width)
+    valid = slot < counts[:, None]  # (R, width), in slot order
+    positions = _padded([region.positions for region in regions], width, -1)  # (R, Hkv, width), slot order
+    new = torch.tensor([state.logical for state in states]).view(rows, 1, 1).expand(rows, heads, 1)
+    positions.scatter_(-1, (counts - 1).view(rows, 1, 1).expand(rows, heads, 1), new)  # the new token, at the end
+    stored = None
+    if regions[0].stored is not None:
+        stored = _padded([region.stored for region in regions], width, 0)
+    scored = bool(drop_counts.any()) or stored is not None
+    if scored:
+        firsts = torch.tensor([region.first_block for region in regions])
+        ids = paged.run_blocks(tables, firsts, -(-width // bs))
+        stored = _score_and_drop(method, paged, ids, queries[picked].float(), scaling, softcap, positions, stored,
+                                 valid, drop_counts)
+    for row, (region, count) in enumerate(zip(regions, (counts - drop_counts).tolist(), strict=True)):
+        region.count = count  # each region's tables: views of the batch's rows
+        region.positions = positions[row, :, :region.count]
+        if stored is not None:
+            region.stored = stored[row, :, :region.count]
+
+
+def _padded(tables: list[torch.Tensor | None], width: int, fill: float) -> torch.Tensor:
+    """``(R, Hkv, width)`` from per-request ``(Hkv, n)`` tables, padded with ``fill`` at the end."""
+    assert all(t is not None for t in tables)
+    batch = torch.nn.utils.rnn.pad_sequence([t.transpose(0, 1) for t in tables if t is not None], batch_first=True,
+                                            padding_value=fill)  # (R, n_max, Hkv)
+    out = batch.new_full((batch.shape[0], width, batch.shape[2]), fill)
+    out[:, :batch.shape[1]] = batch
+    return out.transpose(1, 2).contiguous()
+
+
+def _score_and_drop(method: Method, paged: PagedLayer, ids: torch.Tensor, q: torch.Tensor, scaling: float,
+                    softcap: float | None, positions: torch.Tensor, stored: torch.Tensor | None,
+                    valid: torch.Tensor, drop_counts: torch.Tensor) -> torch.Tensor | None:
+    """Score the batch's regions (blocks ``ids``), pick each row's drops, move the entries past each region's new
+    end into the freed slots before it, and update ``positions`` (in place, slot order) the same way; returns the
+    scores kept beside the entries (H2O), moved alike."""
+    rows, heads, width = positions.shape
     logits = paged.logits(ids, q)[..., :width]
     groups = logits.shape[2]
-    slot = torch.arange(width)
-    padded = bool((counts < width).any())
-    valid = slot < counts[:, None]  # (R, width), in slot order
+    padded = not bool(valid.all())
     probs = probs_from_logits(logits, scaling, valid[:, None, None, None] if padded else None, softcap,
                               check=False)[:, :, 0]  # attention does not depend on the entries' order
-    positions = torch.full((rows, heads, width), -1, dtype=torch.long)
-    stored = None if regions[0].stored is None else torch.zeros(rows, heads, width, dtype=regions[0].stored.dtype)
-    for row, region in enumerate(regions):
-        assert region.positions is not None
-        positions[row, :, :region.count] = region.positions
-        if stored is not None and region.stored is not None:
-            stored[row, :, :region.count] = region.stored
     order = torch.sort(positions, dim=-1, stable=True).indices  # slot order -> position order, empty entries first
     take = order.unsqueeze(-1)
+    counts = valid.sum(-1)
 
     def read(which: int) -> torch.Tensor:  # keys (0) or values (1) in position order, for scorers that read them
-        entries = torch.zeros(rows, heads, width, paged.keys.shape[2])
-        for row, (region, table) in enumerate(zip(regions, tables, strict=True)):
-            entries[row, :, :region.count] = paged.read_run(table, region.first_block, region.count)[which]
-        return entries.gather(2, take.expand_as(entries))
+        entries = paged.read_blocks(ids, which)[:, :, :width]
+        return entries.gather(2, take.expand_as(entries)).masked_fill(~occupied.unsqueeze(-1), 0.0)
 
-    occupied = (slot >= width - counts[:, None])[:, None].expand(rows, heads, width)  # position order
+    occupied = (torch.arange(width) >= width - counts[:, None])[:, None].expand(rows, heads, width)  # position order
     view = DecodeView(query=q.unsqueeze(2), scaling=scaling, softcap=softcap, positions=positions.gather(-1, order),
                       allowed=occupied if padded else None,
                       stored=None if stored is None else stored.gather(-1, order),
@@ -264,17 +270,31 @@ def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tabl
                       read_keys=lambda: read(0), read_values=lambda: read(1))
     scores = method.scorer.decode(view)
     if stored is not None:
-        back = torch.empty_like(scores).scatter_(-1, order, scores)
-        for row, region in enumerate(regions):
-            region.stored = back[row, :, :region.count].to(stored.dtype)
-    most = max(drop_counts)
+        stored = torch.empty_like(scores).scatter_(-1, order, scores).to(stored.dtype)
+    most = int(drop_counts.max())
     if most == 0:
-        return
-    dropped = select_drops(scores, occupied, torch.tensor(drop_counts).view(-1, 1), method.window, most)
+        return stored
+    dropped = select_drops(scores, occupied, drop_counts.view(-1, 1), method.window, most)
     dropped = torch.zeros_like(dropped).scatter_(-1, order, dropped)  # back to slot order
-    for row, (state, region, table, drops) in enumerate(zip(states, regions, tables, drop_counts, strict=True)):
-        if drops:
-            state._remove(region, paged, table, dropped[row, :, :region.count], drops)
+    # Pair the freed slots inside each new run with the kept entries past its end, both in slot order.
+    slot = torch.arange(width)
+    remaining = (counts - drop_counts).view(rows, 1, 1)
+    hole = dropped & (slot < remaining)
+    mover = ~dropped & (slot >= remaining) & valid[:, None]
+    pairs = hole.sum(-1)  # (R, Hkv): as many movers as holes
+    most_pairs = int(pairs.max())
+    if most_pairs == 0:
+        return stored
+    beyond = width + slot  # sorts the slots that are not holes (movers) after those that are
+    holes = torch.where(hole, slot, beyond).sort(dim=-1).values[..., :most_pairs]
+    movers = torch.where(mover, slot, beyond).sort(dim=-1).values[..., :most_pairs]
+    row, head, j = (torch.arange(most_pairs) < pairs.unsqueeze(-1)).nonzero(as_tuple=True)
+    src, dst = movers[row, head, j], holes[row, head, j]
+    paged.copy_slots(ids, row, head, src, dst)
+    positions[row, head, dst] = positions[row, head, src]
+    if stored is not None:
+        stored[row, head, dst] = stored[row, head, src]
+    return stored
 
 
 __all__ = ["Phase", "Region", "RequestState", "decode_layer", "top_positions"]
