@@ -7,8 +7,9 @@ unchanged, and it refuses to start where ``additional_config`` asks for kvcake w
 * the metadata builder gives every request that decodes over a compacted region the block table from the region's
   first block, a sequence length of the region plus the new tokens, and the slots at the region's end for the new
   tokens (:meth:`KVCakeMetadataBuilder.build`);
-* the attention writes new tokens there, runs vLLM's kernel, then scores prompts that end in this step and applies
-  decode-time eviction; after the last layer the prompts that ended are compacted (:mod:`kvcake.engines.vllm.requests`).
+* the attention writes new tokens there, runs vLLM's kernel, then scores prompts that end in this step and keeps the
+  decoding requests' queries; after the last layer every layer's decode-time eviction runs in one batch and the
+  prompts that ended are compacted (:mod:`kvcake.engines.vllm.requests`).
 
 Prompts are attended in full, as vLLM does: scoring and compaction happen once the whole prompt was computed, so
 the kept entries are the cascade's (one-shot and cascade keep the same entries), while the prompt's blocks are held
@@ -31,7 +32,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from kvcake.engines.vllm.engine import Engine, current
 from kvcake.engines.vllm.paged import PagedLayer
-from kvcake.engines.vllm.requests import decode_layer
+from kvcake.engines.vllm.requests import decode_layers
 from kvcake.engines.vllm.settings import EngineSettings
 from kvcake.engines.vllm.worker import checked_settings
 
@@ -103,11 +104,8 @@ class KVCakeImpl(CPUAttentionBackendImpl):
             return out
         engine, index = found
         softcap = self.logits_soft_cap or None
-        paged = PagedLayer(kv_cache)
-        tables = attn_metadata.full_block_table
-        assert tables is not None
         starts = attn_metadata.query_start_loc.tolist()
-        ended, decoding, rows = [], [], []
+        ended, rows = [], []
         for i, row in enumerate(engine.rows()):
             lo, hi = starts[i], starts[i + 1]
             if row.ends_prompt:
@@ -116,24 +114,30 @@ class KVCakeImpl(CPUAttentionBackendImpl):
                                        "scores a prompt in one step (enable_chunked_prefill=False)")
                 engine.state(row).score_layer(index, query[lo:hi], key[lo:hi], value[lo:hi], self.scale, softcap)
                 ended.append(row)
-            elif (state := engine.decoding(row)) is not None:
+            elif engine.decoding(row) is not None:
                 assert hi - lo == 1, "a decoding request computes one token per step"
-                decoding.append(state)
                 rows.append(i)
-        if decoding:  # every decoding request of the batch at once
-            decode_layer(decoding, index, paged, [tables[i] for i in rows], query[[starts[i] for i in rows]],
-                         self.scale, softcap)
+        if rows:  # evicted after the last layer, with every other layer's (decode_layers)
+            engine.queries[index] = query[[starts[i] for i in rows]]
         if index == len(engine.layers) - 1:
-            self._after_last_layer(engine, ended)
+            self._after_last_layer(engine, ended, self.scale, softcap)
         return out
 
     @staticmethod
-    def _after_last_layer(engine: Engine, ended: list[Any]) -> None:
-        """Compact the prompts that ended, move regions that passed a block; note every first block that changed."""
+    def _after_last_layer(engine: Engine, ended: list[Any], scale: float, softcap: float | None) -> None:
+        """Every layer's decode-time eviction in one batch, then compact the prompts that ended and move regions that
+        passed a block; note every first block that changed."""
         context = get_forward_context()
         names = list(engine.layers)
         layers = [PagedLayer(context.no_compile_layers[name].kv_cache) for name in names]
         metadata = [context.attn_metadata[name] for name in names]
+        decoding = [(i, state) for i, row in enumerate(engine.rows()) if (state := engine.decoding(row)) is not None]
+        if decoding:
+            assert sorted(engine.queries) == list(range(len(names))), "every layer attends before the eviction"
+            decode_layers([state for _, state in decoding], list(range(len(names))), layers,
+                          [[m.full_block_table[i] for i, _ in decoding] for m in metadata],
+                          [engine.queries[index] for index in range(len(names))], scale, softcap)
+        engine.queries = {}
         for i, row in enumerate(engine.rows()):
             tables = [m.full_block_table[i] for m in metadata]
             state = engine.requests.get(row.req_id)

