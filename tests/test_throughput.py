@@ -176,10 +176,12 @@ def test_results_files_and_ratios(tmp_path):
     assert ratios["vllm:cake@0.1 / vllm:full"]["max_running"] == 6.0
     assert ratios["transformers:snapkv@0.1 / kvpress:snapkv@0.1"]["decode_tokens_per_s"] == 4.0
     assert ratios["vllm:cake@0.1 / vllm:full"]["found"] is None  # no request records: nothing to pair
-    paths = writers.write_all(cases, {"plan": {"model": "tiny"}}, tmp_path)
+    cases[1]["git_commit"], cases[2]["git_commit"] = "abcdef0123", "1234567890"  # cases[2] resumed from this run
+    paths = writers.write_all(cases, {"plan": {"model": "tiny"}, "git_commit": "1234567890"}, tmp_path)
     assert json.loads(paths["json"].read_text())["cases"][1]["setting"]["label"] == "vllm:cake@0.1"
     assert len(paths["csv"].read_text().splitlines()) == 5
     assert "3.00×" in paths["md"].read_text()
+    assert "Rows run at another commit: vllm:cake@0.1 at abcdef0." in paths["md"].read_text()
 
 
 def test_needles_found_are_paired_on_the_same_requests():

@@ -135,7 +135,8 @@ def run(plan: Plan, out_dir: str | Path, progress: bool = True, log: Callable[[s
         case = run_case(setting, requests, plan.workload, pool, per_token, model, tokenizer, folder, plan,
                         out / "logs", progress=bar)
         case.update(plan=workload_meta | {"prompt_tokens": length}, pool_full_requests=pool_requests,
-                    prompt_length=length, seconds=time.time() - started, model=plan.model)
+                    prompt_length=length, seconds=time.time() - started, model=plan.model,
+                    git_commit=meta["git_commit"])
         path.write_text(json.dumps(case, indent=1))
         done.append(case)
         if setting.engine != "transformers":  # the other environments report at the end of their case

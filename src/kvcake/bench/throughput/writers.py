@@ -89,11 +89,20 @@ def comparisons(cases: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _other_commits(cases: list[Mapping[str, Any]], meta: Mapping[str, Any]) -> list[str]:
+    """A line naming the rows run at another commit than the run's (a resumed run keeps the cases it finds), if any;
+    rows saved before cases recorded their commit are not named."""
+    other = [f"{case['setting']['label']} at {case['git_commit'][:7]}" for case in cases
+             if case.get("git_commit") and case["git_commit"] != meta.get("git_commit")]
+    return [f"Rows run at another commit: {', '.join(other)}.", ""] if other else []
+
+
 def markdown(cases: list[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
     plan = meta.get("plan", {})
     lines = ["# kvcake throughput", "",
              f"Model {plan.get('model')}; workload {json.dumps(plan.get('workload'))}; commit "
              f"{meta.get('git_commit')}; versions {json.dumps(meta.get('versions'))}.", "",
+             *_other_commits(cases, meta),
              "| pool (full req.) | prompt | setting | served | req/s | out tok/s | decode tok/s | prefill share | "
              "at once | TTFT p50/p99 s | TPOT p50/p99 ms | KV peak / steady MiB | pool MiB | needle found |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
