@@ -293,8 +293,9 @@ def _score_and_drop(method: Method, paged: PagedRows, ids: torch.Tensor, q: torc
     if most_pairs == 0:
         return stored
     beyond = width + slot  # sorts the slots that are not holes (movers) after those that are
-    holes = torch.where(hole, slot, beyond).sort(dim=-1).values[..., :most_pairs]
-    movers = torch.where(mover, slot, beyond).sort(dim=-1).values[..., :most_pairs]
+    # the ``most_pairs`` smallest, in order (a top-k, much cheaper than a sort when few entries drop, as is usual)
+    holes = torch.where(hole, slot, beyond).topk(most_pairs, dim=-1, largest=False).values
+    movers = torch.where(mover, slot, beyond).topk(most_pairs, dim=-1, largest=False).values
     row, head, j = (torch.arange(most_pairs) < pairs.unsqueeze(-1)).nonzero(as_tuple=True)
     src, dst = movers[row, head, j], holes[row, head, j]
     paged.copy_slots(ids, row, head, src, dst)
