@@ -67,17 +67,21 @@ class KVCakeMetadataBuilder(CPUAttentionMetadataBuilder):
         shifted, seq_lens, slots = tables.clone(), common.seq_lens.clone(), common.slot_mapping.clone()
         starts = common.query_start_loc_cpu.tolist()
         bs = self.block_size
-        for i, row in enumerate(engine.rows()):
-            state = engine.decoding(row)
-            if state is None:
-                continue
-            region = state.regions[layer]
-            queries = starts[i + 1] - starts[i]
-            width = tables.shape[1] - region.first_block
-            shifted[i, :width] = tables[i, region.first_block:]
-            seq_lens[i] = region.count + queries
-            new = region.next_slots(bs, queries)
-            slots[starts[i]:starts[i + 1]] = tables[i, new // bs] * bs + new % bs
+        decoding = [(i, state.regions[layer]) for i, row in enumerate(engine.rows())
+                    if (state := engine.decoding(row)) is not None]
+        if decoding:  # every decoding request at once; each computes one token, written at its region's end
+            assert all(starts[i + 1] - starts[i] == 1 for i, _ in decoding), "a decoding request computes one token"
+            rows = torch.tensor([i for i, _ in decoding], device=tables.device)
+            firsts = torch.tensor([region.first_block for _, region in decoding], device=tables.device)
+            counts = torch.tensor([region.count for _, region in decoding], device=tables.device)
+            own = tables[rows]
+            span = torch.arange(tables.shape[1], device=tables.device)
+            moved = own.gather(1, (firsts[:, None] + span).clamp(max=tables.shape[1] - 1))
+            shifted[rows] = torch.where(span < tables.shape[1] - firsts[:, None], moved, own)  # from the first block
+            seq_lens[rows] = (counts + 1).to(seq_lens.dtype)
+            end = firsts * bs + counts  # the region's next slot
+            slots[[starts[i] for i, _ in decoding]] = (own.gather(1, (end // bs)[:, None])[:, 0] * bs + end % bs
+                                                       ).to(slots.dtype)
         common = replace(common, block_table_tensor=shifted, seq_lens=seq_lens, slot_mapping=slots,
                          max_seq_len=int(seq_lens[: len(starts) - 1].max()))
         metadata = super().build(common_prefix_len, common, fast_build)
