@@ -5,9 +5,11 @@ compressed as if it ran alone, the engine reading the padding from the attention
 exactly the workload's answer length. The batch size is planned from what one request holds: for the full cache its
 ``prompt + answer`` tokens (a plain cache holds exactly that); for a kvcake method, the engine's figures for the
 longest request, served alone for the whole answer before the clock starts (the most it held, its prefill peak
-included: a method that evicts while decoding holds its budget, a prefill-only one grows by a token a step). What
-the cache holds is then read from the engine after every forward, and a batch that held more than the pool is
-reported as such (``within_pool``), never hidden.
+included: a method that evicts while decoding holds its budget, a prefill-only one grows by a token a step), then
+the first batch's prefill at that size, since a batch's layers are as wide as their widest row: the batch shrinks
+until that prefill, plus what its rows add while decoding, fits the pool. What the cache holds is then read from the
+engine after every forward, and a batch that held more than the pool (a later batch whose rows differ more than the
+first's) is reported as such (``within_pool``), never hidden.
 """
 
 from __future__ import annotations
@@ -123,19 +125,34 @@ def plan_batch(model, setting: Setting, method, requests: list[Request], output_
     if method is None:
         per_request = (longest + output_tokens) * per_token
         how: dict[str, Any] = {"planned_from": "prompt + answer tokens of the longest request x bytes per token"}
-    else:
-        # The longest request served alone for the whole answer: the most KV it held at any point (its prefill peak
-        # included) is what the method needs per request: growing by a token a step for a prefill-only method,
-        # held at the budget by one that evicts while decoding.
-        probe = BatchRun(model, method, pad)
-        longest_request = max(requests, key=lambda r: r.prompt_tokens)
-        _, _, peak_one, end_one = probe.run([longest_request.ids], output_tokens, None, time.perf_counter())
-        per_request = peak_one
-        how = {"planned_from": "engine figures of the longest request served alone for the whole answer before the "
-                               "clock starts: the most KV it held, its prefill peak included",
-               "probe_peak_bytes": peak_one, "probe_end_bytes": end_one}
-    batch = pool // per_request if per_request else 0
-    return int(batch), int(per_request), how
+        return int(pool // per_request), int(per_request), how
+    # The longest request served alone for the whole answer: the most KV it held at any point (its prefill peak
+    # included) is what the method needs per request: growing by a token a step for a prefill-only method, held at
+    # the budget by one that evicts while decoding.
+    probe = BatchRun(model, method, pad)
+    longest_request = max(requests, key=lambda r: r.prompt_tokens)
+    _, _, peak_one, end_one = probe.run([longest_request.ids], output_tokens, None, time.perf_counter())
+    _, _, _, prefilled_one = probe.run([longest_request.ids], 1, None, time.perf_counter())
+    growth = max(end_one - prefilled_one, 0)  # what one request adds while decoding (0 when it holds its budget)
+    how = {"planned_from": "engine figures of the longest request served alone for the whole answer, then of the "
+                           "first batch's prefill, before the clock starts",
+           "probe_peak_bytes": peak_one, "probe_end_bytes": end_one}
+    batch = min(pool // peak_one if peak_one else 0, len(requests))
+    # A batch holds more than its rows alone: each layer is as wide as its widest row (a method that splits the
+    # budget by each request's own preference gives rows different widths). The first batch's prefill, probed at
+    # the planned size, says by how much; the batch shrinks until it fits.
+    queue = sorted(requests, key=lambda r: (r.arrival_s, r.index))
+    checks = []
+    while batch > 1:
+        _, _, peak, prefilled = probe.run([r.ids for r in queue[:batch]], 1, None, time.perf_counter())
+        need = max(peak, prefilled + batch * growth)
+        checks.append({"batch": int(batch), "prefill_peak_bytes": peak, "needed_bytes": need})
+        if need <= pool:
+            break
+        batch = min(batch - 1, batch * pool // need)
+    how["batch_checks"] = checks
+    per_request = checks[-1]["needed_bytes"] // checks[-1]["batch"] if checks else peak_one
+    return int(batch), int(max(per_request, peak_one)), how
 
 
 def serve(model, tokenizer, setting: Setting, requests: list[Request], output_tokens: int, pool: int,
