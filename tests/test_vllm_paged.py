@@ -50,7 +50,7 @@ def test_logits_are_the_products_with_the_run_s_keys_and_give_attention_probs():
     slots = torch.arange(first * BLOCK, first * BLOCK + count).expand(HEADS, -1)
     paged.write(table, slots, torch.randn(HEADS, count, DIM), torch.randn(HEADS, count, DIM))
     query = torch.randn(Q_HEADS, DIM)
-    keys, _ = paged.read_run(table, first, count)
+    keys, _ = paged.read(table, slots)  # the run's keys, slot by slot
     blocks = -(-count // BLOCK) + 2  # two blocks more than the run: padding of a batch, past the table's end
     ids = PagedRows.run_blocks([table], torch.tensor([first]), blocks)[0]
     assert torch.equal(ids, table[first: first + blocks])

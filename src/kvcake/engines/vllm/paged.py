@@ -37,14 +37,6 @@ class PagedLayer:
         heads = torch.arange(self.heads, device=slots.device).view(-1, 1).expand_as(slots)
         return self.keys[blocks, heads, :, offsets], self.values[blocks, heads, offsets, :]
 
-    def read_run(self, table: torch.Tensor, first_block: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(Hkv, count, D)`` of the ``count`` slots from the start of block ``first_block``: whole
-        blocks gathered at once (a region), much cheaper than slot by slot."""
-        blocks = table[first_block: first_block + -(-count // self.block_size)]
-        keys = self.keys[blocks].permute(1, 0, 3, 2).reshape(self.heads, -1, self.keys.shape[2])
-        values = self.values[blocks].transpose(0, 1).reshape(self.heads, -1, self.values.shape[3])
-        return keys[:, :count], values[:, :count]
-
     def gather(self, ids: torch.Tensor, which: int) -> torch.Tensor:
         """``self.keys[ids]`` (``which`` 0) or ``self.values[ids]`` (1) for block ids of any shape: the same numbers,
         copied a head's contiguous half-block at a time (2-3x faster than indexing the strided keys or values)."""

@@ -217,7 +217,6 @@ def decode_layers(states: list[RequestState], layers: list[int], pages: list[Pag
     rows, heads, bs = len(grown), pages[0].heads, pages[0].block_size
     counts = torch.tensor([region.count for region in regions])
     width = int(counts.max())
-    valid = torch.arange(width) < counts[:, None]  # (B, width), in slot order
     positions = _padded([region.positions for region in regions], width, -1)  # (B, Hkv, width), slot order
     new = torch.tensor([states[row].logical for _, row, _ in grown]).view(rows, 1, 1).expand(rows, heads, 1)
     positions.scatter_(-1, (counts - 1).view(rows, 1, 1).expand(rows, heads, 1), new)  # the new token, at the end
@@ -230,7 +229,7 @@ def decode_layers(states: list[RequestState], layers: list[int], pages: list[Pag
                           [size for size in sizes if size])
         ids = batch.run_blocks([tables[i][row] for i, row, _ in grown], firsts, -(-width // bs))
         q = torch.cat([queries[i][[row for j, row, _ in grown if j == i]] for i, size in enumerate(sizes) if size])
-        stored = _score_and_drop(method, batch, ids, q.float(), scaling, softcap, positions, stored, valid,
+        stored = _score_and_drop(method, batch, ids, q.float(), scaling, softcap, positions, stored, counts,
                                  drop_counts)
     for row, (region, count) in enumerate(zip(regions, (counts - drop_counts).tolist(), strict=True)):
         region.count = count  # each region's tables: views of the batch's rows
@@ -251,11 +250,13 @@ def _padded(tables: list[torch.Tensor | None], width: int, fill: float) -> torch
 
 def _score_and_drop(method: Method, paged: PagedRows, ids: torch.Tensor, q: torch.Tensor, scaling: float,
                     softcap: float | None, positions: torch.Tensor, stored: torch.Tensor | None,
-                    valid: torch.Tensor, drop_counts: torch.Tensor) -> torch.Tensor | None:
-    """Score the batch's regions (blocks ``ids``), pick each row's drops, move the entries past each region's new
-    end into the freed slots before it, and update ``positions`` (in place, slot order) the same way; returns the
-    scores kept beside the entries (H2O), moved alike."""
+                    counts: torch.Tensor, drop_counts: torch.Tensor) -> torch.Tensor | None:
+    """Score the batch's regions (blocks ``ids``, ``counts`` entries each), pick each row's drops, move the entries
+    past each region's new end into the freed slots before it, and update ``positions`` (in place, slot order) the
+    same way; returns the scores kept beside the entries (H2O), moved alike."""
     rows, heads, width = positions.shape
+    slot = torch.arange(width)
+    valid = slot < counts[:, None]  # (B, width), in slot order
     logits = paged.logits(ids, q)[..., :width]
     groups = logits.shape[2]
     padded = not bool(valid.all())
@@ -263,13 +264,12 @@ def _score_and_drop(method: Method, paged: PagedRows, ids: torch.Tensor, q: torc
                               check=False)[:, :, 0]  # attention does not depend on the entries' order
     order = torch.sort(positions, dim=-1, stable=True).indices  # slot order -> position order, empty entries first
     take = order.unsqueeze(-1)
-    counts = valid.sum(-1)
 
     def read(which: int) -> torch.Tensor:  # keys (0) or values (1) in position order, for scorers that read them
         entries = paged.read_blocks(ids, which)[:, :, :width]
         return entries.gather(2, take.expand_as(entries)).masked_fill(~occupied.unsqueeze(-1), 0.0)
 
-    occupied = (torch.arange(width) >= width - counts[:, None])[:, None].expand(rows, heads, width)  # position order
+    occupied = (slot >= width - counts[:, None])[:, None].expand(rows, heads, width)  # position order
     view = DecodeView(query=q.unsqueeze(2), scaling=scaling, softcap=softcap, positions=positions.gather(-1, order),
                       allowed=occupied if padded else None,
                       stored=None if stored is None else stored.gather(-1, order),
@@ -284,7 +284,6 @@ def _score_and_drop(method: Method, paged: PagedRows, ids: torch.Tensor, q: torc
     dropped = select_drops(scores, occupied, drop_counts.view(-1, 1), method.window, most)
     dropped = torch.zeros_like(dropped).scatter_(-1, order, dropped)  # back to slot order
     # Pair the freed slots inside each new run with the kept entries past its end, both in slot order.
-    slot = torch.arange(width)
     remaining = (counts - drop_counts).view(rows, 1, 1)
     hole = dropped & (slot < remaining)
     mover = ~dropped & (slot >= remaining) & valid[:, None]
