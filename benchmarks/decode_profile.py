@@ -29,8 +29,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import kvcake
-from kvcake.bench import _decode, random_model
-from kvcake.engines.transformers import attention, decode, slots
+from kvcake.bench import _decode, load_model
+from kvcake.engines.transformers import attention, decode, group, slots
 from kvcake.engines.transformers.session import cache_keyword, output_cache
 from kvcake.methods.registry import build
 
@@ -116,6 +116,7 @@ def parts(model, method, cache, logits, plain, plain_logits, start: int, plain_s
     patch(slots.Slots, "drop_one", "kvcake:   free the chosen slot")
     patch(decode, "select_drops", "kvcake:   choose the dropped entries (select_drops: argmin and mask)")
     patch(slots.Slots, "drop", "kvcake:   free the slots of a mask (Slots.drop)")
+    patch(group.LayerGroup, "evict", "kvcake:   score and evict every layer of the group (once per step)")
     patch(DynamicLayer, "update", "plain: append the new token (DynamicLayer.update)")
     base = model.config._attn_implementation
     own = ALL_ATTENTION_FUNCTIONS[base]
@@ -143,7 +144,8 @@ def parts(model, method, cache, logits, plain, plain_logits, start: int, plain_s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", help="a shape name of kvcake.bench.SHAPES")
+    parser.add_argument("--model", default="small",
+                        help="a shape of kvcake.bench.SHAPES, a local model folder, or 'default' (the embedded model)")
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--method", default="cake")
     parser.add_argument("--budget", type=int, default=1024)
@@ -156,7 +158,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = random_model(args.model, device=device, max_positions=args.length + 256)
+    model = load_model(None if args.model == "default" else args.model, device=device,
+                       max_positions=args.length + 256)
     name = cache_keyword(model)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)

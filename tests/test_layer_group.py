@@ -1,6 +1,6 @@
 """Decode-time eviction of every evicting layer in one batch per step (LayerGroup) leaves exactly the cache that
 each layer evicting in its own call leaves: the same entries at the same slots, the same generated tokens, for
-every method whose scorer allows it; and it costs a few operators per layer instead of some thirty."""
+every method whose scorer allows it; and a layer costs no more operators than a step without eviction does.
 
 import contextlib
 
@@ -137,9 +137,10 @@ def test_layers_of_very_different_capacities_go_to_different_groups():
         assert [g.members for g in LayerGroup.split(method, layers, None)] == [[0, 1, 2, 3, 4, 5, 6]]
 
 
-def test_grouped_eviction_costs_a_few_operators_per_layer(monkeypatch):
-    """The operators a layer adds to a step, with decode-time eviction against without it: grouped, five (copying
-    its probabilities and positions into the batch, its target, freeing its slot); on its own, about four times more."""
+def test_grouped_eviction_costs_no_operators_per_layer(monkeypatch):
+    """The operators a layer adds to a step, with decode-time eviction against without it: grouped, none (averaging
+    its probabilities into the batch and freeing its slot cost fewer than the write's own search for a free slot,
+    which the group does for it); on its own, some twenty more."""
     def per_layer(decode_eviction):
         counts = [_operators_per_step(tiny_llama("sdpa", layers=n), kvcake.CAKE(budget=14, window=4,
                                                                                   decode_eviction=decode_eviction))
@@ -151,5 +152,5 @@ def test_grouped_eviction_costs_a_few_operators_per_layer(monkeypatch):
     grouped = per_layer(True) - plain
     with _per_layer(monkeypatch):
         alone = per_layer(True) - plain
-    assert grouped <= 5, grouped
-    assert alone >= 3 * grouped, (alone, grouped)  # measured: 21 and 5
+    assert grouped <= 0, grouped
+    assert alone >= grouped + 20, (alone, grouped)  # measured: 26 and -2 (before the group chose the slots: 21, 5)

@@ -102,3 +102,20 @@ def test_max_pooling_equals_torchs_max_pool(kernel, length):
     expected = torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2) if kernel > 1 else x
     assert torch.equal(pool_scores(x, kernel, "max"), expected)
     assert torch.equal(pool_scores(x.reshape(6, length), kernel, "max"), expected.reshape(6, length))
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7, 9, 11])
+@pytest.mark.parametrize("length", [1, 2, 6, 33, 2245])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_average_pooling_equals_torchs_avg_pool(kernel, length, dtype):
+    # Average pooling is written with slices (a seventh of avg_pool1d's time on the CPU); its values must be exactly
+    # avg_pool1d's with the zero padding counted, so that kept tokens do not move by a rounding.
+    from kvcake.methods.attention import pool_scores
+
+    generator = torch.Generator().manual_seed(length * kernel)
+    x = torch.softmax(torch.randn(2, 3, length, generator=generator, dtype=dtype) * 4, dim=-1)
+    x = torch.cat([x, torch.randn(1, 3, length, generator=generator, dtype=dtype) * 1e3])  # mixed magnitudes
+    expected = (torch.nn.functional.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+                if kernel > 1 else x)
+    assert torch.equal(pool_scores(x, kernel, "avg"), expected)
+    assert torch.equal(pool_scores(x.reshape(9, length), kernel, "avg"), expected.reshape(9, length))

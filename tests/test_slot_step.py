@@ -32,7 +32,7 @@ def test_slot_probs_are_attention_probs_bit_for_bit(batch, kv_heads, groups, cap
     query = torch.randn(batch, kv_heads * groups, 1, 16, generator=g)
     keys = torch.randn(batch, kv_heads, capacity, 16, generator=g) * 3
     expected = attention_probs(query, keys, 0.25, (positions >= 0)[:, :, None, None, :], softcap, check=False)
-    got = slot_probs(query, keys, positions < 0, 0.25, softcap)
+    got = slot_probs(query, keys, positions, 0.25, softcap)
     assert torch.equal(got.reshape(expected.shape), expected)
 
 

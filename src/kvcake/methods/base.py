@@ -42,6 +42,9 @@ class Scorer:
     ``decode_from_probs``: ``decode(view)`` reads nothing but the attention (``view.attention()``), ``kv_heads`` and
     ``window``, and scores each row on its own, with free entries (probability 0) first in every row: an engine may
     then score the rows of several layers in one call, padded in front with free entries.
+    ``decode_averages_groups``: ``decode(view)`` first averages the attention over each GQA group (and a view whose
+    attention has one row per KV head gives the same scores, bit for bit): an engine may then average before it
+    reorders the attention, which moves a group's size fewer values.
     """
 
     name: ClassVar[str] = "scorer"
@@ -49,6 +52,10 @@ class Scorer:
     all_queries: ClassVar[bool] = False
     decodes: ClassVar[bool] = True
     decode_from_probs: ClassVar[bool] = False
+
+    @property
+    def decode_averages_groups(self) -> bool:
+        return False
 
     def prefill(self, view: LayerView, window: int) -> torch.Tensor:
         raise NotImplementedError

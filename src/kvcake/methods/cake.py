@@ -173,9 +173,13 @@ class CakeScores(Scorer):
         stats = _statistics(view, window)
         return view.with_window(stats.indicator(self.gamma, self.kernel, view.kv_heads, self.pooling))
 
+    @property
+    def decode_averages_groups(self) -> bool:
+        return self.pooling == "avg"
+
     def decode(self, view: DecodeView) -> torch.Tensor:
         attention = view.attention()
-        if self.pooling == "avg":
+        if self.pooling == "avg" and attention.shape[1] != view.kv_heads:  # (averaged already: one row per KV head)
             # Average pooling and the group mean are both linear: averaging the group first pools G times fewer rows.
             attention = group_mean(attention, view.kv_heads)
         if self.decode_pooling == "all" or view.window <= 0:

@@ -40,7 +40,7 @@ class StreamingScores(Scorer):
         return scores[:, None, :].expand(-1, view.kv_heads, -1).float().contiguous()
 
     def decode(self, view: DecodeView) -> torch.Tensor:
-        assert view.stored is not None
+        assert view.stored is not None and view.positions is not None
         return torch.where(view.stored == INF, INF, view.positions.float())
 
 

@@ -100,8 +100,9 @@ class DecodeView:
         ``decode_from_probs``: ``probs`` is then given).
     scaling, softcap
         The layer's softmax scaling and soft-capping.
-    positions : Tensor ``(B, Hkv, L)`` int64
-        Original position of each entry (-1 for a slot that holds no token).
+    positions : Tensor ``(B, Hkv, L)`` int64 or None
+        Original position of each entry (-1 for a slot that holds no token). None where an engine scores for a
+        scorer with ``decode_from_probs``, which does not read them (``heads`` then says how many KV heads).
     allowed : bool Tensor ``(B, Hkv, L)`` or None
         Entries the query may attend to (None: all).
     stored : Tensor ``(B, Hkv, L)`` or None
@@ -110,21 +111,27 @@ class DecodeView:
         The query's attention over the entries when the engine computed it already.
     window : int
         The method's window: the last ``window`` entries are never dropped.
+    heads : int or None
+        KV heads, where ``positions`` is None.
     """
 
     query: torch.Tensor | None
     scaling: float
     softcap: float | None
-    positions: torch.Tensor
+    positions: torch.Tensor | None
     allowed: torch.Tensor | None
     stored: torch.Tensor | None
     probs: torch.Tensor | None = None
     window: int = 0
     read_keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     read_values: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    heads: int | None = None
 
     @property
     def kv_heads(self) -> int:
+        if self.positions is None:
+            assert self.heads is not None, "a view without positions says how many KV heads it has"
+            return self.heads
         return self.positions.shape[1]
 
     @property

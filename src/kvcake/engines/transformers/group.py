@@ -8,7 +8,6 @@ from torch.nn.utils.rnn import pad_sequence
 from kvcake.engines.transformers.slots import Slots, static_buffers
 from kvcake.engines.transformers.storage import CompressedLayer
 from kvcake.methods.base import Method
-from kvcake.methods.decoding import lowest_candidate
 from kvcake.methods.views import DecodeView
 
 
@@ -19,21 +18,25 @@ class LayerGroup:
     At a decoding step a layer's eviction reads nothing but that layer's attention probabilities and slot positions,
     and nothing reads the layer again before the next step, so choosing its dropped entry after the last layer
     attended leaves the same cache as choosing it at once. Batched, the scoring, pooling, arg-min and target check
-    are one set of operators for all the layers rather than one per layer (five compute operators per layer remain:
-    padding its probabilities and positions into the batch, its target, freeing its slot), which is most of what
-    decode-time eviction costs eagerly.
+    are one set of operators for all the layers rather than one per layer (a few operators per layer remain: copying
+    its probabilities into the batch, its count and target, freeing its slot), which is most of what decode-time
+    eviction costs eagerly.
 
-    The layers' slot axes differ (their capacities do): each layer's probabilities and positions are padded at the
-    end of the slot axis with zero-probability entries at position ``PADDING``, which sort before the free slots
-    (-1), so in position order every row is padding, free slots, tokens, as a scorer with ``decode_from_probs``
-    expects; zero probabilities pool like the zero padding a layer's own row has at its edges, so the scores are the
-    same.
+    The layers' slot axes differ (their capacities do): each layer's probabilities are padded at the end of the slot
+    axis with zeros, which sort first in the group's position order (below), so in position order every row is
+    padding, free slots, tokens, as a scorer with ``decode_from_probs`` expects; zero probabilities pool like the
+    zero padding a layer's own row has at its edges, so the scores are the same. The tokens are the last ``count``
+    entries of every row in that order, so which entries hold a token follows from the counts alone.
 
-    The position order of the slots (their stable sort by position, what a layer on its own sorts at every step) is
-    kept from step to step instead of sorted anew: a step's write takes the first free slot, which is the first after
-    the padding in that order, and gives it the largest position, so it moves to the end; the dropped slot moves
-    from its place among the tokens to its place among the free slots by slot index. Both are one gather each for
-    all the layers. Anything else that moves entries (a crop, beam search) calls :meth:`resort`.
+    The position order of the slots is kept from step to step instead of sorted anew (a stable sort of every
+    layer's slots per step was the most expensive operator of a layer's eviction). The group chooses the slot each
+    layer writes its next token into (:attr:`Slots.next_slot`), the one a layer on its own would take (its free slot
+    of lowest index), and keeps the order as it is once that write is done: the written slot, holding the newest
+    position, last; the free slots, in slot order, before the tokens. A step's drop moves the dropped slot to the
+    end where it is the free slot of lowest index (always, where a layer holds no other free slot), else to its
+    place among the free slots while the first free slot goes to the end; a step that drops nothing moves the first
+    free slot to the end. Each is one gather for all the layers. Anything else that moves entries (a crop, beam
+    search) calls :meth:`resort`.
 
     Used where every evicting layer drops at most one entry per step and the method's scorer has
     ``decode_from_probs`` and keeps no scores (:meth:`split`, which also keeps layers of very different capacities
@@ -46,26 +49,41 @@ class LayerGroup:
     #: 119.8-123.6; `benchmarks/group_spread.py`, one run): each group costs its own 43 operators a step, more than
     #: scoring the padding costs at these sizes.
     SPREAD: float | None = None
+    #: Added to the scores of the entries that hold no token before the arg-min: they can never be the lowest (an
+    #: additive mask of floats costs a fraction of a masked fill on the CPU; scores are attention, at most 1).
+    EMPTY = 1e30
 
     def __init__(self, members: list[int], layers: list[CompressedLayer]) -> None:
         self.members = members  # cache layer indices, in the order the model calls them
         self.layers = layers
         self._index = {layer_idx: n for n, layer_idx in enumerate(members)}
         self._probs: list[torch.Tensor | None] = [None] * len(members)
+        self._padded: torch.Tensor | None = None
         slots = self._slots()
         device, capacity = slots[0].positions.device, max(s.capacity for s in slots)
         padding = torch.tensor([capacity - s.capacity for s in slots], device=device).view(-1, 1, 1, 1)
-        index = torch.arange(capacity, device=device).view(1, 1, 1, -1)
         #: (N, 1, 1, 1) padding entries of each layer, first in position order.
         self.padding = padding
-        #: (1, 1, 1, C) the entry indices.
-        self.index = index
-        #: (N, 1, 1, C) the order after a write: the first slot after the padding moves to the end.
-        self.after_write = torch.where(index == capacity - 1, padding,
-                                       torch.where(index < padding, index, index + 1))
-        #: (N, B, H, C) the slots of every layer in position order (padding, free slots, tokens).
-        self.order = torch.sort(self._positions(slots), dim=-1, stable=True).indices
-        static_buffers(self.index, self.after_write, self.order, axis=-1)
+        #: (N, 1, 1) each layer's slots.
+        self.capacities = (capacity - padding).view(-1, 1, 1)
+        #: (1, 1, 1, C) the entry indices, as int32 (the order's updates are computed in int32: four times faster
+        #: than int64 on the CPU) and as float (the arg-min's mask).
+        self.index = torch.arange(capacity, device=device, dtype=torch.int32).view(1, 1, 1, -1)
+        self.index_float = self.index.float()
+        #: (N, B, H, C) the slots of every layer in position order once the next token is written (padding, free
+        #: slots, tokens, the slot of the next token last).
+        self.order = torch.empty((len(slots), *slots[0].positions.shape[:-1], capacity), dtype=torch.long,
+                                 device=device)
+        #: (N, B, H) the slot each layer writes its next token into (see :attr:`Slots.next_slot`): the last of the
+        #: order (a copy, whose strides do not depend on the capacity: compiled code guards on them).
+        self.next = torch.empty(self.order.shape[:-1], dtype=torch.long, device=device)
+        #: (S + 1, N, B) every layer's decode schedule (:attr:`Slots.targets`).
+        self.targets = torch.empty(0)
+        self.resort()
+        static_buffers(self.index, self.index_float, self.order, axis=-1)
+        static_buffers(self.next, self.targets, axis=None)
+        for n, s in enumerate(slots):
+            s.next_slot = self.next[n]
 
     @classmethod
     def split(cls, method: Method, layers: dict[int, CompressedLayer], spread: float | None) -> list[LayerGroup]:
@@ -77,6 +95,9 @@ class LayerGroup:
         None makes one group of them all, whatever their budgets: what compiled decoding needs, since which layers
         go together is part of the compiled step and must not change from one request to the next.
         """
+        for layer in layers.values():
+            if layer.slots is not None:
+                layer.slots.next_slot = None  # a layer on its own writes into its first free slot
         evicting = {i: layer.slots for i, layer in layers.items()
                     if layer.slots is not None and layer.slots.targets is not None}
         tables = {s.targets.shape for s in evicting.values() if s.targets is not None}
@@ -102,8 +123,61 @@ class LayerGroup:
                             padding_value=self.PADDING).movedim(1, -1)
 
     def resort(self) -> None:
-        """Sort the position order anew, after the slots changed outside a decoding step (crop, beam search)."""
-        self.order.copy_(torch.sort(self._positions(self._slots()), dim=-1, stable=True).indices)
+        """Sort the position order anew, after the slots changed outside a decoding step (crop, beam search), and
+        read the layers' schedules again."""
+        slots = self._slots()
+        order = torch.sort(self._positions(slots), dim=-1, stable=True).indices  # padding, free slots, tokens
+        self.order.copy_(self._move_last(order, self.padding))  # the first free slot takes the next token
+        self.next.copy_(self.order[..., -1])
+        targets = torch.stack([s.targets for s in slots], dim=1)  # type: ignore[misc]
+        if targets.shape == self.targets.shape:
+            self.targets.copy_(targets)
+        else:
+            self.targets = targets
+
+    def _move_last(self, order: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
+        """``order`` with entry ``entry`` ``(N, B|1, H|1, 1)`` of every row moved to the end, those after it one
+        place forward."""
+        index = self.index
+        source = (index + (index - entry.int() + 1).clamp_(0, 1)).clamp_(max=index.shape[-1] - 1).long()
+        moved = order.gather(-1, source.expand_as(order))
+        moved[..., -1:] = order.gather(-1, entry.expand(*order.shape[:-1], 1))
+        return moved
+
+    def _after_drop(self, order: torch.Tensor, first: torch.Tensor, lowest: torch.Tensor,
+                    chosen: torch.Tensor) -> torch.Tensor:
+        """The order once the next token is written, after this step's drops (``chosen``: entry ``lowest``)."""
+        padding, index = self.padding, self.index
+        shape = (*order.shape[:-1], 1)
+        dropped = order.gather(-1, lowest)
+        lowest_free = order.gather(-1, padding.expand(shape))
+        # Where the dropped slot is not the free slot of lowest index, the next token takes that one, and the
+        # dropped slot goes to its place among the free slots (all of them before ``first``).
+        insert = chosen & (first > padding) & (lowest_free < dropped)
+        if torch.compiler.is_compiling() or bool(insert.any()):
+            # Free slots of a lower index (the padding holds the slots past the layer's own: none of them).
+            below = ((order < dropped) & (index < first)).sum(-1, keepdim=True)
+            place = (torch.where(insert, padding + below - 1, index.shape[-1] - 1)).int()  # (N, B, H, 1)
+            start = torch.where(insert, padding, index.shape[-1] - 1).int()
+            # Entries from ``start`` up to ``place`` and from the removed one on come from one place further.
+            shift = (index - start + 1).clamp_(0, 1) * (place - index).clamp_(0, 1)
+            removed = torch.where(chosen, lowest, padding).int()
+            source = (index + shift + (index - removed + 1).clamp_(0, 1)).clamp_(max=index.shape[-1] - 1).long()
+            moved = order.gather(-1, source)
+            nxt = torch.where(chosen & ~insert, dropped, lowest_free)
+            moved.scatter_(-1, place.long(), torch.where(insert, dropped, nxt))
+            moved[..., -1:] = nxt
+            return moved
+        return self._move_last(order, torch.where(chosen, lowest, padding))
+
+    def _padded_buffer(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Zeros of ``shape`` that every eager step's probabilities are copied into, over their own slots only (so
+        the padding stays zero), kept from step to step (a new buffer each step costs more than the copy)."""
+        buffer = self._padded
+        if (buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device
+                or buffer.is_inference() != torch.is_inference_mode_enabled()):
+            buffer = self._padded = like.new_zeros(shape)
+        return buffer
 
     def collect(self, layer_idx: int, probs: torch.Tensor) -> bool:
         """Keep a layer's attention ``(B, Hq, C)`` over its slots; whether it was the group's last layer."""
@@ -113,47 +187,62 @@ class LayerGroup:
 
     def evict(self, method: Method) -> None:
         """Score every member's entries in position order and free the slot each drops (at most one per row and
-        head), as :func:`kvcake.engines.transformers.decode.attend_slots` does for one layer."""
+        head), as :func:`kvcake.engines.transformers.decode.attend_slots` does for one layer; choose the slots of the
+        next step's writes."""
         probs = [p for p in self._probs if p is not None]
         self._probs = [None] * len(self.members)
         if len(probs) != len(self.members):
             raise RuntimeError("a decoding step reached the end of its evicting layers without all of them")
         slots = self._slots()
         if not torch.compiler.is_compiling() and self.order.is_inference() and not torch.is_inference_mode_enabled():
-            self.order = self.order.clone()  # made under inference_mode, written outside it: copied once
+            self.order, self.targets = self.order.clone(), self.targets.clone()  # made under inference_mode
+            self.next = self.next.clone()
             static_buffers(self.order, axis=-1)
-        positions = self._positions(slots)
-        padded = pad_sequence([p.movedim(-1, 0) for p in probs], batch_first=True).movedim(1, -1)  # (N, B, Hq, C)
-        layers, batch, kv_heads, capacity = positions.shape
-        q_heads = padded.shape[2]
-        groups = q_heads // kv_heads
-        order = self.order.gather(-1, self.after_write.expand_as(self.order))  # this step's write went last
-        ordered = padded.view(layers, batch, kv_heads, groups, capacity).gather(
-            -1, order.unsqueeze(3).expand(layers, batch, kv_heads, groups, capacity))
-        in_order = positions.gather(-1, order)
-        occupied = in_order >= 0
+            static_buffers(self.next, self.targets, axis=None)
+            for n, s in enumerate(slots):
+                s.next_slot = self.next[n]
+        layers, batch, kv_heads, capacity = self.order.shape
+        # Scorers that average each GQA group first are given the average (the same scores, a group's size fewer
+        # values to reorder); the average of each layer is written into the batch directly.
+        heads = kv_heads if method.scorer.decode_averages_groups else probs[0].shape[1]
+        groups = probs[0].shape[1] // heads
+        if torch.compiler.is_compiling():  # one operator, where slicing a buffer per layer guards on every capacity
+            averaged = [p.view(batch, heads, groups, -1).mean(dim=2) if groups > 1 else p for p in probs]
+            padded = pad_sequence([a.movedim(-1, 0) for a in averaged], batch_first=True).movedim(1, -1)
+        else:
+            padded = self._padded_buffer(probs[0], (layers, batch, heads, capacity))
+            for n, p in enumerate(probs):
+                into = padded[n, :, :, :p.shape[-1]]
+                if groups > 1:
+                    torch.mean(p.view(batch, heads, groups, -1), dim=2, out=into)
+                else:
+                    into.copy_(p)
+        counts = torch.stack([s.count for s in slots]).unsqueeze(-1)  # (N, B, H, 1) tokens, this step's included
+        # A write that found no free slot counted a token more than the layer has slots (Slots.write).
+        slots[0].overflow.logical_or_((counts.squeeze(-1) > self.capacities).any())
+        order = self.order  # this step's write went last
+        per_head = heads // kv_heads
+        ordered = padded.view(layers, batch, kv_heads, per_head, capacity).gather(
+            -1, order.unsqueeze(3).expand(layers, batch, kv_heads, per_head, capacity))
+        first = capacity - counts  # (N, B, H, 1) the first entry that holds a token, in position order
         rows = layers * batch
-        view = DecodeView(query=None, scaling=1.0, softcap=None, positions=in_order.view(rows, kv_heads, capacity),
-                          allowed=occupied.view(rows, kv_heads, capacity), stored=None,
-                          probs=ordered.view(rows, q_heads, capacity), window=method.window)
+        view = DecodeView(query=None, scaling=1.0, softcap=None, positions=None, allowed=None, stored=None,
+                          probs=ordered.view(rows, heads, capacity), window=method.window, heads=kv_heads)
         scores = method.scorer.decode(view).view(layers, batch, kv_heads, capacity)
-        lowest = lowest_candidate(scores, occupied, method.window)  # (N, B, H, 1), in position order
-        first = slots[0]  # every layer has the same cursor, start and schedule length (split)
-        step = first.schedule_step()
-        targets = torch.stack([s.target(step) for s in slots])  # (N, B, 1)
-        chosen = ((occupied.sum(-1) > targets).unsqueeze(-1) & occupied.gather(-1, lowest))
-        slot = order.gather(-1, lowest)
-        # The order after the drop: the freed slot moves from ``lowest`` to its place among the free slots (by slot
-        # index, as the stable sort puts them); nothing moves where nothing is dropped.
-        place = self.padding + ((in_order == -1) & (order < slot)).sum(-1, keepdim=True)
-        place = torch.where(chosen, place, lowest)
-        index = self.index
-        source = torch.where(index == place, lowest, index - ((index > place) & (index <= lowest)).long())
-        self.order.copy_(order.gather(-1, source))
-        freed = in_order.gather(-1, lowest).masked_fill(chosen, -1).unbind(0)
-        dropped = chosen.squeeze(-1).to(first.count.dtype).unbind(0)
+        cut = capacity - max(method.window, 0)  # the newest ``window`` entries are never dropped
+        empty = (first.float() - self.index_float[..., :cut]).clamp_(0, 1)  # 1 where no token
+        lowest = torch.add(scores[..., :cut].float(), empty, alpha=self.EMPTY).argmin(dim=-1, keepdim=True)
+        step = slots[0].schedule_step()  # every layer has the same cursor, start and schedule length (split)
+        targets = self.targets.index_select(0, step).view(layers, batch, 1)
+        chosen = (counts.squeeze(-1) > targets).unsqueeze(-1) & (lowest >= first)
+        slot = torch.where(chosen, order.gather(-1, lowest), 0)  # (slot 0 of every layer where nothing is freed)
+        self.order.copy_(self._after_drop(order, first, lowest, chosen))
+        self.next.copy_(self.order[..., -1])
+        # Free the chosen slots: the minimum of a slot's position and -1 where chosen, of it and a larger value not.
+        freed = torch.where(chosen, -1, torch.iinfo(torch.int64).max).unbind(0)
+        dropped = chosen.squeeze(-1).to(counts.dtype).unbind(0)
         for n, (s, at) in enumerate(zip(slots, slot.unbind(0), strict=True)):
-            s.positions.scatter_(-1, at, freed[n])
+            s.positions.scatter_reduce_(-1, at, freed[n], "amin")
             s.count.sub_(dropped[n])
 
 

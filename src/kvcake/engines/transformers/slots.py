@@ -22,17 +22,17 @@ from dataclasses import dataclass
 import torch
 
 
-def static_buffers(*tensors: torch.Tensor | None, axis: int = 2) -> None:
+def static_buffers(*tensors: torch.Tensor | None, axis: int | None = 2) -> None:
     """Tell torch.compile these buffers keep their address (CUDA graphs read them in place), and that their slot
-    axis (``axis``, for tensors of three dimensions or more) may differ from one request to the next: layers get
-    budgets that depend on the prompt, and a compiled step that specialised on them would recompile for every new
-    request."""
+    axis (``axis``, for tensors of three dimensions or more; None: they have none) may differ from one request to the
+    next: layers get budgets that depend on the prompt, and a compiled step that specialised on them would recompile
+    for every new request."""
     if torch.compiler.is_compiling():
         return
     for t in tensors:
         if t is not None:
             torch._dynamo.mark_static_address(t)
-            if t.dim() >= 3:
+            if axis is not None and t.dim() >= 3:
                 torch._dynamo.mark_dynamic(t, axis % t.dim())
 
 
@@ -50,6 +50,9 @@ class Slots:
     start: torch.Tensor  # () logical length when the schedule starts (a tensor: it changes from request to request)
     max_drops: int  # the most entries a step drops (a host constant of the schedule)
     overflow: torch.Tensor  # () a token came with no free slot (more tokens than the buffers were sized for)
+    #: ``(B, Hkv)`` the slot the next token goes to, where a :class:`~kvcake.engines.transformers.group.LayerGroup`
+    #: chooses it (and checks for overflow); None: the first free slot.
+    next_slot: torch.Tensor | None = None
 
     @classmethod
     def build(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor | None,
@@ -109,6 +112,7 @@ class Slots:
         self.start.fill_(start)
         self.overflow.zero_()
         self.max_drops = max_drops
+        self.next_slot = None
 
     @property
     def capacity(self) -> int:
@@ -129,11 +133,15 @@ class Slots:
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot, at the logical cursor."""
         batch, heads, capacity = self.positions.shape
-        # The first free slot is the first minimum of the positions (free slots hold -1, tokens their position >= 0).
-        free = self.positions.argmin(dim=-1)  # (B, H)
-        # A row with no free slot would overwrite its oldest token: flagged (the cache raises at its next check), so
-        # it can never pass unnoticed; the buffers are sized so that it does not happen.
-        self.overflow.logical_or_((self.positions.gather(-1, free.unsqueeze(-1)) >= 0).any())
+        if self.next_slot is not None:
+            free = self.next_slot  # chosen by the layer's group, which checks for overflow
+        else:
+            # The first free slot is the first minimum of the positions (free slots hold -1, tokens their position
+            # >= 0).
+            free = self.positions.argmin(dim=-1)  # (B, H)
+            # A row with no free slot would overwrite its oldest token: flagged (the cache raises at its next
+            # check), so it can never pass unnoticed; the buffers are sized so that it does not happen.
+            self.overflow.logical_or_((self.positions.gather(-1, free.unsqueeze(-1)) >= 0).any())
         # index_copy_ on flattened views writes one row per head: a scatter_ along the slot axis would make the
         # compiled step copy the whole buffer.
         flat = (free + torch.arange(batch * heads, device=free.device).view(batch, heads) * capacity).view(-1)
