@@ -88,3 +88,23 @@ def test_cli_passes_compile(monkeypatch, tmp_path):
     assert seen["compile"] is True
     CliRunner().invoke(app, ["bench", "--model", "tiny", "--lengths", "16", "--out", str(tmp_path)])
     assert seen["compile"] is False
+
+
+def test_both_compiled_cases_trace_without_autograd(model, monkeypatch):
+    # Decoding computes no gradients: a case compiled with autograd on traces a forward and backward graph (minutes
+    # more to compile on SmolLM2, and slower steps), so a comparison of compile times must hold it off for both.
+    from kvcake.bench.timing import compiled
+    from kvcake.methods.registry import build
+
+    seen = []
+
+    def steps(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return [0.0] * STEPS, [0] * STEPS
+
+    monkeypatch.setattr(compiled, "greedy_steps", steps)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    compiled.compiled_static_case(model, ids, STEPS, warm_runs=1, timed_runs=1, device=torch.device("cpu"))
+    compiled.compiled_method_case(model, ids, build("cake", budget=16, window=4), STEPS, warm_runs=1, timed_runs=1,
+                                  device=torch.device("cpu"))
+    assert seen == [False] * 4

@@ -152,6 +152,7 @@ def compiled_static_case(model, ids: torch.Tensor, decode_tokens: int, warm_runs
     return time_compiled(once, warm_runs, timed_runs, mode, f"StaticCache of {length + decode_tokens} slots")
 
 
+@torch.no_grad()
 def compiled_method_case(model, ids: torch.Tensor, method: Method, decode_tokens: int, warm_runs: int,
                          timed_runs: int, device: torch.device, mode: str | None = None) -> CompiledTiming:
     """Greedy decoding of ``ids`` compressed by ``method``, the decoding steps compiled (as
