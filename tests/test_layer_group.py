@@ -1,6 +1,6 @@
 """Decode-time eviction of every evicting layer in one batch per step (LayerGroup) leaves exactly the cache that
 each layer evicting in its own call leaves: the same entries at the same slots, the same generated tokens, for
-every method whose scorer allows it; and a layer costs no more operators than a step without eviction does.
+every method whose scorer allows it; and a layer costs no more operators than a step without eviction does."""
 
 import contextlib
 
