@@ -206,9 +206,12 @@ class LayerGroup:
         # values to reorder); the average of each layer is written into the batch directly.
         heads = kv_heads if method.scorer.decode_averages_groups else probs[0].shape[1]
         groups = probs[0].shape[1] // heads
-        if torch.compiler.is_compiling():  # one operator, where slicing a buffer per layer guards on every capacity
+        if torch.compiler.is_compiling():
+            # Each layer padded to the group's capacity, then stacked: its size is the order's own (dynamic) size,
+            # where slicing a buffer per layer guards on every capacity, and padding to the longest (pad_sequence)
+            # makes every later size the maximum of thirty, which symbolic shapes reason about slowly.
             averaged = [p.view(batch, heads, groups, -1).mean(dim=2) if groups > 1 else p for p in probs]
-            padded = pad_sequence([a.movedim(-1, 0) for a in averaged], batch_first=True).movedim(1, -1)
+            padded = torch.stack([torch.nn.functional.pad(a, (0, capacity - a.shape[-1])) for a in averaged])
         else:
             padded = self._padded_buffer(probs[0], (layers, batch, heads, capacity))
             for n, p in enumerate(probs):
