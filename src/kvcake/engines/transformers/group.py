@@ -154,7 +154,9 @@ class LayerGroup:
         # Where the dropped slot is not the free slot of lowest index, the next token takes that one, and the
         # dropped slot goes to its place among the free slots (all of them before ``first``).
         insert = chosen & (first > padding) & (lowest_free < dropped)
-        if torch.compiler.is_compiling() or bool(insert.any()):
+        # The general form serves every row; on the CPU, eagerly, the shorter one is taken where it suffices (one host
+        # sync, which a GPU's queue should not wait for).
+        if torch.compiler.is_compiling() or order.device.type != "cpu" or bool(insert.any()):
             # Free slots of a lower index (the padding holds the slots past the layer's own: none of them).
             below = ((order < dropped) & (index < first)).sum(-1, keepdim=True)
             place = (torch.where(insert, padding + below - 1, index.shape[-1] - 1)).int()  # (N, B, H, 1)
