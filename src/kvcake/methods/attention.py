@@ -134,7 +134,7 @@ def pool_scores(scores: torch.Tensor, kernel: int, pooling: str = "avg") -> torc
     else:
         # The sum of shifted views of the zero-padded scores, left to right, over the kernel: avg_pool1d's values
         # bit for bit (it adds the window in the same order and divides by the kernel), at a seventh of its time on
-        # the CPU (tests/test_methods_core.py).
+        # the CPU (tests/test_scoring.py).
         radius = kernel // 2
         padded = torch.nn.functional.pad(flat, (radius, radius))
         length = flat.shape[-1]

@@ -80,10 +80,8 @@ class LayerGroup:
         #: (S + 1, N, B) every layer's decode schedule (:attr:`Slots.targets`).
         self.targets = torch.empty(0)
         self.resort()
-        static_buffers(self.index, self.index_float, self.order, axis=-1)
-        static_buffers(self.next, self.targets, axis=None)
-        for n, s in enumerate(slots):
-            s.next_slot = self.next[n]
+        static_buffers(self.index, self.index_float, axis=-1)
+        self._bind(slots)
 
     @classmethod
     def split(cls, method: Method, layers: dict[int, CompressedLayer], spread: float | None) -> list[LayerGroup]:
@@ -134,6 +132,13 @@ class LayerGroup:
             self.targets.copy_(targets)
         else:
             self.targets = targets
+
+    def _bind(self, slots: list[Slots]) -> None:
+        """Mark the tables the step writes as static buffers and point each layer's next write at its row."""
+        static_buffers(self.order, axis=-1)
+        static_buffers(self.next, self.targets, axis=None)
+        for n, s in enumerate(slots):
+            s.next_slot = self.next[n]
 
     def _move_last(self, order: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
         """``order`` with entry ``entry`` ``(N, B|1, H|1, 1)`` of every row moved to the end, those after it one
@@ -199,10 +204,7 @@ class LayerGroup:
         if not torch.compiler.is_compiling() and self.order.is_inference() and not torch.is_inference_mode_enabled():
             self.order, self.targets = self.order.clone(), self.targets.clone()  # made under inference_mode
             self.next = self.next.clone()
-            static_buffers(self.order, axis=-1)
-            static_buffers(self.next, self.targets, axis=None)
-            for n, s in enumerate(slots):
-                s.next_slot = self.next[n]
+            self._bind(slots)
         layers, batch, kv_heads, capacity = self.order.shape
         # Scorers that average each GQA group first are given the average (the same scores, a group's size fewer
         # values to reorder); the average of each layer is written into the batch directly.

@@ -131,7 +131,8 @@ class Slots:
                            self.targets, self.start, self.overflow)
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot, at the logical cursor."""
+        """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot (or the slot the layer's
+        group chose: :attr:`next_slot`), at the logical cursor."""
         batch, heads, capacity = self.positions.shape
         if self.next_slot is not None:
             free = self.next_slot  # chosen by the layer's group, which checks for overflow
