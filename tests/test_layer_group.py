@@ -154,3 +154,17 @@ def test_grouped_eviction_costs_no_operators_per_layer(monkeypatch):
         alone = per_layer(True) - plain
     assert grouped <= 0, grouped
     assert alone >= grouped + 20, (alone, grouped)  # measured: 26 and -2 (before the group chose the slots: 21, 5)
+
+
+@pytest.mark.parametrize("groups", [2, 3, 4, 7])
+def test_the_batch_averages_query_heads_as_torch_mean_does(groups):
+    """On the CPU the batch sums each GQA group into its row and divides the whole batch once; a layer on its own
+    takes torch.mean. The two must agree bit for bit, or a tie between two entries could go another way."""
+    generator = torch.Generator().manual_seed(groups)
+    for length in (1, 7, 64, 1000, 2245):
+        probs = torch.softmax(torch.randn(2, 3, groups, length, generator=generator) * 4, dim=-1)
+        summed = torch.zeros(2, 3, length + 5)
+        torch.sum(probs, dim=2, out=summed[..., :length])
+        summed.div_(groups)
+        assert torch.equal(summed[..., :length], probs.mean(dim=2))
+        assert not summed[..., length:].any()

@@ -59,6 +59,7 @@ class LayerGroup:
         self._index = {layer_idx: n for n, layer_idx in enumerate(members)}
         self._probs: list[torch.Tensor | None] = [None] * len(members)
         self._padded: torch.Tensor | None = None
+        self._rows: list[torch.Tensor] = []  # each layer's part of ``_padded`` (its own slots)
         slots = self._slots()
         device, capacity = slots[0].positions.device, max(s.capacity for s in slots)
         padding = torch.tensor([capacity - s.capacity for s in slots], device=device).view(-1, 1, 1, 1)
@@ -177,14 +178,16 @@ class LayerGroup:
             return moved
         return self._move_last(order, torch.where(chosen, lowest, padding))
 
-    def _padded_buffer(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """Zeros of ``shape`` that every eager step's probabilities are copied into, over their own slots only (so
-        the padding stays zero), kept from step to step (a new buffer each step costs more than the copy)."""
+    def _padded_buffer(self, like: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Zeros of ``shape`` that every eager step's probabilities are written into, over their own slots only (so
+        the padding stays zero), kept from step to step (a new buffer each step costs more than the copy), and each
+        layer's part of it (a view made once: making thirty views a step costs as much as filling them)."""
         buffer = self._padded
         if (buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device
                 or buffer.is_inference() != torch.is_inference_mode_enabled()):
             buffer = self._padded = like.new_zeros(shape)
-        return buffer
+            self._rows = [buffer[n, :, :, :s.capacity] for n, s in enumerate(self._slots())]
+        return buffer, self._rows
 
     def collect(self, layer_idx: int, probs: torch.Tensor) -> bool:
         """Keep a layer's attention ``(B, Hq, C)`` over its slots; whether it was the group's last layer."""
@@ -217,12 +220,18 @@ class LayerGroup:
             averaged = [p.view(batch, heads, groups, -1).mean(dim=2) if groups > 1 else p for p in probs]
             padded = torch.stack([torch.nn.functional.pad(a, (0, capacity - a.shape[-1])) for a in averaged])
         else:
-            padded = self._padded_buffer(probs[0], (layers, batch, heads, capacity))
-            for n, p in enumerate(probs):
-                into = padded[n, :, :, :p.shape[-1]]
-                if groups > 1:
+            padded, rows = self._padded_buffer(probs[0], (layers, batch, heads, capacity))
+            if groups > 1 and padded.device.type == "cpu":
+                # The mean of each group as torch.mean computes it on the CPU (the sum, then divided by the count),
+                # bit for bit, with the division done once for the batch.
+                for p, into in zip(probs, rows, strict=True):
+                    torch.sum(p.view(batch, heads, groups, -1), dim=2, out=into)
+                padded.div_(groups)
+            elif groups > 1:
+                for p, into in zip(probs, rows, strict=True):
                     torch.mean(p.view(batch, heads, groups, -1), dim=2, out=into)
-                else:
+            else:
+                for p, into in zip(probs, rows, strict=True):
                     into.copy_(p)
         counts = torch.stack([s.count for s in slots]).unsqueeze(-1)  # (N, B, H, 1) tokens, this step's included
         # A write that found no free slot counted a token more than the layer has slots (Slots.write).
