@@ -93,6 +93,24 @@ def test_new_requests_with_other_budgets_reuse_the_compiled_step(model):
     assert CompileCounts.read().graphs == 1
 
 
+def test_a_deeper_model_compiles_to_the_same_one_graph():
+    # Every layer's decoding work (its slots, attention and eviction, and the batch of the evicting layers) is traced
+    # into the model's one graph: no graph and no recompilation per layer, the layer index is never a guard. (That
+    # graph still holds each layer's operators: layers of different capacities cannot share one traced region,
+    # docs/performance.md.)
+    ids = prompt(70, seed=5)
+    for layers in (1, 3):
+        model = tiny_llama("sdpa", layers=layers, seed=3)
+        eager, _ = _generate(model, ids, None, _make("cake", 20), compiled=False)
+        CompileCounts.start()
+        compiled, report = _generate(model, ids, None, _make("cake", 20), compiled=True)
+        counts = CompileCounts.read()
+        (budgets,) = report.budgets  # one row: each layer's budget, which differ between the layers
+        assert len(budgets) == layers and (layers == 1 or len(set(budgets)) > 1)
+        assert torch.equal(compiled, eager)
+        assert counts.graphs == 1 and counts.graph_breaks == 0, (layers, counts)
+
+
 def test_decoding_past_the_sized_buffers_in_compiled_code_is_an_error_not_a_silent_overwrite(model):
     # Compiled steps cannot regrow their buffers; a loop that goes past the size it announced is flagged on the
     # device and raised at the next check instead of overwriting the oldest entry.
