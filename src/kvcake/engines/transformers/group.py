@@ -59,7 +59,7 @@ class LayerGroup:
         self._index = {layer_idx: n for n, layer_idx in enumerate(members)}
         self._probs: list[torch.Tensor | None] = [None] * len(members)
         self._padded: torch.Tensor | None = None
-        self._rows: list[torch.Tensor] = []  # each layer's part of ``_padded`` (its own slots)
+        self._parts: list[torch.Tensor] = []  # each layer's part of ``_padded`` (its own slots)
         slots = self._slots()
         device, capacity = slots[0].positions.device, max(s.capacity for s in slots)
         padding = torch.tensor([capacity - s.capacity for s in slots], device=device).view(-1, 1, 1, 1)
@@ -186,8 +186,8 @@ class LayerGroup:
         if (buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device
                 or buffer.is_inference() != torch.is_inference_mode_enabled()):
             buffer = self._padded = like.new_zeros(shape)
-            self._rows = [buffer[n, :, :, :s.capacity] for n, s in enumerate(self._slots())]
-        return buffer, self._rows
+            self._parts = [buffer[n, :, :, :s.capacity] for n, s in enumerate(self._slots())]
+        return buffer, self._parts
 
     def collect(self, layer_idx: int, probs: torch.Tensor) -> bool:
         """Keep a layer's attention ``(B, Hq, C)`` over its slots; whether it was the group's last layer."""
@@ -220,18 +220,18 @@ class LayerGroup:
             averaged = [p.view(batch, heads, groups, -1).mean(dim=2) if groups > 1 else p for p in probs]
             padded = torch.stack([torch.nn.functional.pad(a, (0, capacity - a.shape[-1])) for a in averaged])
         else:
-            padded, rows = self._padded_buffer(probs[0], (layers, batch, heads, capacity))
+            padded, parts = self._padded_buffer(probs[0], (layers, batch, heads, capacity))
             if groups > 1 and padded.device.type == "cpu":
                 # The mean of each group as torch.mean computes it on the CPU (the sum, then divided by the count),
                 # bit for bit, with the division done once for the batch.
-                for p, into in zip(probs, rows, strict=True):
+                for p, into in zip(probs, parts, strict=True):
                     torch.sum(p.view(batch, heads, groups, -1), dim=2, out=into)
                 padded.div_(groups)
             elif groups > 1:
-                for p, into in zip(probs, rows, strict=True):
+                for p, into in zip(probs, parts, strict=True):
                     torch.mean(p.view(batch, heads, groups, -1), dim=2, out=into)
             else:
-                for p, into in zip(probs, rows, strict=True):
+                for p, into in zip(probs, parts, strict=True):
                     into.copy_(p)
         counts = torch.stack([s.count for s in slots]).unsqueeze(-1)  # (N, B, H, 1) tokens, this step's included
         # A write that found no free slot counted a token more than the layer has slots (Slots.write).
