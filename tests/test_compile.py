@@ -111,6 +111,31 @@ def test_a_deeper_model_compiles_to_the_same_one_graph():
         assert counts.graphs == 1 and counts.graph_breaks == 0, (layers, counts)
 
 
+@pytest.mark.slow
+def test_a_request_whose_layers_drop_fewer_per_step_reuses_the_compiled_step():
+    # With these 6 layers and budget, the first prompt's layers drop up to two entries a step (layers whose budget
+    # shrinks as capped layers take a token more each step), the second's at most one (one batch of them all). The
+    # step is traced for one bound of every layer (CompiledShape), which the second request keeps: no recompilation,
+    # and the eager tokens (eager decoding takes each layer's own bound).
+    model = tiny_llama("sdpa", layers=6, seed=3)
+    method = kvcake.CAKE(budget=58, window=8)
+    # A third request answers with more tokens: a longer decode schedule, which is a dynamic size too.
+    requests = [(prompt(60, seed=4), 12), (prompt(70, seed=1), 12), (prompt(70, seed=1), 20)]
+    eager = []
+    for ids, tokens in requests:
+        with kvcake.compress(model, method) as press:
+            eager.append(model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False))
+            eager_drops = {layer.slots.max_drops for layer in press.last_cache.layers}
+    assert eager_drops == {1}  # these requests alone would be traced for single drops and grouped
+    CompileCounts.start()
+    with kvcake.compress(model, method, compile=True) as press:
+        for (ids, tokens), expected in zip(requests, eager, strict=True):
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            assert torch.equal(out, expected)
+        assert {layer.slots.max_drops for layer in press.last_cache.layers} == {2}
+    assert CompileCounts.read().graphs == 1
+
+
 def test_decoding_past_the_sized_buffers_in_compiled_code_is_an_error_not_a_silent_overwrite(model):
     # Compiled steps cannot regrow their buffers; a loop that goes past the size it announced is flagged on the
     # device and raised at the next check instead of overwriting the oldest entry.

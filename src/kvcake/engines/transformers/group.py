@@ -137,7 +137,8 @@ class LayerGroup:
     def _bind(self, slots: list[Slots]) -> None:
         """Mark the tables the step writes as static buffers and point each layer's next write at its row."""
         static_buffers(self.order, axis=-1)
-        static_buffers(self.next, self.targets, axis=None)
+        static_buffers(self.next, axis=None)
+        static_buffers(self.targets, axis=0)
         for n, s in enumerate(slots):
             s.next_slot = self.next[n]
 

@@ -22,6 +22,7 @@ from kvcake.engines.transformers import attention, drafts, turns
 from kvcake.engines.transformers.cache import KVCakeCache, UnsupportedCacheError
 from kvcake.engines.transformers.compat import cache_argument, cache_keyword, output_cache, text_config
 from kvcake.engines.transformers.report import Report
+from kvcake.engines.transformers.state import CompiledShape
 
 SUPPORTED_BACKENDS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 #: torch.compile modes for compiled decoding; None picks "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere.
@@ -67,6 +68,7 @@ class Compression:
         self.compile_mode = compile_mode
         self.uncompressed_tail = uncompressed_tail
         self._compiled: Any = None
+        self._compiled_shape = CompiledShape()  # what the compiled step was traced for, shared by the block's caches
         self._call_tokens: int | None = None  # max_new_tokens of the generate call in progress
         self._draft_prompt: int | None = None  # prompt length of an assisted generate call in progress
         self._draft_logits: torch.Tensor | None = None  # the prompt's last logits, for the forward that drafts on it
@@ -173,6 +175,7 @@ class Compression:
             raise ValueError("compiled decoding under kvcake needs kvcake's cache; pass none (or press.new_cache())")
         cache = given if given is not None else self.new_cache()
         cache.settings.compiled, cache.settings.freeze_after_prefill = True, True
+        cache.settings.compiled_shape = self._compiled_shape
         config = kwargs.get("compile_config") or CompileConfig(fullgraph=True, mode=self.mode())
         if _device(self.model).type not in ("cuda", "xpu"):
             config._compile_all_devices = True  # transformers compiles on CUDA only unless told
@@ -288,6 +291,7 @@ class Compression:
         if self.compile:
             settings.compiled = True
             settings.freeze_after_prefill = True
+            settings.compiled_shape = self._compiled_shape
 
     def _use(self, cache: KVCakeCache) -> None:
         self._report_error = None

@@ -23,16 +23,17 @@ import torch
 
 
 def static_buffers(*tensors: torch.Tensor | None, axis: int | None = 2) -> None:
-    """Tell torch.compile these buffers keep their address (CUDA graphs read them in place), and that their slot
-    axis (``axis``, for tensors of three dimensions or more; None: they have none) may differ from one request to the
-    next: layers get budgets that depend on the prompt, and a compiled step that specialised on them would recompile
-    for every new request."""
+    """Tell torch.compile these buffers keep their address (CUDA graphs read them in place), and that their axis
+    ``axis`` (the slot axis, or a decode schedule's steps; for the tensors that have it: more than ``axis``
+    dimensions, or at least ``-axis``; None: none) may differ from one request to the next: layers get budgets that
+    depend on the prompt, schedules lengths that depend on the answer's, and a compiled step that specialised on them
+    would recompile for every new request."""
     if torch.compiler.is_compiling():
         return
     for t in tensors:
         if t is not None:
             torch._dynamo.mark_static_address(t)
-            if axis is not None and t.dim() >= 3:
+            if axis is not None and (t.dim() > axis if axis >= 0 else t.dim() >= -axis):
                 torch._dynamo.mark_dynamic(t, axis % t.dim())
 
 
@@ -85,8 +86,7 @@ class Slots:
         slots = cls(k, v, pos, (pos >= 0).sum(-1), torch.tensor(cursor, dtype=torch.long, device=device), stored,
                     table, torch.tensor(start, dtype=torch.long, device=device), max_drops,
                     torch.zeros((), dtype=torch.bool, device=device))
-        static_buffers(slots.keys, slots.values, slots.positions, slots.count, slots.cursor, slots.stored,
-                       slots.targets, slots.start, slots.overflow)
+        slots._static()
         return slots
 
     def _fits(self, keys, values, scores, capacity: int, table) -> bool:
@@ -127,8 +127,12 @@ class Slots:
                 value = getattr(self, name)
                 if value is not None:
                     setattr(self, name, value.clone())
-            static_buffers(self.keys, self.values, self.positions, self.count, self.cursor, self.stored,
-                           self.targets, self.start, self.overflow)
+            self._static()
+
+    def _static(self) -> None:
+        static_buffers(self.keys, self.values, self.positions, self.count, self.cursor, self.stored, self.start,
+                       self.overflow)
+        static_buffers(self.targets, axis=0)  # the schedule's steps: as many as the answer's tokens
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot (or the slot the layer's

@@ -45,7 +45,7 @@ Within ``PREFILLING`` each layer also knows whether its own prefill is still to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -66,6 +66,20 @@ class Phase(Enum):
 
 
 @dataclass
+class CompiledShape:
+    """What a session's compiled decoding step was traced for, kept from one request to the next: a host constant of
+    the step that a new request changed would recompile it (minutes on a CPU). One per ``compress`` block, shared by
+    its caches."""
+
+    #: The most entries an evicting layer may drop in one step, the same for every evicting layer. A layer's own bound
+    #: comes from its decode schedule and differs between requests (1 for most, 2 or 3 where capped layers take a token
+    #: more each step and the others give it up); below the bound it takes the general drop, which drops exactly the
+    #: entries the single drop does (lowest score first, earlier on ties), so the tokens are the same. A request whose
+    #: layers drop more raises it once.
+    max_drops: int = 1
+
+
+@dataclass
 class Settings:
     """What the session decided for the requests of a cache (not changed by a request)."""
 
@@ -80,6 +94,8 @@ class Settings:
     #: Tokens at the end of the prompt left uncompressed and always kept (the chat template's tail under the ``tail``
     #: protocol): the scorers see the prompt without them, the allocation counts without them.
     tail: int = 0
+    #: Compiled decoding: what the step was traced for (shared by the block's caches).
+    compiled_shape: CompiledShape = field(default_factory=CompiledShape)
 
 
 class NonFiniteFlag:
@@ -186,4 +202,4 @@ class Memory:
         self.peak_kv_bytes = max(self.peak_kv_bytes, held)
 
 
-__all__ = ["Memory", "NonFiniteFlag", "Phase", "Request", "Settings"]
+__all__ = ["CompiledShape", "Memory", "NonFiniteFlag", "Phase", "Request", "Settings"]
