@@ -47,9 +47,11 @@ class DecodeSchedule:
         """Generated tokens covered (the last index)."""
         return len(self.targets) - 1
 
-    def layer(self, slot: int) -> list[list[int]]:
-        """``[step][row]`` targets of one layer."""
-        return [[row[slot] for row in step] for step in self.targets]
+    def layer(self, slot: int, rows: int | None = None) -> list[list[int]]:
+        """``[step][row]`` targets of one layer; ``rows``: at least that many steps, the last one repeated (it holds
+        after the schedule's end anyway), so that schedules of one length serve every request."""
+        table = [[row[slot] for row in step] for step in self.targets]
+        return table + table[-1:] * ((rows or 0) - len(table))
 
     def capacity(self, slot: int, kept: int) -> int:
         """Slots a layer needs: the most it ever holds (its entries after prefill, or any later target), plus the

@@ -316,20 +316,19 @@ class KVCakeCache(DynamicCache):
         grown = layers[0].appended - plan.prefill_length if layers else 0
         sizing = decode_sizing(self.method, plan, [layer.length for layer in layers], grown, horizon)
         schedule, keep_scores = sizing.schedule, self.keeps_scores_while_decoding
-        tables = [None if schedule is None else schedule.layer(slot) for slot in range(len(layers))]
         drops = [0 if schedule is None else schedule.max_drops(slot) for slot in range(len(layers))]
+        rows = None
         if self.settings.compiled and schedule is not None:
             # What the compiled step is traced for must not change from one request to the next (CompiledShape): one
             # bound of drops for every layer, and schedules of one length (a schedule stops where its targets no
-            # longer change, which differs between requests; its last row holds after it, so repeating that row
-            # changes no target).
+            # longer change, which differs between requests).
             shape = self.settings.compiled_shape
             shape.max_drops = max(shape.max_drops, *drops)
             drops = [shape.max_drops] * len(layers)
-            tables = [table + [table[-1]] * (grown + horizon + 1 - len(table)) for table in tables if table is not None]
+            rows = grown + horizon + 1
         for slot, layer in enumerate(layers):
-            layer.freeze(sizing.capacities[slot], tables[slot], plan.prefill_length, drops[slot], keep_scores,
-                         self.request.prompt_valid)
+            layer.freeze(sizing.capacities[slot], None if schedule is None else schedule.layer(slot, rows),
+                         plan.prefill_length, drops[slot], keep_scores, self.request.prompt_valid)
         # Compiled decoding keeps one group whatever the spread: which layers go together is part of its step.
         self.group_layers(None if self.settings.compiled else LayerGroup.SPREAD)
         self.request.frozen(sizing.sized_for)

@@ -22,7 +22,7 @@ from kvcake.engines.transformers import attention, drafts, turns
 from kvcake.engines.transformers.cache import KVCakeCache, UnsupportedCacheError
 from kvcake.engines.transformers.compat import cache_argument, cache_keyword, output_cache, text_config
 from kvcake.engines.transformers.report import Report
-from kvcake.engines.transformers.state import CompiledShape
+from kvcake.engines.transformers.state import CompiledShape, Settings
 
 SUPPORTED_BACKENDS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 #: torch.compile modes for compiled decoding; None picks "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere.
@@ -174,8 +174,7 @@ class Compression:
         if given is not None and not isinstance(given, KVCakeCache):
             raise ValueError("compiled decoding under kvcake needs kvcake's cache; pass none (or press.new_cache())")
         cache = given if given is not None else self.new_cache()
-        cache.settings.compiled, cache.settings.freeze_after_prefill = True, True
-        cache.settings.compiled_shape = self._compiled_shape
+        self._compiled_settings(cache.settings)
         config = kwargs.get("compile_config") or CompileConfig(fullgraph=True, mode=self.mode())
         if _device(self.model).type not in ("cuda", "xpu"):
             config._compile_all_devices = True  # transformers compiles on CUDA only unless told
@@ -289,9 +288,13 @@ class Compression:
         settings.decode_horizon = self._call_tokens or self.max_new_tokens
         settings.tail = self.uncompressed_tail
         if self.compile:
-            settings.compiled = True
-            settings.freeze_after_prefill = True
-            settings.compiled_shape = self._compiled_shape
+            self._compiled_settings(settings)
+
+    def _compiled_settings(self, settings: Settings) -> None:
+        """Compiled decoding: freeze as soon as prefill ends, and trace for the block's one CompiledShape."""
+        settings.compiled = True
+        settings.freeze_after_prefill = True
+        settings.compiled_shape = self._compiled_shape
 
     def _use(self, cache: KVCakeCache) -> None:
         self._report_error = None
