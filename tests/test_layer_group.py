@@ -76,6 +76,36 @@ def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, na
             assert torch.equal(count, want_count), (step, layer)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("always_sort", [False, True])
+def test_layers_that_drop_several_entries_a_step_are_batched_too(monkeypatch, batch, always_sort):
+    """A prompt barely over the budget: capped layers fill up while decoding, and the others give up their share, so
+    some steps drop two or three entries of a layer. ``always_sort``: the path compiled code takes at every step (the
+    entries one arg-min after another, the order sorted anew), here eagerly, also at steps that drop one."""
+    if always_sort:
+        monkeypatch.setattr(LayerGroup, "_drops_several", staticmethod(lambda excess: True))
+    model = tiny_llama("sdpa", layers=6, seed=3)
+    ids = prompt(60, batch=batch, seed=4)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :5] = 0
+        mask[2, :2] = 0
+    method = kvcake.CAKE(budget=62, window=8)
+    tokens, states, grouped = _generate(model, method, ids, mask, 20)
+    assert len(grouped) == 6 and len(set(grouped.values())) == 1
+    assert next(iter(grouped.values())).max_drops >= 2
+    counts = torch.stack([torch.stack([count for _, count in step]) for step in states])  # (step, layer, B, H)
+    assert ((counts[:-1] + 1 - counts[1:]) >= 2).any(), "no step dropped more than one entry of a layer"
+    with _per_layer(monkeypatch):
+        expected_tokens, expected_states, alone = _generate(model, method, ids, mask, 20)
+    assert alone == {}
+    assert torch.equal(tokens, expected_tokens)
+    for step, (got, expected) in enumerate(zip(states, expected_states, strict=True)):
+        for layer, ((positions, count), (want_positions, want_count)) in enumerate(zip(got, expected, strict=True)):
+            assert torch.equal(positions, want_positions), (step, layer)
+            assert torch.equal(count, want_count), (step, layer)
+
+
 def _swapped(model, method, ids, steps):
     """Decode ``steps`` tokens, swap the two rows in place (as beam search does), decode ``steps`` more."""
     with kvcake.compress(model, method) as press, torch.no_grad():

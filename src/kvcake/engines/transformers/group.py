@@ -38,9 +38,14 @@ class LayerGroup:
     free slot to the end. Each is one gather for all the layers. Anything else that moves entries (a crop, beam
     search) calls :meth:`resort`.
 
-    Used where every evicting layer drops at most one entry per step and the method's scorer has
-    ``decode_from_probs`` and keeps no scores (:meth:`split`, which also keeps layers of very different capacities
-    apart); otherwise each layer evicts in its own call.
+    A layer whose target shrinks as a token comes in drops more than one entry that step (CAKE's decode schedule: a
+    layer capped by a short prompt fills up, the others give up its share; up to :attr:`max_drops`). Such a step
+    takes each row's lowest entries one arg-min after another and sorts the order anew, once for all the layers;
+    compiled code, which cannot tell such a step from another, always does (one sort of the batch a step, where each
+    layer on its own sorted twice).
+
+    Used where the method's scorer has ``decode_from_probs`` and keeps no scores (:meth:`split`, which also keeps
+    layers of very different capacities apart); otherwise each layer evicts in its own call.
     """
 
     PADDING = -2
@@ -80,6 +85,8 @@ class LayerGroup:
         self.next = torch.empty(self.order.shape[:-1], dtype=torch.long, device=device)
         #: (S + 1, N, B) every layer's decode schedule (:attr:`Slots.targets`).
         self.targets = torch.empty(0)
+        #: The most entries a layer of the group drops in one step (:attr:`Slots.max_drops`, a host constant).
+        self.max_drops = max(s.max_drops for s in slots)
         self.resort()
         static_buffers(self.index, self.index_float, axis=-1)
         self._bind(slots)
@@ -101,7 +108,7 @@ class LayerGroup:
                     if layer.slots is not None and layer.slots.targets is not None}
         tables = {s.targets.shape for s in evicting.values() if s.targets is not None}
         if (not evicting or not method.scorer.decode_from_probs or method.scorer.keeps_scores
-                or len(tables) != 1 or any(s.max_drops > 1 or s.capacity <= method.window for s in evicting.values())):
+                or len(tables) != 1 or any(s.capacity <= method.window for s in evicting.values())):
             return []
         buckets: list[list[int]] = []
         for i in sorted(evicting, key=lambda i: evicting[i].capacity):
@@ -116,17 +123,11 @@ class LayerGroup:
         assert all(s is not None for s in slots), "a layer of the group left its slots"
         return slots  # type: ignore[return-value]
 
-    def _positions(self, slots: list[Slots]) -> torch.Tensor:
-        """The layers' slot positions ``(N, B, H, C)``, padded at the end of the slot axis with ``PADDING``."""
-        return pad_sequence([s.positions.movedim(-1, 0) for s in slots], batch_first=True,
-                            padding_value=self.PADDING).movedim(1, -1)
-
     def resort(self) -> None:
         """Sort the position order anew, after the slots changed outside a decoding step (crop, beam search), and
         read the layers' schedules again."""
         slots = self._slots()
-        order = torch.sort(self._positions(slots), dim=-1, stable=True).indices  # padding, free slots, tokens
-        self.order.copy_(self._move_last(order, self.padding))  # the first free slot takes the next token
+        self.order.copy_(self._move_last(self._sorted(slots), self.padding))  # the first free slot: the next token's
         self.next.copy_(self.order[..., -1])
         targets = torch.stack([s.targets for s in slots], dim=1)  # type: ignore[misc]
         if targets.shape == self.targets.shape:
@@ -248,19 +249,66 @@ class LayerGroup:
         scores = method.scorer.decode(view).view(layers, batch, kv_heads, capacity)
         cut = capacity - max(method.window, 0)  # the newest ``window`` entries are never dropped
         empty = (first.float() - self.index_float[..., :cut]).clamp_(0, 1)  # 1 where no token
-        lowest = torch.add(scores[..., :cut].float(), empty, alpha=self.EMPTY).argmin(dim=-1, keepdim=True)
+        ranked = torch.add(scores[..., :cut].float(), empty, alpha=self.EMPTY)
+        lowest = ranked.argmin(dim=-1, keepdim=True)
         step = slots[0].schedule_step()  # every layer has the same cursor, start and schedule length (split)
         targets = self.targets.index_select(0, step).view(layers, batch, 1)
-        chosen = (counts.squeeze(-1) > targets).unsqueeze(-1) & (lowest >= first)
-        slot = torch.where(chosen, order.gather(-1, lowest), 0)  # (slot 0 of every layer where nothing is freed)
-        self.order.copy_(self._after_drop(order, first, lowest, chosen))
+        excess = counts.squeeze(-1) - targets  # (N, B, H) the entries each row and head drops this step
+        chosen = (excess > 0).unsqueeze(-1) & (lowest >= first)
+        if self.max_drops > 1 and self._drops_several(excess):
+            lowest, chosen = self._lowest(ranked, lowest, chosen, excess, first)
+            self._free(slots, order, lowest, chosen)
+            self.order.copy_(self._move_last(self._sorted(slots), self.padding))
+        else:
+            self._free(slots, order, lowest, chosen)
+            self.order.copy_(self._after_drop(order, first, lowest, chosen))
         self.next.copy_(self.order[..., -1])
-        # Free the chosen slots: the minimum of a slot's position and -1 where chosen, of it and a larger value not.
+
+    @staticmethod
+    def _drops_several(excess: torch.Tensor) -> bool:
+        """Whether a row may drop more than one entry this step: always in compiled code and on a GPU (no host sync);
+        on the CPU, eagerly, only where one does (one host sync, which spares most steps the sort)."""
+        if torch.compiler.is_compiling() or excess.device.type != "cpu":
+            return True
+        return bool((excess > 1).any())
+
+    def _lowest(self, ranked: torch.Tensor, lowest: torch.Tensor, chosen: torch.Tensor, excess: torch.Tensor,
+                first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``max_drops`` lowest entries ``(N, B, H, K)`` of every row, lowest first (the first minimum each time,
+        so ties go to the earlier position), and which of them are dropped: the first ``excess``.
+
+        This is :func:`~kvcake.methods.decoding.select_drops`' choice for a layer on its own: a target is never below
+        the window, so a row never drops more entries than it holds outside the window (the entries past ``cut``),
+        and every one chosen holds a token (an entry that holds none ranks above every token, and at or past
+        ``first`` there are none such)."""
+        entries, picked = [lowest], [chosen]
+        for k in range(1, self.max_drops):
+            ranked = ranked.scatter(-1, entries[-1], float("inf"))  # taken: never the lowest again
+            entries.append(ranked.argmin(dim=-1, keepdim=True))
+            picked.append((excess > k).unsqueeze(-1) & (entries[-1] >= first))
+        return torch.cat(entries, dim=-1), torch.cat(picked, dim=-1)
+
+    def _free(self, slots: list[Slots], order: torch.Tensor, lowest: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Free the slots of the chosen entries ``(N, B, H, K)`` (indices in position order) of every layer."""
+        slot = torch.where(chosen, order.gather(-1, lowest), 0)  # (slot 0 of every layer where nothing is freed)
+        # The minimum of a slot's position and -1 where chosen, of it and a larger value not.
         freed = torch.where(chosen, -1, torch.iinfo(torch.int64).max).unbind(0)
-        dropped = chosen.squeeze(-1).to(counts.dtype).unbind(0)
+        dropped = chosen.sum(-1).to(slots[0].count.dtype).unbind(0)
         for n, (s, at) in enumerate(zip(slots, slot.unbind(0), strict=True)):
             s.positions.scatter_reduce_(-1, at, freed[n], "amin")
             s.count.sub_(dropped[n])
 
+    def _sorted(self, slots: list[Slots]) -> torch.Tensor:
+        """The slots of every layer ``(N, B, H, C)`` in position order, sorted anew: padding, free slots by index,
+        tokens. The positions are padded at the end of the slot axis with ``PADDING`` (in compiled code one by one to
+        the order's size, as :meth:`evict` pads the probabilities)."""
+        if torch.compiler.is_compiling():
+            capacity = self.order.shape[-1]
+            positions = torch.stack([torch.nn.functional.pad(s.positions, (0, capacity - s.capacity),
+                                                             value=self.PADDING) for s in slots])
+        else:
+            positions = pad_sequence([s.positions.movedim(-1, 0) for s in slots], batch_first=True,
+                                     padding_value=self.PADDING).movedim(1, -1)
+        return torch.sort(positions, dim=-1, stable=True).indices
 
 __all__ = ["LayerGroup"]
