@@ -111,12 +111,32 @@ def test_a_deeper_model_compiles_to_the_same_one_graph():
         assert counts.graphs == 1 and counts.graph_breaks == 0, (layers, counts)
 
 
+def test_no_two_inputs_of_the_compiled_step_share_memory(monkeypatch):
+    # Inputs that are views of one tensor (each layer's row of a table) are indexed at their offsets inside the
+    # compiled kernels, so each layer's otherwise identical kernel became one of its own: 27 more C++ kernels to
+    # compile on SmolLM2 (docs/performance.md, issue 23's fifth session). A layer's tables are tensors of its own.
+    traced = []
+
+    def capture(model, **kwargs):
+        return _compile(model, fullgraph=True, backend=lambda graph, inputs: traced.append(inputs) or graph.forward)
+
+    _compile = torch.compile
+    monkeypatch.setattr(torch, "compile", capture)
+    model = tiny_llama("sdpa", layers=3, seed=3)
+    with kvcake.compress(model, _make("cake", 20), compile=True) as press:
+        model.generate(prompt(70, seed=5), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert len(press.last_cache.layer_groups) == 3  # the evicting layers' batch, whose tables were the views
+    inputs = [t for t in max(traced, key=len) if isinstance(t, torch.Tensor)]
+    storages = [t.untyped_storage().data_ptr() for t in inputs]
+    assert len(inputs) > 40 and len(set(storages)) == len(storages)
+
+
 @pytest.mark.slow
 def test_a_request_whose_layers_drop_fewer_per_step_reuses_the_compiled_step():
     # With these 6 layers and budget, the first prompt's layers drop up to two entries a step (layers whose budget
-    # shrinks as capped layers take a token more each step), the second's at most one (one batch of them all). The
-    # step is traced for one bound of every layer (CompiledShape), which the second request keeps: no recompilation,
-    # and the eager tokens (eager decoding takes each layer's own bound).
+    # shrinks as capped layers take a token more each step), the second's at most one. The step is traced for one
+    # bound of every layer (CompiledShape), which the second request keeps: no recompilation, and the eager tokens
+    # (eager decoding takes each layer's own bound).
     model = tiny_llama("sdpa", layers=6, seed=3)
     method = kvcake.CAKE(budget=58, window=8)
     # A third request answers with more tokens: a longer decode schedule, which is a dynamic size too.

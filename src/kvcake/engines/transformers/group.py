@@ -80,9 +80,11 @@ class LayerGroup:
         #: slots, tokens, the slot of the next token last).
         self.order = torch.empty((len(slots), *slots[0].positions.shape[:-1], capacity), dtype=torch.long,
                                  device=device)
-        #: (N, B, H) the slot each layer writes its next token into (see :attr:`Slots.next_slot`): the last of the
-        #: order (a copy, whose strides do not depend on the capacity: compiled code guards on them).
-        self.next = torch.empty(self.order.shape[:-1], dtype=torch.long, device=device)
+        #: (B, H) per layer, the slot it writes its next token into (see :attr:`Slots.next_slot`): the last of the
+        #: order. A tensor of each layer's own, not a row of one: compiled code reads a row at an offset that differs
+        #: between layers, which makes every layer's write a kernel of its own (27 more C++ kernels to compile on
+        #: SmolLM2), where tensors of their own share one.
+        self.nexts = [torch.empty(self.order.shape[1:-1], dtype=torch.long, device=device) for _ in slots]
         #: (S + 1, N, B) every layer's decode schedule (:attr:`Slots.targets`).
         self.targets = torch.empty(0)
         #: The most entries a layer of the group drops in one step (:attr:`Slots.max_drops`, a host constant).
@@ -128,7 +130,7 @@ class LayerGroup:
         read the layers' schedules again."""
         slots = self._slots()
         self.order.copy_(self._move_last(self._sorted(slots), self.padding))  # the first free slot: the next token's
-        self.next.copy_(self.order[..., -1])
+        self._choose_next()
         targets = torch.stack([s.targets for s in slots], dim=1)  # type: ignore[misc]
         if targets.shape == self.targets.shape:
             self.targets.copy_(targets)
@@ -138,10 +140,14 @@ class LayerGroup:
     def _bind(self, slots: list[Slots]) -> None:
         """Mark the tables the step writes as static buffers and point each layer's next write at its row."""
         static_buffers(self.order, axis=-1)
-        static_buffers(self.next, axis=None)
+        static_buffers(*self.nexts, axis=None)
         static_buffers(self.targets, axis=0)
-        for n, s in enumerate(slots):
-            s.next_slot = self.next[n]
+        for s, nxt in zip(slots, self.nexts, strict=True):
+            s.next_slot = nxt
+
+    def _choose_next(self) -> None:
+        """Each layer's next write goes to the last slot of its order."""
+        torch._foreach_copy_(self.nexts, list(self.order[..., -1].unbind(0)))
 
     def _move_last(self, order: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
         """``order`` with entry ``entry`` ``(N, B|1, H|1, 1)`` of every row moved to the end, those after it one
@@ -208,7 +214,7 @@ class LayerGroup:
         slots = self._slots()
         if not torch.compiler.is_compiling() and self.order.is_inference() and not torch.is_inference_mode_enabled():
             self.order, self.targets = self.order.clone(), self.targets.clone()  # made under inference_mode
-            self.next = self.next.clone()
+            self.nexts = [nxt.clone() for nxt in self.nexts]
             self._bind(slots)
         layers, batch, kv_heads, capacity = self.order.shape
         # Scorers that average each GQA group first are given the average (the same scores, a group's size fewer
@@ -262,7 +268,7 @@ class LayerGroup:
         else:
             self._free(slots, order, lowest, chosen)
             self.order.copy_(self._after_drop(order, first, lowest, chosen))
-        self.next.copy_(self.order[..., -1])
+        self._choose_next()
 
     @staticmethod
     def _drops_several(excess: torch.Tensor) -> bool:
