@@ -80,10 +80,11 @@ def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, na
 @pytest.mark.parametrize("always_sort", [False, True])
 def test_layers_that_drop_several_entries_a_step_are_batched_too(monkeypatch, batch, always_sort):
     """A prompt barely over the budget: capped layers fill up while decoding, and the others give up their share, so
-    some steps drop two or three entries of a layer. ``always_sort``: the path compiled code takes at every step (the
-    entries one arg-min after another, the order sorted anew), here eagerly, also at steps that drop one."""
+    some steps drop two or three entries of a layer. Eagerly, only the layers that drop two are sorted anew;
+    ``always_sort``: the path compiled code takes at every step (every layer sorted anew), here eagerly, also at steps
+    that drop one."""
     if always_sort:
-        monkeypatch.setattr(LayerGroup, "_drops_several", staticmethod(lambda excess: True))
+        monkeypatch.setattr(LayerGroup, "_dropping_several", staticmethod(lambda excess: list(range(len(excess)))))
     model = tiny_llama("sdpa", layers=6, seed=3)
     ids = prompt(60, batch=batch, seed=4)
     mask = torch.ones_like(ids)

@@ -261,22 +261,31 @@ class LayerGroup:
         targets = self.targets.index_select(0, step).view(layers, batch, 1)
         excess = counts.squeeze(-1) - targets  # (N, B, H) the entries each row and head drops this step
         chosen = (excess > 0).unsqueeze(-1) & (lowest >= first)
-        if self.max_drops > 1 and self._drops_several(excess):
+        several = self._dropping_several(excess) if self.max_drops > 1 else []
+        if several:
             lowest, chosen = self._lowest(ranked, lowest, chosen, excess, first)
             self._free(slots, order, lowest, chosen)
-            self.order.copy_(self._move_last(self._sorted(slots), self.padding))
+            if len(several) == len(slots):
+                self.order.copy_(self._move_last(self._sorted(slots), self.padding))
+            else:
+                # The layers whose rows drop one at most take the single drop's order; the others are sorted anew.
+                moved = self._after_drop(order, first, lowest[..., :1], chosen[..., :1])
+                fresh = self._move_last(self._sorted([slots[n] for n in several]), self.padding[several])
+                moved[several] = fresh
+                self.order.copy_(moved)
         else:
             self._free(slots, order, lowest, chosen)
             self.order.copy_(self._after_drop(order, first, lowest, chosen))
         self._choose_next()
 
     @staticmethod
-    def _drops_several(excess: torch.Tensor) -> bool:
-        """Whether a row may drop more than one entry this step: always in compiled code and on a GPU (no host sync);
-        on the CPU, eagerly, only where one does (one host sync, which spares most steps the sort)."""
+    def _dropping_several(excess: torch.Tensor) -> list[int]:
+        """The layers where some row may drop more than one entry this step: every layer in compiled code and on a
+        GPU (no host sync); on the CPU, eagerly, those where one does (one host sync, which spares the other layers
+        the sort: at SmolLM2 2K a few layers a step)."""
         if torch.compiler.is_compiling() or excess.device.type != "cpu":
-            return True
-        return bool((excess > 1).any())
+            return list(range(excess.shape[0]))
+        return (excess > 1).flatten(1).any(1).nonzero().view(-1).tolist()
 
     def _lowest(self, ranked: torch.Tensor, lowest: torch.Tensor, chosen: torch.Tensor, excess: torch.Tensor,
                 first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,10 +314,10 @@ class LayerGroup:
             s.count.sub_(dropped[n])
 
     def _sorted(self, slots: list[Slots]) -> torch.Tensor:
-        """The slots of every layer ``(N, B, H, C)`` in position order, sorted anew: padding, free slots by index,
+        """The slots of the given layers ``(N, B, H, C)`` in position order, sorted anew: padding, free slots by index,
         tokens. The positions are padded at the end of the slot axis with ``PADDING`` (in compiled code one by one to
         the order's size, as :meth:`evict` pads the probabilities)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or len(slots) < len(self.layers):  # (some layers only: the order's size)
             capacity = self.order.shape[-1]
             positions = torch.stack([torch.nn.functional.pad(s.positions, (0, capacity - s.capacity),
                                                              value=self.PADDING) for s in slots])
