@@ -49,6 +49,18 @@ def _generate(model, method, ids, mask, steps):
     return torch.cat(tokens, dim=1), states, grouped
 
 
+def _assert_per_layer_leaves_the_same(monkeypatch, model, method, ids, mask, tokens, states):
+    """Each layer evicting on its own generates the same tokens and, step after step, the same slots and counts."""
+    with _per_layer(monkeypatch):
+        expected_tokens, expected_states, alone = _generate(model, method, ids, mask, len(states))
+    assert alone == {}
+    assert torch.equal(tokens, expected_tokens)
+    for step, (got, expected) in enumerate(zip(states, expected_states, strict=True)):
+        for layer, ((positions, count), (want_positions, want_count)) in enumerate(zip(got, expected, strict=True)):
+            assert torch.equal(positions, want_positions), (step, layer)
+            assert torch.equal(count, want_count), (step, layer)
+
+
 @pytest.mark.parametrize(("name", "params"), BATCHED)
 @pytest.mark.parametrize(("batch", "spread"), [(1, None), (3, None), (3, 1.0)])
 def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, name, params, batch, spread):
@@ -66,14 +78,7 @@ def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, na
     assert len(grouped) == 5  # every layer evicted in a group
     if spread is None:
         assert len(set(grouped.values())) == 1
-    with _per_layer(monkeypatch):
-        expected_tokens, expected_states, alone = _generate(model, method, ids, mask, 24)
-    assert alone == {}
-    assert torch.equal(tokens, expected_tokens)
-    for step, (got, expected) in enumerate(zip(states, expected_states, strict=True)):
-        for layer, ((positions, count), (want_positions, want_count)) in enumerate(zip(got, expected, strict=True)):
-            assert torch.equal(positions, want_positions), (step, layer)
-            assert torch.equal(count, want_count), (step, layer)
+    _assert_per_layer_leaves_the_same(monkeypatch, model, method, ids, mask, tokens, states)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -97,14 +102,7 @@ def test_layers_that_drop_several_entries_a_step_are_batched_too(monkeypatch, ba
     assert next(iter(grouped.values())).max_drops >= 2
     counts = torch.stack([torch.stack([count for _, count in step]) for step in states])  # (step, layer, B, H)
     assert ((counts[:-1] + 1 - counts[1:]) >= 2).any(), "no step dropped more than one entry of a layer"
-    with _per_layer(monkeypatch):
-        expected_tokens, expected_states, alone = _generate(model, method, ids, mask, 20)
-    assert alone == {}
-    assert torch.equal(tokens, expected_tokens)
-    for step, (got, expected) in enumerate(zip(states, expected_states, strict=True)):
-        for layer, ((positions, count), (want_positions, want_count)) in enumerate(zip(got, expected, strict=True)):
-            assert torch.equal(positions, want_positions), (step, layer)
-            assert torch.equal(count, want_count), (step, layer)
+    _assert_per_layer_leaves_the_same(monkeypatch, model, method, ids, mask, tokens, states)
 
 
 def _swapped(model, method, ids, steps):
