@@ -40,9 +40,10 @@ class LayerGroup:
 
     A layer whose target shrinks as a token comes in drops more than one entry that step (CAKE's decode schedule: a
     layer capped by a short prompt fills up, the others give up its share; up to :attr:`max_drops`). Such a step
-    takes each row's lowest entries one arg-min after another and sorts the order anew, once for all the layers;
-    compiled code, which cannot tell such a step from another, always does (one sort of the batch a step, where each
-    layer on its own sorted twice).
+    takes each row's lowest entries one arg-min after another and sorts anew the order of the layers that dropped
+    several (eagerly on the CPU; the others take the single drop's update). Compiled code and GPUs, which cannot tell
+    such a step from another without a host sync, sort every layer at every step: one sort of the batch, where each
+    layer on its own sorted twice.
 
     Used where the method's scorer has ``decode_from_probs`` and keeps no scores (:meth:`split`, which also keeps
     layers of very different capacities apart); otherwise each layer evicts in its own call.
@@ -138,7 +139,7 @@ class LayerGroup:
             self.targets = targets
 
     def _bind(self, slots: list[Slots]) -> None:
-        """Mark the tables the step writes as static buffers and point each layer's next write at its row."""
+        """Mark the tables the step writes as static buffers and point each layer's next write at its table."""
         static_buffers(self.order, axis=-1)
         static_buffers(*self.nexts, axis=None)
         static_buffers(self.targets, axis=0)
@@ -325,5 +326,6 @@ class LayerGroup:
             positions = pad_sequence([s.positions.movedim(-1, 0) for s in slots], batch_first=True,
                                      padding_value=self.PADDING).movedim(1, -1)
         return torch.sort(positions, dim=-1, stable=True).indices
+
 
 __all__ = ["LayerGroup"]
