@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from kvcake.engines.transformers.slots import Slots, static_buffers
 from kvcake.engines.transformers.storage import CompressedLayer
@@ -265,18 +264,15 @@ class LayerGroup:
         several = self._dropping_several(excess) if self.max_drops > 1 else []
         if several:
             lowest, chosen = self._lowest(ranked, lowest, chosen, excess, first)
-            self._free(slots, order, lowest, chosen)
-            if len(several) == len(slots):
-                self.order.copy_(self._move_last(self._sorted(slots), self.padding))
-            else:
-                # The layers whose rows drop one at most take the single drop's order; the others are sorted anew.
-                moved = self._after_drop(order, first, lowest[..., :1], chosen[..., :1])
-                fresh = self._move_last(self._sorted([slots[n] for n in several]), self.padding[several])
-                moved[several] = fresh
-                self.order.copy_(moved)
+        self._free(slots, order, lowest, chosen)
+        if len(several) == len(slots):
+            self.order.copy_(self._move_last(self._sorted(slots), self.padding))
         else:
-            self._free(slots, order, lowest, chosen)
-            self.order.copy_(self._after_drop(order, first, lowest, chosen))
+            # The layers whose rows drop one at most take the single drop's order; the others are sorted anew.
+            moved = self._after_drop(order, first, lowest[..., :1], chosen[..., :1])
+            if several:
+                moved[several] = self._move_last(self._sorted([slots[n] for n in several]), self.padding[several])
+            self.order.copy_(moved)
         self._choose_next()
 
     @staticmethod
@@ -316,16 +312,12 @@ class LayerGroup:
 
     def _sorted(self, slots: list[Slots]) -> torch.Tensor:
         """The slots of the given layers ``(N, B, H, C)`` in position order, sorted anew: padding, free slots by index,
-        tokens. The positions are padded at the end of the slot axis with ``PADDING`` (in compiled code one by one to
-        the order's size, as :meth:`evict` pads the probabilities)."""
-        if torch.compiler.is_compiling() or len(slots) < len(self.layers):  # (some layers only: the order's size)
-            capacity = self.order.shape[-1]
-            positions = torch.stack([torch.nn.functional.pad(s.positions, (0, capacity - s.capacity),
-                                                             value=self.PADDING) for s in slots])
-        else:
-            positions = pad_sequence([s.positions.movedim(-1, 0) for s in slots], batch_first=True,
-                                     padding_value=self.PADDING).movedim(1, -1)
-        return torch.sort(positions, dim=-1, stable=True).indices
+        tokens. Each layer's positions are padded at the end of the slot axis with ``PADDING`` to the order's size,
+        one by one, as :meth:`evict` pads the probabilities in compiled code (so the size is the order's own, and a
+        subset of the layers gets it too)."""
+        capacity = self.order.shape[-1]
+        padded = [torch.nn.functional.pad(s.positions, (0, capacity - s.capacity), value=self.PADDING) for s in slots]
+        return torch.sort(torch.stack(padded), dim=-1, stable=True).indices
 
 
 __all__ = ["LayerGroup"]
