@@ -131,6 +131,37 @@ def test_no_two_inputs_of_the_compiled_step_share_memory(monkeypatch):
     assert len(inputs) > 40 and len(set(storages)) == len(storages)
 
 
+def test_the_compiled_step_leaves_the_work_over_slots_to_kvcakes_operators(monkeypatch):
+    # Each layer's slot axis is a dynamic size of its own. Traced, the slot write, the attention over the slots and the
+    # eviction were operators over thirty such sizes, which made SmolLM2's compile 2.6 times the plain static cache's
+    # (docs/performance.md, issue 23's sixth session). They are kvcake's operators (engines/transformers/ops.py): the
+    # graph computes nothing of a slot-dependent shape itself; it hands the buffers to them, and views their results.
+    graphs = []
+
+    def capture(model, **kwargs):
+        return _compile(model, fullgraph=True, backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
+
+    _compile = torch.compile
+    monkeypatch.setattr(torch, "compile", capture)
+    model = tiny_llama("sdpa", layers=3, seed=3)
+    with kvcake.compress(model, _make("cake", 20), compile=True) as press:
+        model.generate(prompt(70, seed=5), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert len(press.last_cache.layer_groups) == 3
+    (graph,) = graphs
+    over_slots, kvcake_calls = set(), []
+    for node in graph.graph.nodes:
+        value = node.meta.get("example_value")
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if node.op == "call_function" and str(node.target).startswith("kvcake."):
+            kvcake_calls.append(str(node.target))
+        elif node.op != "placeholder" and any(
+                isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape) for v in values):
+            over_slots.add(str(node.target))
+    assert over_slots <= {"<built-in function getitem>", "view"}, over_slots
+    assert sorted(set(kvcake_calls)) == ["kvcake.evict_group", "kvcake.slot_attention", "kvcake.slot_write"]
+    assert kvcake_calls.count("kvcake.slot_attention") == kvcake_calls.count("kvcake.slot_write") == 3
+
+
 @pytest.mark.slow
 def test_a_request_whose_layers_drop_fewer_per_step_reuses_the_compiled_step():
     # With these 6 layers and budget, the first prompt's layers drop up to two entries a step (layers whose budget

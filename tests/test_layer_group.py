@@ -62,10 +62,14 @@ def _assert_per_layer_leaves_the_same(monkeypatch, model, method, ids, mask, tok
 
 
 @pytest.mark.parametrize(("name", "params"), BATCHED)
-@pytest.mark.parametrize(("batch", "spread"), [(1, None), (3, None), (3, 1.0)])
-def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, name, params, batch, spread):
-    """One group of every layer, and (spread 1.0) a group per distinct capacity."""
+@pytest.mark.parametrize(("batch", "spread", "gpu_path"), [(1, None, False), (3, None, False), (3, 1.0, False),
+                                                          (3, None, True)])
+def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, name, params, batch, spread, gpu_path):
+    """One group of every layer, and (spread 1.0) a group per distinct capacity; ``gpu_path``: the forms a GPU takes
+    (no host sync, no buffer kept between steps), here on the CPU."""
     monkeypatch.setattr(LayerGroup, "SPREAD", spread)
+    if gpu_path:
+        monkeypatch.setattr(LayerGroup, "_no_host_sync", staticmethod(lambda device: True))
     model = tiny_llama("sdpa", layers=5, seed=2)
     ids = prompt(70, batch=batch, seed=4)
     mask = torch.ones_like(ids)
@@ -86,10 +90,10 @@ def test_grouped_eviction_leaves_the_cache_of_per_layer_eviction(monkeypatch, na
 def test_layers_that_drop_several_entries_a_step_are_batched_too(monkeypatch, batch, always_sort):
     """A prompt barely over the budget: capped layers fill up while decoding, and the others give up their share, so
     some steps drop two or three entries of a layer. Eagerly, only the layers that drop two are sorted anew;
-    ``always_sort``: the path compiled code takes at every step (every layer sorted anew), here eagerly, also at steps
-    that drop one."""
+    ``always_sort``: the path a GPU takes at every step (every layer sorted anew), here on the CPU, also at steps that
+    drop one."""
     if always_sort:
-        monkeypatch.setattr(LayerGroup, "_dropping_several", staticmethod(lambda excess: list(range(len(excess)))))
+        monkeypatch.setattr(LayerGroup, "_no_host_sync", staticmethod(lambda device: True))
     model = tiny_llama("sdpa", layers=6, seed=3)
     ids = prompt(60, batch=batch, seed=4)
     mask = torch.ones_like(ids)
@@ -161,7 +165,7 @@ def test_layers_of_very_different_capacities_go_to_different_groups():
     layers = {i: Layer(c) for i, c in enumerate([300, 40, 90, 310, 1000, 170, 600])}
     method = kvcake.CAKE(budget=20, window=4)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(LayerGroup, "__init__", lambda self, members, layers: setattr(self, "members", members))
+        patch.setattr(LayerGroup, "__init__", lambda self, members, layers, method: setattr(self, "members", members))
         assert [g.members for g in LayerGroup.split(method, layers, 2.0)] == [[1], [2, 5], [0, 3, 6], [4]]
         assert [g.members for g in LayerGroup.split(method, layers, None)] == [[0, 1, 2, 3, 4, 5, 6]]
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcake.engines.transformers.decode import slot_probs
+from kvcake.engines.transformers.ops import slot_probs
 from kvcake.methods.attention import attention_probs
 from kvcake.methods.decoding import lowest_candidate
 

@@ -21,6 +21,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcake.engines.transformers.cache import KVCakeCache
+from kvcake.engines.transformers.ops import slot_attention
 from kvcake.engines.transformers.slots import Slots
 from kvcake.engines.transformers.storage import CompressedLayer
 from kvcake.methods.decoding import lowest_candidate, select_drops
@@ -37,14 +38,14 @@ def attend_slots(cache: KVCakeCache, layer_idx: int, base: str, query: torch.Ten
     batch, q_heads = query.shape[:2]
     kv_heads, capacity = slots.positions.shape[1], slots.capacity
     groups = q_heads // kv_heads
-    probs = slot_probs(query, slots.keys, slots.positions, scaling, softcap)  # (B, Hkv, G, C)
-    out = torch.matmul(probs.to(slots.values.dtype), slots.values).view(batch, 1, q_heads, -1).to(query.dtype)
+    # probs: (B, Hkv, G, C)
+    out, probs = slot_attention(query, slots.keys, slots.values, slots.positions, scaling, softcap)
     group = cache.layer_groups.get(layer_idx)
     if group is not None and base != "eager":
         # Scored with the other evicting layers after the last of them attended (LayerGroup).
         if group.collect(layer_idx, probs.view(batch, q_heads, capacity)):
             with torch.no_grad():
-                group.evict(cache.method)
+                group.evict()
         cache.end_layer(layer_idx, True, out)
         return out, None
     if slots.next_slot is not None:
@@ -62,29 +63,6 @@ def attend_slots(cache: KVCakeCache, layer_idx: int, base: str, query: torch.Ten
     cache.end_layer(layer_idx, evict or track, out)
     # eager also returns the weights (output_attentions): over the slots in position order, free slots first.
     return out, (ordered_probs.unsqueeze(2).to(query.dtype) if base == "eager" and ordered_probs is not None else None)
-
-
-def slot_probs(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float,
-               softcap: float | None) -> torch.Tensor:
-    """Attention ``(B, Hkv, G, C)`` in float32 of one query per head over a layer's slots, free slots (position -1)
-    at zero.
-
-    The values of :func:`kvcake.methods.attention.attention_probs` with the free slots masked, bit for bit, in fewer
-    operators: the scaling is applied in place, and the masked probabilities need no second masking, since the
-    newest token always holds a slot (exp of the most negative float minus a finite logit is exactly 0). The mask
-    is added: the most negative float times 1 for a free slot (the positions clamped at 0 give -1), times 0 for a
-    token, whose logit stays as it was; a finite logit added to the most negative float rounds back to it, so the
-    logits are those of a masked fill, at a third of its time on the CPU.
-    """
-    batch, q_heads, _, dim = query.shape
-    kv_heads = keys.shape[1]
-    logits = torch.matmul(query.float().reshape(batch, kv_heads, q_heads // kv_heads, dim),
-                          keys.float().transpose(-1, -2))
-    logits.mul_(scaling)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    free = positions.clamp(max=0).to(logits.dtype).unsqueeze(2)  # -1 for a free slot, 0 for a token
-    return torch.softmax(logits.add_(free, alpha=torch.finfo(torch.float32).max), dim=-1)
 
 
 def _score_and_drop(cache: KVCakeCache, slots: Slots, query, scaling, softcap, order, ordered_probs, evict: bool,
@@ -171,4 +149,4 @@ def _run_masked(base, own, module, query, key, value, allowed, /, *args, **kwarg
     return own(module, query, key, value, mask, *args, **kwargs)
 
 
-__all__ = ["attend_compressed", "attend_slots", "slot_probs"]
+__all__ = ["attend_compressed", "attend_slots"]

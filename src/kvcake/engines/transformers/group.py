@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kvcake.engines.transformers.ops import register_group
 from kvcake.engines.transformers.slots import Slots, static_buffers
 from kvcake.engines.transformers.storage import CompressedLayer
 from kvcake.methods.base import Method
@@ -40,9 +41,12 @@ class LayerGroup:
     A layer whose target shrinks as a token comes in drops more than one entry that step (CAKE's decode schedule: a
     layer capped by a short prompt fills up, the others give up its share; up to :attr:`max_drops`). Such a step
     takes each row's lowest entries one arg-min after another and sorts anew the order of the layers that dropped
-    several (eagerly on the CPU; the others take the single drop's update). Compiled code and GPUs, which cannot tell
-    such a step from another without a host sync, sort every layer at every step: one sort of the batch, where each
-    layer on its own sorted twice.
+    several (on the CPU; the others take the single drop's update). GPUs, which cannot tell such a step from another
+    without a host sync, sort every layer at every step: one sort of the batch, where each layer on its own sorted
+    twice.
+
+    The whole eviction is one operator, ``kvcake::evict_group`` (:mod:`kvcake.engines.transformers.ops`), which a
+    compiled step calls as it is, rather than tracing it: compiled or not, a step runs this code as written here.
 
     Used where the method's scorer has ``decode_from_probs`` and keeps no scores (:meth:`split`, which also keeps
     layers of very different capacities apart); otherwise each layer evicts in its own call.
@@ -58,9 +62,10 @@ class LayerGroup:
     #: additive mask of floats costs a fraction of a masked fill on the CPU; scores are attention, at most 1).
     EMPTY = 1e30
 
-    def __init__(self, members: list[int], layers: list[CompressedLayer]) -> None:
+    def __init__(self, members: list[int], layers: list[CompressedLayer], method: Method) -> None:
         self.members = members  # cache layer indices, in the order the model calls them
         self.layers = layers
+        self.method = method
         self._index = {layer_idx: n for n, layer_idx in enumerate(members)}
         self._probs: list[torch.Tensor | None] = [None] * len(members)
         self._padded: torch.Tensor | None = None
@@ -76,14 +81,14 @@ class LayerGroup:
         #: than int64 on the CPU) and as float (the arg-min's mask).
         self.index = torch.arange(capacity, device=device, dtype=torch.int32).view(1, 1, 1, -1)
         self.index_float = self.index.float()
+        register_group(self, self.index)  # kvcake::evict_group finds the group by it
         #: (N, B, H, C) the slots of every layer in position order once the next token is written (padding, free
         #: slots, tokens, the slot of the next token last).
         self.order = torch.empty((len(slots), *slots[0].positions.shape[:-1], capacity), dtype=torch.long,
                                  device=device)
         #: (B, H) per layer, the slot it writes its next token into (see :attr:`Slots.next_slot`): the last of the
-        #: order. A tensor of each layer's own, not a row of one: compiled code reads a row at an offset that differs
-        #: between layers, which makes every layer's write a kernel of its own (27 more C++ kernels to compile on
-        #: SmolLM2), where tensors of their own share one.
+        #: order. A tensor of each layer's own, not a row of one: inputs of a compiled step that are views of one
+        #: tensor cost it aliasing checks and, when its writes were traced, a C++ kernel per layer (issue 23).
         self.nexts = [torch.empty(self.order.shape[1:-1], dtype=torch.long, device=device) for _ in slots]
         #: (S + 1, N, B) every layer's decode schedule (:attr:`Slots.targets`).
         self.targets = torch.empty(0)
@@ -118,7 +123,7 @@ class LayerGroup:
                 buckets[-1].append(i)
             else:
                 buckets.append([i])
-        return [cls(sorted(bucket), [layers[i] for i in sorted(bucket)]) for bucket in buckets]
+        return [cls(sorted(bucket), [layers[i] for i in sorted(bucket)], method) for bucket in buckets]
 
     def _slots(self) -> list[Slots]:
         slots = [layer.slots for layer in self.layers]
@@ -129,7 +134,8 @@ class LayerGroup:
         """Sort the position order anew, after the slots changed outside a decoding step (crop, beam search), and
         read the layers' schedules again."""
         slots = self._slots()
-        self.order.copy_(self._move_last(self._sorted(slots), self.padding))  # the first free slot: the next token's
+        # The first free slot: the next token's.
+        self.order.copy_(self._move_last(self._sorted([s.positions for s in slots]), self.padding))
         self._choose_next()
         targets = torch.stack([s.targets for s in slots], dim=1)  # type: ignore[misc]
         if targets.shape == self.targets.shape:
@@ -168,9 +174,9 @@ class LayerGroup:
         # Where the dropped slot is not the free slot of lowest index, the next token takes that one, and the
         # dropped slot goes to its place among the free slots (all of them before ``first``).
         insert = chosen & (first > padding) & (lowest_free < dropped)
-        # The general form serves every row; on the CPU, eagerly, the shorter one is taken where it suffices (one host
-        # sync, which a GPU's queue should not wait for).
-        if torch.compiler.is_compiling() or order.device.type != "cpu" or bool(insert.any()):
+        # The general form serves every row; on the CPU the shorter one is taken where it suffices (one host sync,
+        # which a GPU's queue should not wait for).
+        if self._no_host_sync(order.device) or bool(insert.any()):
             # Free slots of a lower index (the padding holds the slots past the layer's own: none of them).
             below = ((order < dropped) & (index < first)).sum(-1, keepdim=True)
             place = (torch.where(insert, padding + below - 1, index.shape[-1] - 1)).int()  # (N, B, H, 1)
@@ -187,7 +193,7 @@ class LayerGroup:
         return self._move_last(order, torch.where(chosen, lowest, padding))
 
     def _padded_buffer(self, like: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Zeros of ``shape`` that every eager step's probabilities are written into, over their own slots only (so
+        """Zeros of ``shape`` that every step's probabilities are written into on the CPU, over their own slots only (so
         the padding stays zero), kept from step to step (a new buffer each step costs more than the copy), and each
         layer's part of it (a view made once: making thirty views a step costs as much as filling them)."""
         buffer = self._padded
@@ -203,10 +209,11 @@ class LayerGroup:
         self._probs[n] = probs
         return n == len(self.members) - 1
 
-    def evict(self, method: Method) -> None:
-        """Score every member's entries in position order and free the slot each drops (at most one per row and
-        head), as :func:`kvcake.engines.transformers.decode.attend_slots` does for one layer; choose the slots of the
-        next step's writes."""
+    def evict(self) -> None:
+        """Score every member's entries in position order and free the slots each drops, as
+        :func:`kvcake.engines.transformers.decode.attend_slots` does for one layer; choose the slots of the next
+        step's writes. One ``kvcake::evict_group`` call (:mod:`kvcake.engines.transformers.ops`), given every tensor
+        the step reads or writes; it runs :meth:`evict_tensors`."""
         probs = [p for p in self._probs if p is not None]
         self._probs = [None] * len(self.members)
         if len(probs) != len(self.members):
@@ -216,39 +223,45 @@ class LayerGroup:
             self.order, self.targets = self.order.clone(), self.targets.clone()  # made under inference_mode
             self.nexts = [nxt.clone() for nxt in self.nexts]
             self._bind(slots)
-        layers, batch, kv_heads, capacity = self.order.shape
+        torch.ops.kvcake.evict_group(self.index, probs, self.order, self.nexts, [s.positions for s in slots],
+                                     [s.count for s in slots], slots[0].overflow, slots[0].cursor)
+
+    def evict_tensors(self, probs: list[torch.Tensor], order: torch.Tensor, nexts: list[torch.Tensor],
+                      positions: list[torch.Tensor], counts: list[torch.Tensor], overflow: torch.Tensor,
+                      cursor: torch.Tensor) -> None:
+        """:meth:`evict` on the tensors given (the operator's arguments: the group's own, or what a compiled graph
+        passes for them): each layer's probabilities ``(B, Hq, C)``, the position order, the next-slot tables, each
+        layer's slot positions and counts, the overflow flag and the cursor (every layer has the same, and the same
+        schedule start and length: :meth:`split`)."""
+        method = self.method
+        layers, batch, kv_heads, capacity = order.shape
         # Scorers that average each GQA group first are given the average (the same scores, a group's size fewer
         # values to reorder); the average of each layer is written into the batch directly.
         heads = kv_heads if method.scorer.decode_averages_groups else probs[0].shape[1]
         groups = probs[0].shape[1] // heads
-        if torch.compiler.is_compiling():
-            # Each layer padded to the group's capacity, then stacked: its size is the order's own (dynamic) size,
-            # where slicing a buffer per layer guards on every capacity, and padding to the longest (pad_sequence)
-            # makes every later size the maximum of thirty, which symbolic shapes reason about slowly.
+        if self._no_host_sync(order.device):
+            # Each layer padded to the group's capacity, then stacked: no buffer kept from one step to the next, which
+            # a CUDA graph's replays could not keep for it.
             averaged = [p.view(batch, heads, groups, -1).mean(dim=2) if groups > 1 else p for p in probs]
             padded = torch.stack([torch.nn.functional.pad(a, (0, capacity - a.shape[-1])) for a in averaged])
         else:
             padded, parts = self._padded_buffer(probs[0], (layers, batch, heads, capacity))
-            if groups > 1 and padded.device.type == "cpu":
+            if groups > 1:
                 # The mean of each group as torch.mean computes it on the CPU (the sum, then divided by the count),
                 # bit for bit, with the division done once for the batch.
                 for p, into in zip(probs, parts, strict=True):
                     torch.sum(p.view(batch, heads, groups, -1), dim=2, out=into)
                 padded.div_(groups)
-            elif groups > 1:
-                for p, into in zip(probs, parts, strict=True):
-                    torch.mean(p.view(batch, heads, groups, -1), dim=2, out=into)
             else:
                 for p, into in zip(probs, parts, strict=True):
                     into.copy_(p)
-        counts = torch.stack([s.count for s in slots]).unsqueeze(-1)  # (N, B, H, 1) tokens, this step's included
-        # A write that found no free slot counted a token more than the layer has slots (Slots.write).
-        slots[0].overflow.logical_or_((counts.squeeze(-1) > self.capacities).any())
-        order = self.order  # this step's write went last
+        held = torch.stack(counts).unsqueeze(-1)  # (N, B, H, 1) tokens, this step's included
+        # A write that found no free slot counted a token more than the layer has slots (ops.slot_write).
+        overflow.logical_or_((held.squeeze(-1) > self.capacities).any())
         per_head = heads // kv_heads
         ordered = padded.view(layers, batch, kv_heads, per_head, capacity).gather(
-            -1, order.unsqueeze(3).expand(layers, batch, kv_heads, per_head, capacity))
-        first = capacity - counts  # (N, B, H, 1) the first entry that holds a token, in position order
+            -1, order.unsqueeze(3).expand(layers, batch, kv_heads, per_head, capacity))  # this step's write last
+        first = capacity - held  # (N, B, H, 1) the first entry that holds a token, in position order
         rows = layers * batch
         view = DecodeView(query=None, scaling=1.0, softcap=None, positions=None, allowed=None, stored=None,
                           probs=ordered.view(rows, heads, capacity), window=method.window, heads=kv_heads)
@@ -257,30 +270,36 @@ class LayerGroup:
         empty = (first.float() - self.index_float[..., :cut]).clamp_(0, 1)  # 1 where no token
         ranked = torch.add(scores[..., :cut].float(), empty, alpha=self.EMPTY)
         lowest = ranked.argmin(dim=-1, keepdim=True)
-        step = slots[0].schedule_step()  # every layer has the same cursor, start and schedule length (split)
+        start = self._slots()[0].start  # every layer's, written between requests only (as the schedules)
+        step = (cursor - start).clamp(0, self.targets.shape[0] - 1).view(1)  # the schedule's row (Slots)
         targets = self.targets.index_select(0, step).view(layers, batch, 1)
-        excess = counts.squeeze(-1) - targets  # (N, B, H) the entries each row and head drops this step
+        excess = held.squeeze(-1) - targets  # (N, B, H) the entries each row and head drops this step
         chosen = (excess > 0).unsqueeze(-1) & (lowest >= first)
         several = self._dropping_several(excess) if self.max_drops > 1 else []
         if several:
             lowest, chosen = self._lowest(ranked, lowest, chosen, excess, first)
-        self._free(slots, order, lowest, chosen)
-        if len(several) == len(slots):
-            self.order.copy_(self._move_last(self._sorted(slots), self.padding))
+        self._free(positions, counts, order, lowest, chosen)
+        if len(several) == layers:
+            order.copy_(self._move_last(self._sorted(positions), self.padding))
         else:
             # The layers whose rows drop one at most take the single drop's order; the others are sorted anew.
             moved = self._after_drop(order, first, lowest[..., :1], chosen[..., :1])
             if several:
-                moved[several] = self._move_last(self._sorted([slots[n] for n in several]), self.padding[several])
-            self.order.copy_(moved)
-        self._choose_next()
+                moved[several] = self._move_last(self._sorted([positions[n] for n in several]), self.padding[several])
+            order.copy_(moved)
+        torch._foreach_copy_(nexts, list(order[..., -1].unbind(0)))
 
     @staticmethod
-    def _dropping_several(excess: torch.Tensor) -> list[int]:
-        """The layers where some row may drop more than one entry this step: every layer in compiled code and on a
-        GPU (no host sync); on the CPU, eagerly, those where one does (one host sync, which spares the other layers
-        the sort: at SmolLM2 2K a few layers a step)."""
-        if torch.compiler.is_compiling() or excess.device.type != "cpu":
+    def _no_host_sync(device: torch.device) -> bool:
+        """Whether the step must not wait for the device (a GPU's queue, or a CUDA graph that replays the step): then
+        it takes the general form of each update, where on the CPU it looks first at which rows need it."""
+        return device.type != "cpu"
+
+    def _dropping_several(self, excess: torch.Tensor) -> list[int]:
+        """The layers where some row may drop more than one entry this step: on a GPU every layer (no host sync); on
+        the CPU those where one does (one host sync, which spares the other layers the sort: at SmolLM2 2K a few
+        layers a step)."""
+        if self._no_host_sync(excess.device):
             return list(range(excess.shape[0]))
         return (excess > 1).flatten(1).any(1).nonzero().view(-1).tolist()
 
@@ -300,23 +319,24 @@ class LayerGroup:
             picked.append((excess > k).unsqueeze(-1) & (entries[-1] >= first))
         return torch.cat(entries, dim=-1), torch.cat(picked, dim=-1)
 
-    def _free(self, slots: list[Slots], order: torch.Tensor, lowest: torch.Tensor, chosen: torch.Tensor) -> None:
-        """Free the slots of the chosen entries ``(N, B, H, K)`` (indices in position order) of every layer."""
+    def _free(self, positions: list[torch.Tensor], counts: list[torch.Tensor], order: torch.Tensor,
+              lowest: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Free the slots of the chosen entries ``(N, B, H, K)`` (indices in position order) of every layer, given its
+        slot positions and count."""
         slot = torch.where(chosen, order.gather(-1, lowest), 0)  # (slot 0 of every layer where nothing is freed)
         # The minimum of a slot's position and -1 where chosen, of it and a larger value not.
         freed = torch.where(chosen, -1, torch.iinfo(torch.int64).max).unbind(0)
-        dropped = chosen.sum(-1).to(slots[0].count.dtype).unbind(0)
-        for n, (s, at) in enumerate(zip(slots, slot.unbind(0), strict=True)):
-            s.positions.scatter_reduce_(-1, at, freed[n], "amin")
-            s.count.sub_(dropped[n])
+        dropped = chosen.sum(-1).to(counts[0].dtype).unbind(0)
+        for n, (where, count, at) in enumerate(zip(positions, counts, slot.unbind(0), strict=True)):
+            where.scatter_reduce_(-1, at, freed[n], "amin")
+            count.sub_(dropped[n])
 
-    def _sorted(self, slots: list[Slots]) -> torch.Tensor:
-        """The slots of the given layers ``(N, B, H, C)`` in position order, sorted anew: padding, free slots by index,
-        tokens. Each layer's positions are padded at the end of the slot axis with ``PADDING`` to the order's size,
-        one by one, as :meth:`evict` pads the probabilities in compiled code (so the size is the order's own, and a
-        subset of the layers gets it too)."""
+    def _sorted(self, positions: list[torch.Tensor]) -> torch.Tensor:
+        """The slots ``(N, B, H, C)`` of the layers with the given slot positions in position order, sorted anew:
+        padding, free slots by index, tokens. Each layer's positions are padded at the end of the slot axis with
+        ``PADDING`` to the order's size."""
         capacity = self.order.shape[-1]
-        padded = [torch.nn.functional.pad(s.positions, (0, capacity - s.capacity), value=self.PADDING) for s in slots]
+        padded = [torch.nn.functional.pad(p, (0, capacity - p.shape[-1]), value=self.PADDING) for p in positions]
         return torch.sort(torch.stack(padded), dim=-1, stable=True).indices
 
 

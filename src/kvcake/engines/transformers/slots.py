@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcake.engines.transformers import ops  # noqa: F401 (defines torch.ops.kvcake)
+
 
 def static_buffers(*tensors: torch.Tensor | None, axis: int | None = 2) -> None:
     """Tell torch.compile these buffers keep their address (CUDA graphs read them in place), and that their axis
@@ -136,28 +138,10 @@ class Slots:
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store one new token per row and head ``(B, Hkv, 1, D)`` in the first free slot (or the slot the layer's
-        group chose: :attr:`next_slot`), at the logical cursor."""
-        batch, heads, capacity = self.positions.shape
-        if self.next_slot is not None:
-            free = self.next_slot  # chosen by the layer's group, which checks for overflow
-        else:
-            # The first free slot is the first minimum of the positions (free slots hold -1, tokens their position
-            # >= 0).
-            free = self.positions.argmin(dim=-1)  # (B, H)
-            # A row with no free slot would overwrite its oldest token: flagged (the cache raises at its next
-            # check), so it can never pass unnoticed; the buffers are sized so that it does not happen.
-            self.overflow.logical_or_((self.positions.gather(-1, free.unsqueeze(-1)) >= 0).any())
-        # index_copy_ on flattened views writes one row per head: a scatter_ along the slot axis would make the
-        # compiled step copy the whole buffer.
-        flat = (free + torch.arange(batch * heads, device=free.device).view(batch, heads) * capacity).view(-1)
-        self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, flat, key.reshape(batch * heads, -1))
-        self.values.view(-1, self.values.shape[-1]).index_copy_(
-            0, flat, value.reshape(batch * heads, -1).to(self.values.dtype))
-        self.positions.view(-1).index_copy_(0, flat, self.cursor.expand(batch * heads))
-        if self.stored is not None:
-            self.stored.view(-1).index_fill_(0, flat, 0.0)
-        self.count.add_(1)
-        self.cursor.add_(1)
+        group chose: :attr:`next_slot`), at the logical cursor: the operator ``kvcake::slot_write``
+        (:mod:`kvcake.engines.transformers.ops`), which a compiled step calls rather than traces."""
+        torch.ops.kvcake.slot_write(key, value, self.keys, self.values, self.positions, self.count, self.cursor,
+                                    self.overflow, self.stored, self.next_slot)
 
     def forget_from(self, position: int) -> None:
         """Free the slots of the tokens at ``position`` and after, and move the logical cursor back to it."""
