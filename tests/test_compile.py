@@ -94,10 +94,9 @@ def test_new_requests_with_other_budgets_reuse_the_compiled_step(model):
 
 
 def test_a_deeper_model_compiles_to_the_same_one_graph():
-    # Every layer's decoding work (its slots, attention and eviction, and the batch of the evicting layers) is traced
-    # into the model's one graph: no graph and no recompilation per layer, the layer index is never a guard. (That
-    # graph still holds each layer's operators: layers of different capacities cannot share one traced region,
-    # docs/performance.md.)
+    # Every layer's decoding work is in the model's one graph: no graph and no recompilation per layer, the layer index
+    # is never a guard. (Each layer's slot write and attention, and the batch's eviction, are calls of kvcake's
+    # operators in that graph, not traced: test_the_compiled_step_leaves_the_work_over_slots_to_kvcakes_operators.)
     ids = prompt(70, seed=5)
     for layers in (1, 3):
         model = tiny_llama("sdpa", layers=layers, seed=3)
@@ -111,22 +110,31 @@ def test_a_deeper_model_compiles_to_the_same_one_graph():
         assert counts.graphs == 1 and counts.graph_breaks == 0, (layers, counts)
 
 
-def test_no_two_inputs_of_the_compiled_step_share_memory(monkeypatch):
-    # Inputs that are views of one tensor (each layer's row of a table) are indexed at their offsets inside the
-    # compiled kernels, so each layer's otherwise identical kernel became one of its own: 27 more C++ kernels to
-    # compile on SmolLM2 (docs/performance.md, issue 23's fifth session). A layer's tables are tensors of its own.
+def _traced_step(monkeypatch):
+    """The one graph dynamo traced for a 3-layer model's compiled CAKE step (every layer in the group), and its
+    inputs."""
     traced = []
 
     def capture(model, **kwargs):
-        return _compile(model, fullgraph=True, backend=lambda graph, inputs: traced.append(inputs) or graph.forward)
+        return _compile(model, fullgraph=True,
+                        backend=lambda graph, inputs: traced.append((graph, inputs)) or graph.forward)
 
     _compile = torch.compile
     monkeypatch.setattr(torch, "compile", capture)
     model = tiny_llama("sdpa", layers=3, seed=3)
     with kvcake.compress(model, _make("cake", 20), compile=True) as press:
         model.generate(prompt(70, seed=5), max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        assert len(press.last_cache.layer_groups) == 3  # the evicting layers' batch, whose tables were the views
-    inputs = [t for t in max(traced, key=len) if isinstance(t, torch.Tensor)]
+        assert len(press.last_cache.layer_groups) == 3  # the evicting layers' batch
+    (step,) = traced
+    return step
+
+
+def test_no_two_inputs_of_the_compiled_step_share_memory(monkeypatch):
+    # Inputs that are views of one tensor (each layer's row of a table) are indexed at their offsets inside the
+    # compiled kernels, so each layer's otherwise identical kernel became one of its own: 27 more C++ kernels to
+    # compile on SmolLM2 (docs/performance.md, issue 23's fifth session). A layer's tables are tensors of its own.
+    _, traced = _traced_step(monkeypatch)
+    inputs = [t for t in traced if isinstance(t, torch.Tensor)]
     storages = [t.untyped_storage().data_ptr() for t in inputs]
     assert len(inputs) > 40 and len(set(storages)) == len(storages)
 
@@ -136,18 +144,7 @@ def test_the_compiled_step_leaves_the_work_over_slots_to_kvcakes_operators(monke
     # eviction were operators over thirty such sizes, which made SmolLM2's compile 2.6 times the plain static cache's
     # (docs/performance.md, issue 23's sixth session). They are kvcake's operators (engines/transformers/ops.py): the
     # graph computes nothing of a slot-dependent shape itself; it hands the buffers to them, and views their results.
-    graphs = []
-
-    def capture(model, **kwargs):
-        return _compile(model, fullgraph=True, backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
-
-    _compile = torch.compile
-    monkeypatch.setattr(torch, "compile", capture)
-    model = tiny_llama("sdpa", layers=3, seed=3)
-    with kvcake.compress(model, _make("cake", 20), compile=True) as press:
-        model.generate(prompt(70, seed=5), max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        assert len(press.last_cache.layer_groups) == 3
-    (graph,) = graphs
+    graph, _ = _traced_step(monkeypatch)
     over_slots, kvcake_calls = set(), []
     for node in graph.graph.nodes:
         value = node.meta.get("example_value")
