@@ -136,7 +136,7 @@ class LayerGroup:
         slots = self._slots()
         # The first free slot: the next token's.
         self.order.copy_(self._move_last(self._sorted([s.positions for s in slots]), self.padding))
-        self._choose_next()
+        self._choose_next(self.order, self.nexts)
         targets = torch.stack([s.targets for s in slots], dim=1)  # type: ignore[misc]
         if targets.shape == self.targets.shape:
             self.targets.copy_(targets)
@@ -151,9 +151,10 @@ class LayerGroup:
         for s, nxt in zip(slots, self.nexts, strict=True):
             s.next_slot = nxt
 
-    def _choose_next(self) -> None:
+    @staticmethod
+    def _choose_next(order: torch.Tensor, nexts: list[torch.Tensor]) -> None:
         """Each layer's next write goes to the last slot of its order."""
-        torch._foreach_copy_(self.nexts, list(self.order[..., -1].unbind(0)))
+        torch._foreach_copy_(nexts, list(order[..., -1].unbind(0)))
 
     def _move_last(self, order: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
         """``order`` with entry ``entry`` ``(N, B|1, H|1, 1)`` of every row moved to the end, those after it one
@@ -287,7 +288,7 @@ class LayerGroup:
             if several:
                 moved[several] = self._move_last(self._sorted([positions[n] for n in several]), self.padding[several])
             order.copy_(moved)
-        torch._foreach_copy_(nexts, list(order[..., -1].unbind(0)))
+        self._choose_next(order, nexts)
 
     @staticmethod
     def _no_host_sync(device: torch.device) -> bool:
