@@ -14,8 +14,9 @@ order with everything else that reads or writes those tensors.
 * ``slot_attention``: one query per head over a layer's slots: the output and the probabilities (the scores' input);
 * ``slot_write``: the new token into the slot chosen for it;
 * ``evict_group``: the step's decode-time eviction of every evicting layer in one batch
-  (:class:`~kvcake.engines.transformers.group.LayerGroup`, found from the group's ``index`` tensor, which is passed
-  so that the operator reads nothing the graph does not give it but the group's constants).
+  (:class:`~kvcake.engines.transformers.group.LayerGroup`, found from the group's ``index`` tensor). It is given
+  every tensor a step writes, and the cursor; from the group it reads only what no step writes (its method, the
+  layers' capacities and padding, the schedules).
 
 Eager decoding calls the same operators (a few microseconds of dispatch each), so eager and compiled decoding run one
 code and give the same tokens. The library is defined when this module is first imported; it patches nothing.
