@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvcake.engines.transformers.ops import register_group
-from kvcake.engines.transformers.slots import Slots, static_buffers
+from kvcake.engines.transformers.slots import Slots, schedule_row, static_buffers
 from kvcake.engines.transformers.storage import CompressedLayer
 from kvcake.methods.base import Method
 from kvcake.methods.views import DecodeView
@@ -214,7 +214,7 @@ class LayerGroup:
         """Score every member's entries in position order and free the slots each drops, as
         :func:`kvcake.engines.transformers.decode.attend_slots` does for one layer; choose the slots of the next
         step's writes. One ``kvcake::evict_group`` call (:mod:`kvcake.engines.transformers.ops`), given every tensor
-        the step reads or writes; it runs :meth:`evict_tensors`."""
+        the step writes and the cursor; it runs :meth:`evict_tensors`."""
         probs = [p for p in self._probs if p is not None]
         self._probs = [None] * len(self.members)
         if len(probs) != len(self.members):
@@ -271,8 +271,8 @@ class LayerGroup:
         empty = (first.float() - self.index_float[..., :cut]).clamp_(0, 1)  # 1 where no token
         ranked = torch.add(scores[..., :cut].float(), empty, alpha=self.EMPTY)
         lowest = ranked.argmin(dim=-1, keepdim=True)
-        start = self._slots()[0].start  # every layer's, written between requests only (as the schedules)
-        step = (cursor - start).clamp(0, self.targets.shape[0] - 1).view(1)  # the schedule's row (Slots)
+        # Every layer's schedule start, written between requests only (as the schedules are).
+        step = schedule_row(cursor, self._slots()[0].start, self.targets.shape[0])
         targets = self.targets.index_select(0, step).view(layers, batch, 1)
         excess = held.squeeze(-1) - targets  # (N, B, H) the entries each row and head drops this step
         chosen = (excess > 0).unsqueeze(-1) & (lowest >= first)

@@ -39,6 +39,12 @@ def static_buffers(*tensors: torch.Tensor | None, axis: int | None = 2) -> None:
                 torch._dynamo.mark_dynamic(t, axis % t.dim())
 
 
+def schedule_row(cursor: torch.Tensor, start: torch.Tensor, rows: int) -> torch.Tensor:
+    """The row ``(1,)`` of a decode schedule of ``rows`` rows that a step at logical length ``cursor`` reads, the
+    schedule starting at ``start`` (its last row holds after the schedule's end)."""
+    return (cursor - start).clamp(0, rows - 1).view(1)
+
+
 @dataclass
 class Slots:
     """The buffers and tables of one layer (see the module docstring)."""
@@ -155,9 +161,9 @@ class Slots:
         return torch.sort(self.positions, dim=-1, stable=True).indices
 
     def schedule_step(self) -> torch.Tensor:
-        """The row ``(1,)`` of the decode schedule this step reads (its last row holds after the schedule's end)."""
+        """The row ``(1,)`` of the decode schedule this step reads (:func:`schedule_row`)."""
         assert self.targets is not None
-        return (self.cursor - self.start).clamp(0, self.targets.shape[0] - 1).view(1)
+        return schedule_row(self.cursor, self.start, self.targets.shape[0])
 
     def target(self, step: torch.Tensor | None = None) -> torch.Tensor:
         """Entries allowed per row ``(B, 1)`` at this step; ``step``: :meth:`schedule_step`, when already known (the
@@ -195,4 +201,4 @@ class Slots:
             self.targets.copy_(self.targets.index_select(1, rows.to(self.targets.device)))
 
 
-__all__ = ["Slots"]
+__all__ = ["Slots", "schedule_row", "static_buffers"]
